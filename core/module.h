@@ -56,11 +56,14 @@ class Module {
   template <typename M>
   std::shared_ptr<M> RegisterModule(const std::string& name,
                                     std::shared_ptr<M> module) {
-    children_.emplace_back(name, module);
+    AddChild(name, module);
     return module;
   }
 
  private:
+  // Checks the name (non-empty, no dot, unused) and appends the child.
+  void AddChild(const std::string& name, std::shared_ptr<Module> module);
+
   bool training_ = true;
   std::vector<std::pair<std::string, Tensor>> parameters_;
   std::vector<std::pair<std::string, Tensor>> buffers_;
