@@ -1,0 +1,217 @@
+#include "ops/reduce.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "core/autograd.h"
+#include "ops/cpu_kernel.h"
+#include "ops/elementwise.h"
+#include "ops/elementwise_kernel.h"
+
+namespace lc {
+namespace {
+
+// The dims of a rank-`rank` tensor that `dims` names, as a mask (of size 1
+// for a scalar, whose dim 0 / -1 reduces nothing, like torch).
+std::vector<bool> ReduceMask(const char* op, const std::vector<int64_t>& dims,
+                             int64_t rank) {
+  LC_REQUIRE(!dims.empty(), op,
+             ": dims is empty (expected at least one dim; use the overload "
+             "without dims to reduce all elements)");
+  std::vector<bool> mask(std::max<int64_t>(rank, 1), false);
+  for (int64_t dim : dims) {
+    const int64_t d = NormalizeDim(dim, rank, op);
+    LC_REQUIRE(!mask[d], op, ": dims ", ShapeToString(dims), " name dim ", d,
+               " twice (expected distinct dims of a tensor of rank ", rank,
+               ")");
+    mask[d] = true;
+  }
+  return mask;
+}
+
+// x's shape with the masked dims set to 1.
+Shape KeepDimShape(const Shape& shape, const std::vector<bool>& mask) {
+  Shape keep = shape;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (mask[d]) keep[d] = 1;
+  }
+  return keep;
+}
+
+// Differentiable sum of a float32/float64 x over the masked dims,
+// accumulated in float64 in row-major order of x (deterministic).
+Tensor SumOverMask(const char* op, const Tensor& x,
+                   const std::vector<bool>& mask, bool keepdim) {
+  const Shape keep_shape = KeepDimShape(x.shape(), mask);
+  Shape out_shape;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (keepdim || !mask[d]) out_shape.push_back(keep_shape[d]);
+  }
+  // The accumulator is row-major over keep_shape; reduced dims stride 0.
+  Shape acc_strides = ContiguousStrides(keep_shape);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (mask[d]) acc_strides[d] = 0;
+  }
+  std::vector<double> acc(NumElements(keep_shape), 0.0);
+  Tensor y = Empty(out_shape, x.dtype());
+  LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
+    const scalar_t* in = x.data<scalar_t>();
+    ForEachOffset<2>(x.shape(), {&x.strides(), &acc_strides},
+                     [&](int64_t x_offset, int64_t acc_offset) {
+                       acc[acc_offset] += in[x_offset];
+                     });
+    scalar_t* out = y.data<scalar_t>();
+    for (size_t i = 0; i < acc.size(); ++i) {
+      out[i] = static_cast<scalar_t>(acc[i]);
+    }
+  });
+  if (NeedsGrad({x})) {
+    RecordOp(
+        op, {x}, {&y},
+        [op, x_shape = x.shape(), keep_shape](const Tensors& g) -> Tensors {
+          // Every element of x gets the gradient of its sum.
+          return {MapElements<1>(op, {g[0].reshape(keep_shape)}, x_shape,
+                                 [](auto v) { return v; })};
+        });
+  }
+  return y;
+}
+
+}  // namespace
+
+Tensor Sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
+  CheckFloatingCpuInputs("Sum", {x});
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& x32) { return Sum(x32, dims, keepdim); }, x);
+  }
+  return SumOverMask("Sum", x, ReduceMask("Sum", dims, x.dim()), keepdim);
+}
+
+Tensor Sum(const Tensor& x) {
+  CheckFloatingCpuInputs("Sum", {x});
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32([](const Tensor& x32) { return Sum(x32); }, x);
+  }
+  return SumOverMask("Sum", x,
+                     std::vector<bool>(std::max<int64_t>(x.dim(), 1), true),
+                     /*keepdim=*/false);
+}
+
+Tensor Mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
+  CheckFloatingCpuInputs("Mean", {x});
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& x32) { return Mean(x32, dims, keepdim); }, x);
+  }
+  const std::vector<bool> mask = ReduceMask("Mean", dims, x.dim());
+  int64_t count = 1;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (mask[d]) count *= x.size(d);
+  }
+  return MulScalar(SumOverMask("Mean", x, mask, keepdim),
+                   1.0 / static_cast<double>(count));
+}
+
+Tensor Mean(const Tensor& x) {
+  CheckFloatingCpuInputs("Mean", {x});
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32([](const Tensor& x32) { return Mean(x32); }, x);
+  }
+  return MulScalar(Sum(x), 1.0 / static_cast<double>(x.numel()));
+}
+
+Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
+  CheckFloatingCpuInputs("Max", {x});
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& x32) { return Max(x32, dim, keepdim); }, x);
+  }
+  const int64_t rank = x.dim();
+  const int64_t d = NormalizeDim(dim, rank, "Max");
+  // A scalar is one line of length 1.
+  const int64_t length = rank == 0 ? 1 : x.size(d);
+  LC_REQUIRE(length > 0, "Max: dim ", dim, " of shape ",
+             ShapeToString(x.shape()),
+             " has size 0 (expected a non-empty dim to take the maximum of)");
+  const int64_t x_step = rank == 0 ? 0 : x.stride(d);
+  // One line per element of keep_shape; `line` is its row-major index.
+  Shape keep_shape = x.shape();
+  Shape out_shape = x.shape();
+  if (rank > 0) {
+    keep_shape[d] = 1;
+    if (keepdim) {
+      out_shape[d] = 1;
+    } else {
+      out_shape.erase(out_shape.begin() + d);
+    }
+  }
+  const Shape line_strides = ContiguousStrides(keep_shape);
+  std::vector<int64_t> argmax(NumElements(keep_shape));
+  Tensor y = Empty(out_shape, x.dtype());
+  LC_DISPATCH_FLOATING(x.dtype(), "Max", [&] {
+    const scalar_t* in = x.data<scalar_t>();
+    scalar_t* out = y.data<scalar_t>();
+    ForEachOffset<2>(keep_shape, {&x.strides(), &line_strides},
+                     [&](int64_t x_offset, int64_t line) {
+                       const scalar_t* p = in + x_offset;
+                       int64_t best = 0;
+                       for (int64_t k = 1; k < length; ++k) {
+                         const scalar_t v = p[k * x_step];
+                         const scalar_t m = p[best * x_step];
+                         if (v > m || (std::isnan(v) && !std::isnan(m))) {
+                           best = k;
+                         }
+                       }
+                       out[line] = p[best * x_step];
+                       argmax[line] = best;
+                     });
+  });
+  if (NeedsGrad({x})) {
+    RecordOp("Max", {x}, {&y},
+             [x_shape = x.shape(), keep_shape, line_strides, d,
+              argmax = std::move(argmax)](const Tensors& g) -> Tensors {
+               const Tensor g_keep = g[0].reshape(keep_shape);
+               Tensor gx = Zeros(x_shape, g_keep.dtype());
+               const int64_t gx_step = x_shape.empty() ? 0 : gx.stride(d);
+               LC_DISPATCH_FLOATING(gx.dtype(), "Max", [&] {
+                 const scalar_t* in = g_keep.data<scalar_t>();
+                 scalar_t* out = gx.data<scalar_t>();
+                 ForEachOffset<3>(
+                     keep_shape,
+                     {&gx.strides(), &g_keep.strides(), &line_strides},
+                     [&](int64_t gx_offset, int64_t g_offset, int64_t line) {
+                       out[gx_offset + argmax[line] * gx_step] = in[g_offset];
+                     });
+               });
+               return {gx};
+             });
+  }
+  return y;
+}
+
+Tensor SumToShape(const Tensor& x, const Shape& shape) {
+  CheckFloatingCpuInputs("SumToShape", {x});
+  if (x.shape() == shape) return x;
+  const int64_t lead = x.dim() - static_cast<int64_t>(shape.size());
+  bool broadcasts = lead >= 0;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; broadcasts && d < x.dim(); ++d) {
+    const int64_t size = d < lead ? 1 : shape[d - lead];
+    if (d < lead || (size == 1 && x.size(d) != 1)) {
+      dims.push_back(d);
+    } else {
+      broadcasts = size == x.size(d);
+    }
+  }
+  LC_REQUIRE(broadcasts, "SumToShape: shape ", ShapeToString(shape),
+             " does not broadcast to the tensor's shape ",
+             ShapeToString(x.shape()),
+             " (expected each size to be 1 or equal, right-aligned, and no "
+             "more dims)");
+  return Sum(x, dims, /*keepdim=*/true).reshape(shape);
+}
+
+}  // namespace lc
