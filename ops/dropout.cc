@@ -1,0 +1,70 @@
+#include "ops/dropout.h"
+
+#include "core/autograd.h"
+#include "ops/cpu_kernel.h"
+#include "ops/elementwise_kernel.h"
+
+namespace lc {
+namespace {
+
+void CheckProbability(const char* op, double p) {
+  LC_REQUIRE(p >= 0 && p < 1, op, ": p = ", p, " (expected 0 <= p < 1)");
+}
+
+// out[i] = UniformAt(seed, offset, i) >= p ? in[i] * scale : 0 for dense in
+// and out of n elements. The forward applies it to x, the backward to the
+// output gradient (the same mask).
+template <typename T>
+void DropoutKernel(const T* in, int64_t n, uint64_t seed, uint64_t offset,
+                   double p, double scale, T* out) {
+#pragma omp parallel for schedule(static) if (n > 16384)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = UniformAt(seed, offset, static_cast<uint64_t>(i)) >= p;
+    out[i] = keep ? static_cast<T>(in[i] * scale) : T(0);
+  }
+}
+
+// Applies DropoutKernel to a tensor of any strides, indexing it row-major.
+Tensor ApplyMask(const Tensor& t, uint64_t seed, uint64_t offset, double p) {
+  const Tensor in = t.contiguous();
+  Tensor out = Empty(t.shape(), t.dtype());
+  LC_DISPATCH_FLOATING(t.dtype(), "Dropout", [&] {
+    DropoutKernel(in.data<scalar_t>(), in.numel(), seed, offset, p,
+                  1.0 / (1.0 - p), out.data<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+Tensor Dropout(const Tensor& x, double p, bool training, Generator* gen) {
+  CheckFloatingCpuInputs("Dropout", {x});
+  CheckProbability("Dropout", p);
+  if (!training || p == 0) return x;
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& x32) { return Dropout(x32, p, training, gen); }, x);
+  }
+  Generator& generator = gen != nullptr ? *gen : DefaultGenerator();
+  const uint64_t seed = generator.seed();
+  const uint64_t offset = generator.NextOffset();
+  Tensor out = ApplyMask(x.detach(), seed, offset, p);
+  if (NeedsGrad({x})) {
+    RecordOp("Dropout", {x}, {&out},
+             [seed, offset, p](const Tensors& g) -> Tensors {
+               return {ApplyMask(g[0], seed, offset, p)};
+             });
+  }
+  return out;
+}
+
+namespace nn {
+
+Dropout::Dropout(double p) : p_(p) { CheckProbability("nn::Dropout", p); }
+
+Tensor Dropout::Forward(const Tensor& x) const {
+  return ::lc::Dropout(x, p_, is_training());
+}
+
+}  // namespace nn
+}  // namespace lc

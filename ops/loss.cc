@@ -1,0 +1,125 @@
+#include "ops/loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/autograd.h"
+#include "ops/cpu_kernel.h"
+#include "ops/elementwise_kernel.h"
+#include "ops/shape_ops.h"
+
+namespace lc {
+namespace {
+
+// For dense logits [rows, classes]: lse[i] = logsumexp_c logits[i, c] for
+// every row, and returns sum over rows with target != ignore_index of
+// lse[i] - logits[i, target[i]].
+template <typename T>
+double CrossEntropyForwardKernel(const T* logits, const int64_t* target,
+                                 int64_t rows, int64_t classes,
+                                 int64_t ignore_index, double* lse) {
+  double total = 0;
+  const bool parallel = rows * classes > 4096;
+#pragma omp parallel for schedule(static) reduction(+ : total) if (parallel)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = logits + i * classes;
+    const double max = *std::max_element(row, row + classes);
+    double sum = 0;
+    for (int64_t c = 0; c < classes; ++c) sum += std::exp(row[c] - max);
+    const double row_lse = max + std::log(sum);
+    lse[i] = row_lse;
+    if (target[i] != ignore_index) total += row_lse - row[target[i]];
+  }
+  return total;
+}
+
+// The gradient of the mean loss, scaled by `scale` = g / count:
+//   dlogits[i, c] = scale * (exp(logits[i, c] - lse[i]) - [c == target[i]])
+// for rows with target != ignore_index, 0 for ignored rows.
+template <typename T>
+void CrossEntropyBackwardKernel(const T* logits, const int64_t* target,
+                                const double* lse, int64_t rows,
+                                int64_t classes, int64_t ignore_index,
+                                double scale, T* dlogits) {
+#pragma omp parallel for schedule(static) if (rows * classes > 4096)
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = logits + i * classes;
+    T* drow = dlogits + i * classes;
+    if (target[i] == ignore_index) {
+      std::fill(drow, drow + classes, T(0));
+      continue;
+    }
+    for (int64_t c = 0; c < classes; ++c) {
+      const double p = std::exp(row[c] - lse[i]);
+      drow[c] = static_cast<T>(scale * (p - (c == target[i] ? 1.0 : 0.0)));
+    }
+  }
+}
+
+}  // namespace
+
+Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
+                    int64_t ignore_index) {
+  CheckFloatingCpuInputs("CrossEntropy", {logits});
+  LC_REQUIRE(logits.dim() == 2, "CrossEntropy: logits have shape ",
+             ShapeToString(logits.shape()), " (expected 2-D [N, C])");
+  CheckIndexTensor("CrossEntropy", "targets", targets);
+  const int64_t rows = logits.size(0);
+  const int64_t classes = logits.size(1);
+  LC_REQUIRE(classes > 0, "CrossEntropy: logits have shape ",
+             ShapeToString(logits.shape()), " (expected at least 1 class)");
+  LC_REQUIRE(targets.shape() == Shape{rows},
+             "CrossEntropy: targets have shape ",
+             ShapeToString(targets.shape()), " but logits have shape ",
+             ShapeToString(logits.shape()), " (expected [", rows, "])");
+  const Tensor target = targets.contiguous();
+  const int64_t* target_data = target.data<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t t = target_data[i];
+    if (t == ignore_index) continue;
+    LC_REQUIRE(t >= 0 && t < classes, "CrossEntropy: target ", t, " at row ", i,
+               " is out of range (expected 0 <= target < ", classes,
+               " or ignore_index = ", ignore_index, ")");
+    ++count;
+  }
+  if (logits.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& logits32) {
+          return CrossEntropy(logits32, targets, ignore_index);
+        },
+        logits);
+  }
+
+  const Tensor x = logits.detach().contiguous();
+  // Saved in float64: the backward's exp(logit - lse) would otherwise carry
+  // float32 rounding of lse times its magnitude.
+  const Tensor lse = Empty({rows}, DType::kFloat64);
+  double total = 0;
+  LC_DISPATCH_FLOATING(x.dtype(), "CrossEntropy", [&] {
+    total =
+        CrossEntropyForwardKernel(x.data<scalar_t>(), target_data, rows,
+                                  classes, ignore_index, lse.data<double>());
+  });
+  Tensor loss = Full({}, count > 0 ? total / count : 0.0, x.dtype());
+  if (NeedsGrad({logits})) {
+    RecordOp("CrossEntropy", {logits}, {&loss},
+             [x, target, lse, rows, classes, ignore_index,
+              count](const Tensors& g) -> Tensors {
+               Tensor dx = Zeros(x.shape(), x.dtype());
+               if (count == 0) return {dx};
+               const double scale = g[0].item() / count;
+               LC_DISPATCH_FLOATING(x.dtype(), "CrossEntropy", [&] {
+                 CrossEntropyBackwardKernel(
+                     x.data<scalar_t>(), target.data<int64_t>(),
+                     lse.data<double>(), rows, classes, ignore_index, scale,
+                     dx.data<scalar_t>());
+               });
+               return {dx};
+             });
+  }
+  return loss;
+}
+
+}  // namespace lc

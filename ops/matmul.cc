@@ -1,0 +1,210 @@
+#include "ops/matmul.h"
+
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <array>
+#include <vector>
+
+#include "core/autograd.h"
+#include "ops/cpu_kernel.h"
+#include "ops/elementwise_kernel.h"
+#include "ops/reduce.h"
+
+namespace lc {
+namespace {
+
+// One GEMM operand: element (i, j) of a rows x cols matrix lies at
+// data[i * row_stride + j * col_stride].
+struct MatrixLayout {
+  int64_t rows;
+  int64_t cols;
+  int64_t row_stride;
+  int64_t col_stride;
+};
+
+// The layout of op(t) for the last two dims of `t`.
+MatrixLayout LayoutOf(const Tensor& t, bool transpose) {
+  if (transpose) return {t.size(-1), t.size(-2), t.stride(-1), t.stride(-2)};
+  return {t.size(-2), t.size(-1), t.stride(-2), t.stride(-1)};
+}
+
+// Eigen can multiply a matrix in place when its columns (row-major) or its
+// rows (column-major) are adjacent in memory.
+bool IsRowMajor(const MatrixLayout& m) {
+  return m.col_stride == 1 || m.cols <= 1;
+}
+bool IsColMajor(const MatrixLayout& m) {
+  return m.row_stride == 1 || m.rows <= 1;
+}
+
+template <typename T, int Order>
+using ConstMatrixMap =
+    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Order>,
+               Eigen::Unaligned, Eigen::OuterStride<>>;
+
+// Calls fn with an Eigen map of the matrix `m` at `data` (no copy).
+template <typename T, typename Fn>
+void WithEigenMap(const T* data, const MatrixLayout& m, Fn&& fn) {
+  if (IsRowMajor(m)) {
+    fn(ConstMatrixMap<T, Eigen::RowMajor>(data, m.rows, m.cols,
+                                          Eigen::OuterStride<>(m.row_stride)));
+  } else {
+    fn(ConstMatrixMap<T, Eigen::ColMajor>(data, m.rows, m.cols,
+                                          Eigen::OuterStride<>(m.col_stride)));
+  }
+}
+
+// c[m, n] (dense, row-major) = a[m, k] * b[k, n] for operands laid out as
+// `la` and `lb`, through Eigen's GEMM (multi-threaded with OpenMP unless
+// called inside a parallel region).
+template <typename T>
+void Gemm(const T* a, const MatrixLayout& la, const T* b,
+          const MatrixLayout& lb, T* c) {
+  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>
+      out(c, la.rows, lb.cols);
+  WithEigenMap(a, la, [&](const auto& a_map) {
+    WithEigenMap(b, lb,
+                 [&](const auto& b_map) { out.noalias() = a_map * b_map; });
+  });
+}
+
+// c + oc = (a + oa) (b + ob) for every offset triple (oa, ob, oc). Many small
+// products run one per thread; otherwise each uses Eigen's threads.
+template <typename T>
+void GemmBatch(const T* a, const MatrixLayout& la, const T* b,
+               const MatrixLayout& lb, T* c,
+               const std::vector<std::array<int64_t, 3>>& offsets) {
+  const int64_t num = static_cast<int64_t>(offsets.size());
+  const bool per_thread =
+      num > 1 && (num >= omp_get_max_threads() ||
+                  la.rows * la.cols * lb.cols <= (int64_t{1} << 18));
+#pragma omp parallel for schedule(static) if (per_thread)
+  for (int64_t i = 0; i < num; ++i) {
+    Gemm(a + offsets[i][0], la, b + offsets[i][1], lb, c + offsets[i][2]);
+  }
+}
+
+// Strides of t's batch dims (all but the last two) read as broadcast to
+// `batch`, 0 on broadcast dims.
+Shape BatchStrides(const Tensor& t, const Shape& batch) {
+  Shape full = batch;
+  full.push_back(t.size(-2));
+  full.push_back(t.size(-1));
+  Shape strides = BroadcastStrides(t, full);
+  strides.resize(batch.size());
+  return strides;
+}
+
+// Whether op(a)'s rows, across all batch dims, form one matrix with a uniform
+// row stride while b is shared by every batch: then the batched product is a
+// single GEMM with batch * m rows.
+bool BatchFoldsIntoRows(const Shape& batch, const Shape& a_strides,
+                        const Shape& b_strides, const MatrixLayout& la) {
+  int64_t expected = la.row_stride * la.rows;
+  for (int64_t d = static_cast<int64_t>(batch.size()) - 1; d >= 0; --d) {
+    if (batch[d] == 1) continue;
+    if (b_strides[d] != 0 || a_strides[d] != expected) return false;
+    expected *= batch[d];
+  }
+  return true;
+}
+
+// out[batch..., m, n] = op(a) @ op(b) for float32/float64 a and b of one dtype
+// whose shapes were validated. Not differentiable.
+Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
+  if (!IsRowMajor(LayoutOf(a, transpose_a)) &&
+      !IsColMajor(LayoutOf(a, transpose_a))) {
+    a = a.contiguous();
+  }
+  if (!IsRowMajor(LayoutOf(b, transpose_b)) &&
+      !IsColMajor(LayoutOf(b, transpose_b))) {
+    b = b.contiguous();
+  }
+  MatrixLayout la = LayoutOf(a, transpose_a);
+  const MatrixLayout lb = LayoutOf(b, transpose_b);
+  const Shape batch =
+      BroadcastShapes(Shape(a.shape().begin(), a.shape().end() - 2),
+                      Shape(b.shape().begin(), b.shape().end() - 2), "Matmul");
+  Shape out_shape = batch;
+  out_shape.push_back(la.rows);
+  out_shape.push_back(lb.cols);
+  Tensor out = Empty(out_shape, a.dtype());
+  if (out.numel() == 0) return out;
+
+  const Shape a_strides = BatchStrides(a, batch);
+  const Shape b_strides = BatchStrides(b, batch);
+  const Shape out_strides = BatchStrides(out, batch);
+  std::vector<std::array<int64_t, 3>> offsets;
+  if (BatchFoldsIntoRows(batch, a_strides, b_strides, la)) {
+    la.rows *= NumElements(batch);
+    offsets.push_back({0, 0, 0});
+  } else {
+    ForEachOffset<3>(batch, {&a_strides, &b_strides, &out_strides},
+                     [&](int64_t oa, int64_t ob, int64_t oc) {
+                       offsets.push_back({oa, ob, oc});
+                     });
+  }
+  LC_DISPATCH_FLOATING(a.dtype(), "Matmul", [&] {
+    GemmBatch(a.data<scalar_t>(), la, b.data<scalar_t>(), lb,
+              out.data<scalar_t>(), offsets);
+  });
+  return out;
+}
+
+}  // namespace
+
+Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
+              bool transpose_b) {
+  CheckFloatingCpuInputs("Matmul", {a, b});
+  LC_REQUIRE(a.dim() >= 2 && b.dim() >= 2,
+             "Matmul: expected inputs with at least 2 dims, got a ",
+             ShapeToString(a.shape()), " and b ", ShapeToString(b.shape()));
+  const int64_t k_a = transpose_a ? a.size(-2) : a.size(-1);
+  const int64_t k_b = transpose_b ? b.size(-1) : b.size(-2);
+  LC_REQUIRE(k_a == k_b, "Matmul: inner dims differ: a ",
+             ShapeToString(a.shape()), (transpose_a ? " (transposed)" : ""),
+             " has k = ", k_a, " but b ", ShapeToString(b.shape()),
+             (transpose_b ? " (transposed)" : ""), " has k = ", k_b,
+             " (expected equal)");
+  if (a.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& a32, const Tensor& b32) {
+          return Matmul(a32, b32, transpose_a, transpose_b);
+        },
+        a, b);
+  }
+  Tensor out = MatmulForward(a.detach(), b.detach(), transpose_a, transpose_b);
+  if (NeedsGrad({a, b})) {
+    RecordOp("Matmul", {a, b}, {&out},
+             [a = a.detach(), b = b.detach(), transpose_a, transpose_b,
+              needs_a = a.requires_grad(),
+              needs_b = b.requires_grad()](const Tensors& g) -> Tensors {
+               // With c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T
+               // g, transposed back when the operand was, then summed over the
+               // batch dims the operand was broadcast along.
+               Tensor grad_a, grad_b;
+               if (needs_a) {
+                 grad_a = transpose_a ? Matmul(b, g[0], transpose_b, true)
+                                      : Matmul(g[0], b, false, !transpose_b);
+                 grad_a = SumToShape(grad_a, a.shape());
+               }
+               if (needs_b && b.dim() == 2 && a.dim() > 2 && !transpose_a) {
+                 // b is shared by every batch: one GEMM over the batch folded
+                 // into the inner dim sums the per-batch products.
+                 const Tensor a_rows = a.reshape({-1, a.size(-1)});
+                 const Tensor g_rows = g[0].reshape({-1, g[0].size(-1)});
+                 grad_b = transpose_b ? Matmul(g_rows, a_rows, true, false)
+                                      : Matmul(a_rows, g_rows, true, false);
+               } else if (needs_b) {
+                 grad_b = transpose_b ? Matmul(g[0], a, true, transpose_a)
+                                      : Matmul(a, g[0], !transpose_a, false);
+                 grad_b = SumToShape(grad_b, b.shape());
+               }
+               return {grad_a, grad_b};
+             });
+  }
+  return out;
+}
+
+}  // namespace lc

@@ -1,0 +1,186 @@
+#include "ops/shape_ops.h"
+
+#include <cstring>
+
+#include "core/autograd.h"
+#include "ops/cpu_kernel.h"
+#include "ops/elementwise_kernel.h"
+
+namespace lc {
+namespace {
+
+// Sizes of x's dims before and after `dim`, multiplied out: x is then a dense
+// [outer, x.size(dim), inner] array.
+void OuterInner(const Shape& shape, int64_t dim, int64_t* outer,
+                int64_t* inner) {
+  *outer = NumElements(Shape(shape.begin(), shape.begin() + dim));
+  *inner = NumElements(Shape(shape.begin() + dim + 1, shape.end()));
+}
+
+// out[o, l, :] = x[o, index[l], :] for dense x [outer, size, inner] and out
+// [outer, num_indices, inner], copying rows of inner elements of elem_bytes.
+void GatherRows(const char* x, const int64_t* index, int64_t outer,
+                int64_t size, int64_t num_indices, int64_t inner,
+                int64_t elem_bytes, char* out) {
+  const int64_t row_bytes = inner * elem_bytes;
+  const bool parallel = outer * num_indices * inner > 16384;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t j = 0; j < outer * num_indices; ++j) {
+    const int64_t o = j / num_indices;
+    const int64_t l = j % num_indices;
+    std::memcpy(out + j * row_bytes, x + (o * size + index[l]) * row_bytes,
+                row_bytes);
+  }
+}
+
+// The backward of GatherRows: dx[o, index[l], :] += g[o, l, :] into a zeroed
+// dx [outer, size, inner] (repeated indices accumulate).
+template <typename T>
+void IndexAddRows(const T* g, const int64_t* index, int64_t outer, int64_t size,
+                  int64_t num_indices, int64_t inner, T* dx) {
+  // Rows of one o never collide, so only the outer dim is split.
+  const bool parallel = outer > 1 && outer * num_indices * inner > 16384;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t l = 0; l < num_indices; ++l) {
+      const T* src = g + (o * num_indices + l) * inner;
+      T* dst = dx + (o * size + index[l]) * inner;
+      for (int64_t i = 0; i < inner; ++i) dst[i] += src[i];
+    }
+  }
+}
+
+}  // namespace
+
+void CheckIndexTensor(const char* op, const char* name, const Tensor& indices) {
+  LC_REQUIRE(indices.defined(), op, ": ", name, " is an undefined tensor");
+  LC_REQUIRE(indices.dtype() == DType::kInt64, op, ": ", name, " has dtype ",
+             DTypeName(indices.dtype()), " (expected int64)");
+  LC_REQUIRE(indices.device().is_cpu(), op, ": ", name, " is on ",
+             indices.device().ToString(), " (expected cpu)");
+}
+
+void CheckIndicesInRange(const char* op, const char* name,
+                         const Tensor& indices, int64_t size) {
+  CheckIndexTensor(op, name, indices);
+  const Tensor dense = indices.contiguous();
+  const int64_t* values = dense.data<int64_t>();
+  for (int64_t i = 0; i < dense.numel(); ++i) {
+    LC_REQUIRE(values[i] >= 0 && values[i] < size, op, ": ", name, " value ",
+               values[i], " at position ", i,
+               " is out of range (expected 0 <= index < ", size, ")");
+  }
+}
+
+Tensor Concat(const std::vector<Tensor>& tensors, int64_t dim) {
+  LC_REQUIRE(!tensors.empty(), "Concat: expected at least one tensor");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    LC_REQUIRE(tensors[i].defined(), "Concat: tensor ", i, " is undefined");
+  }
+  const Tensor& first = tensors[0];
+  const int64_t d = NormalizeDim(dim, first.dim(), "Concat");
+  Shape out_shape = first.shape();
+  out_shape[d] = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    LC_REQUIRE(t.dtype() == first.dtype(), "Concat: tensor ", i, " has dtype ",
+               DTypeName(t.dtype()), " but tensor 0 has ",
+               DTypeName(first.dtype()), " (expected one dtype)");
+    LC_REQUIRE(t.device() == first.device(), "Concat: tensor ", i, " is on ",
+               t.device().ToString(), " but tensor 0 is on ",
+               first.device().ToString());
+    Shape expected = first.shape();
+    expected[d] = t.dim() == first.dim() ? t.size(d) : 0;
+    LC_REQUIRE(t.shape() == expected, "Concat: tensor ", i, " has shape ",
+               ShapeToString(t.shape()), " but tensor 0 has ",
+               ShapeToString(first.shape()),
+               " (expected equal sizes except in dim ", d, ")");
+    out_shape[d] += t.size(d);
+  }
+  Tensor out = Empty(out_shape, first.dtype(), first.device());
+  int64_t start = 0;
+  for (const Tensor& t : tensors) {
+    CopyInto(out.slice(d, start, start + t.size(d)), t.detach());
+    start += t.size(d);
+  }
+  if (NeedsGrad(tensors)) {
+    Shape sizes;
+    for (const Tensor& t : tensors) sizes.push_back(t.size(d));
+    RecordOp("Concat", tensors, {&out},
+             [sizes, d](const Tensors& g) -> Tensors {
+               Tensors grads;
+               int64_t begin = 0;
+               for (int64_t size : sizes) {
+                 grads.push_back(g[0].slice(d, begin, begin + size));
+                 begin += size;
+               }
+               return grads;
+             });
+  }
+  return out;
+}
+
+std::vector<Tensor> Split(const Tensor& x, const std::vector<int64_t>& sizes,
+                          int64_t dim) {
+  LC_REQUIRE(x.defined(), "Split: x is an undefined tensor");
+  const int64_t d = NormalizeDim(dim, x.dim(), "Split");
+  int64_t total = 0;
+  for (int64_t size : sizes) {
+    LC_REQUIRE(size >= 0, "Split: size ", size, " is negative (expected >= 0)");
+    total += size;
+  }
+  LC_REQUIRE(total == x.size(d), "Split: sizes sum to ", total, " but dim ", d,
+             " of x ", ShapeToString(x.shape()), " has size ", x.size(d),
+             " (expected the sizes to sum to it)");
+  std::vector<Tensor> pieces;
+  int64_t start = 0;
+  for (int64_t size : sizes) {
+    pieces.push_back(x.slice(d, start, start + size));
+    start += size;
+  }
+  return pieces;
+}
+
+Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices) {
+  LC_REQUIRE(x.defined(), "IndexSelect: x is an undefined tensor");
+  LC_REQUIRE(x.device().is_cpu(), "IndexSelect: x is on ",
+             x.device().ToString(),
+             "; this op has only a CPU kernel so far (expected cpu)");
+  const int64_t d = NormalizeDim(dim, x.dim(), "IndexSelect");
+  CheckIndicesInRange("IndexSelect", "indices", indices, x.size(d));
+  LC_REQUIRE(indices.dim() == 1, "IndexSelect: indices have shape ",
+             ShapeToString(indices.shape()), " (expected 1-D)");
+  if (x.dtype() == DType::kBFloat16) {
+    return ComputeInFloat32(
+        [&](const Tensor& x32) { return IndexSelect(x32, d, indices); }, x);
+  }
+
+  const Tensor xc = x.detach().contiguous();
+  const Tensor index = indices.contiguous();
+  const int64_t size = x.size(d);
+  const int64_t num_indices = index.numel();
+  int64_t outer, inner;
+  OuterInner(x.shape(), d, &outer, &inner);
+  Shape out_shape = x.shape();
+  out_shape[d] = num_indices;
+  Tensor out = Empty(out_shape, x.dtype());
+  GatherRows(static_cast<const char*>(xc.raw_data()), index.data<int64_t>(),
+             outer, size, num_indices, inner, DTypeSize(x.dtype()),
+             static_cast<char*>(out.raw_data()));
+  if (NeedsGrad({x})) {
+    RecordOp("IndexSelect", {x}, {&out},
+             [index, x_shape = x.shape(), dtype = x.dtype(), outer, size,
+              num_indices, inner](const Tensors& g) -> Tensors {
+               const Tensor gc = g[0].contiguous();
+               Tensor dx = Zeros(x_shape, dtype);
+               LC_DISPATCH_FLOATING(dtype, "IndexSelect", [&] {
+                 IndexAddRows(gc.data<scalar_t>(), index.data<int64_t>(), outer,
+                              size, num_indices, inner, dx.data<scalar_t>());
+               });
+               return {dx};
+             });
+  }
+  return out;
+}
+
+}  // namespace lc

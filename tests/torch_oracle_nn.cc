@@ -1,0 +1,96 @@
+// Oracle ops for the matmul, norm, embedding, loss, rope, shape-op and layer
+// suites. Attributes: "transpose_a"/"transpose_b" (0 or 1), "eps", "dim",
+// "ignore_index" and "base" as numbers, split sizes as the list "sizes".
+// Optional tensor inputs (norm weight and bias, linear bias) may be
+// undefined.
+#include "tests/torch_oracle_registry.h"
+
+namespace lc {
+namespace testing {
+namespace {
+
+bool Flag(const OracleAttrs& attrs, const std::string& key) {
+  return attrs.has(key) && attrs.number(key) != 0;
+}
+
+int64_t Dim(const OracleAttrs& attrs) {
+  return static_cast<int64_t>(attrs.number("dim"));
+}
+
+LC_REGISTER_TORCH_OP(matmul, [](const TorchTensors& in,
+                                const OracleAttrs& attrs) {
+  const torch::Tensor a =
+      Flag(attrs, "transpose_a") ? in[0].transpose(-1, -2) : in[0];
+  const torch::Tensor b =
+      Flag(attrs, "transpose_b") ? in[1].transpose(-1, -2) : in[1];
+  return TorchTensors{torch::matmul(a, b)};
+});
+
+LC_REGISTER_TORCH_OP(layer_norm, [](const TorchTensors& in,
+                                    const OracleAttrs& attrs) {
+  return TorchTensors{torch::layer_norm(in[0], {in[0].size(-1)}, in[1], in[2],
+                                        attrs.number("eps"))};
+});
+
+// torch 1.13 has no rms_norm: x * rsqrt(mean(x^2) + eps) * weight.
+LC_REGISTER_TORCH_OP(rms_norm, [](const TorchTensors& in,
+                                  const OracleAttrs& attrs) {
+  torch::Tensor y =
+      in[0] * torch::rsqrt(in[0].pow(2).mean(-1, /*keepdim=*/true) +
+                           attrs.number("eps"));
+  if (in[1].defined()) y = y * in[1];
+  return TorchTensors{y};
+});
+
+LC_REGISTER_TORCH_OP(embedding, [](const TorchTensors& in, const OracleAttrs&) {
+  return TorchTensors{torch::embedding(in[0], in[1])};
+});
+
+LC_REGISTER_TORCH_OP(cross_entropy, [](const TorchTensors& in,
+                                       const OracleAttrs& attrs) {
+  namespace F = torch::nn::functional;
+  return TorchTensors{F::cross_entropy(
+      in[0], in[1],
+      F::CrossEntropyFuncOptions().ignore_index(
+          static_cast<int64_t>(attrs.number("ignore_index"))))};
+});
+
+// HF LLaMA's rotary embedding: cat(freqs, freqs) angles and rotate_half.
+LC_REGISTER_TORCH_OP(rope, [](const TorchTensors& in,
+                              const OracleAttrs& attrs) {
+  const torch::Tensor& x = in[0];  // [batch, n, heads, head_dim]
+  const int64_t head_dim = x.size(-1);
+  const torch::Tensor inv_freq =
+      torch::pow(attrs.number("base"),
+                 -torch::arange(0, head_dim, 2, torch::kFloat64) / head_dim);
+  const torch::Tensor freqs =
+      torch::outer(in[1].to(torch::kFloat64), inv_freq);  // [n, head_dim / 2]
+  const torch::Tensor angles =
+      torch::cat({freqs, freqs}, -1).unsqueeze(0).unsqueeze(2);
+  const std::vector<torch::Tensor> halves = x.chunk(2, -1);
+  const torch::Tensor rotated = torch::cat({-halves[1], halves[0]}, -1);
+  return TorchTensors{x * angles.cos() + rotated * angles.sin()};
+});
+
+LC_REGISTER_TORCH_OP(concat,
+                     [](const TorchTensors& in, const OracleAttrs& attrs) {
+                       return TorchTensors{torch::cat(in, Dim(attrs))};
+                     });
+
+LC_REGISTER_TORCH_OP(split, [](const TorchTensors& in,
+                               const OracleAttrs& attrs) {
+  return torch::split_with_sizes(in[0], attrs.list("sizes"), Dim(attrs));
+});
+
+LC_REGISTER_TORCH_OP(index_select, [](const TorchTensors& in,
+                                      const OracleAttrs& attrs) {
+  return TorchTensors{torch::index_select(in[0], Dim(attrs), in[1])};
+});
+
+LC_REGISTER_TORCH_OP(linear, [](const TorchTensors& in, const OracleAttrs&) {
+  return TorchTensors{torch::linear(in[0], in[1], in[2])};
+});
+
+}  // namespace
+}  // namespace testing
+}  // namespace lc
