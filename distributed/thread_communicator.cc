@@ -1,0 +1,729 @@
+#include "distributed/thread_communicator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "core/cuda.h"
+#include "core/status.h"
+
+namespace lc {
+namespace {
+
+int64_t ByteSize(const Tensor& t) { return t.numel() * DTypeSize(t.dtype()); }
+
+// "[2, 3] float32 (24 bytes)".
+std::string DescribeTensor(const Tensor& t) {
+  return absl::StrCat(ShapeToString(t.shape()), " ", DTypeName(t.dtype()), " (",
+                      ByteSize(t), " bytes)");
+}
+
+// OK, or InvalidArgument naming `what` when the tensor is undefined or
+// strided (a tensor without elements has no layout to get wrong).
+absl::Status CheckTensorArgument(const std::string& what, const Tensor& t) {
+  if (!t.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " is undefined"));
+  }
+  if (t.numel() > 0 && !t.is_contiguous()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " ", DescribeTensor(t), " has strides ",
+        ShapeToString(t.strides()),
+        " (expected a contiguous tensor; call contiguous() first)"));
+  }
+  return absl::OkStatus();
+}
+
+// ---- Point-to-point ----
+
+enum class TransferState {
+  kQueued,   // posted, waiting for its partner
+  kCopying,  // matched; the thread that posted second is copying the bytes
+  kDone,     // status is final
+};
+
+struct Transfer {
+  bool is_send = false;
+  int rank = 0;  // the rank that posted it
+  int peer = 0;
+  int tag = 0;
+  Tensor tensor;  // a detached handle: the group never touches the caller's
+  TransferState state = TransferState::kQueued;
+  absl::Status status;
+
+  int src() const { return is_send ? rank : peer; }
+  int dst() const { return is_send ? peer : rank; }
+  // "Send from rank 0 to rank 1 (tag 3)" or "Recv on rank 1 from rank 0
+  // (tag 3)".
+  std::string Describe() const {
+    return is_send ? absl::StrCat("Send from rank ", rank, " to rank ", peer,
+                                  " (tag ", tag, ")")
+                   : absl::StrCat("Recv on rank ", rank, " from rank ", peer,
+                                  " (tag ", tag, ")");
+  }
+};
+
+// The posted, still unmatched transfers of one (src, dst, tag), oldest first.
+// At most one of the two queues is non-empty.
+struct Channel {
+  std::deque<std::shared_ptr<Transfer>> sends;
+  std::deque<std::shared_ptr<Transfer>> recvs;
+};
+
+// ---- Collectives ----
+
+enum class CollectiveKind { kAllReduceSum, kAllGather, kBroadcast, kBarrier };
+
+const char* CollectiveName(CollectiveKind kind) {
+  switch (kind) {
+    case CollectiveKind::kAllReduceSum:
+      return "AllReduceSum";
+    case CollectiveKind::kAllGather:
+      return "AllGather";
+    case CollectiveKind::kBroadcast:
+      return "Broadcast";
+    case CollectiveKind::kBarrier:
+      return "Barrier";
+  }
+  return "unknown collective";
+}
+
+// What one rank brings to a collective.
+struct Contribution {
+  CollectiveKind kind = CollectiveKind::kBarrier;
+  // The rank's input, detached and on the host (for a CPU tensor, a view of
+  // it, not a copy); undefined for Barrier and when local_error is set.
+  Tensor input;
+  int root = 0;  // Broadcast only
+  // What the rank's own arguments got wrong; reported on every rank.
+  absl::Status local_error;
+};
+
+// One collective of the group: the n-th call of every rank.
+struct Round {
+  explicit Round(int size) : contributions(size), arrived(size, false) {}
+  std::vector<Contribution> contributions;
+  std::vector<bool> arrived;
+  int num_arrived = 0;
+  int num_departed = 0;  // the round is dropped when every rank has left it
+  bool finished = false;
+  absl::Status status;  // when finished; without the op/rank prefix
+  Tensor result;        // when finished and OK (not for Barrier)
+};
+
+double ToDouble(float v) { return v; }
+double ToDouble(double v) { return v; }
+double ToDouble(bfloat16 v) { return static_cast<float>(v); }
+
+// sum[i] = x[i] (assign) or sum[i] += x[i], in float64.
+template <typename T>
+void AccumulateAsDouble(const Tensor& x, bool assign, double* sum) {
+  const T* values = x.data<T>();
+  const int64_t n = x.numel();
+  if (assign) {
+    for (int64_t i = 0; i < n; ++i) sum[i] = ToDouble(values[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) sum[i] += ToDouble(values[i]);
+  }
+}
+
+// The element-wise sum of the inputs, added in rank order: float64 for
+// floating dtypes, int64 (wrapping) for int64.
+Tensor SumInRankOrder(const std::vector<Contribution>& contributions) {
+  const Tensor& first = contributions[0].input;
+  if (first.dtype() == DType::kInt64) {
+    Tensor sum = Zeros(first.shape(), DType::kInt64);
+    int64_t* s = sum.data<int64_t>();
+    for (const Contribution& c : contributions) {
+      const int64_t* x = c.input.data<int64_t>();
+      for (int64_t i = 0; i < sum.numel(); ++i) {
+        s[i] = static_cast<int64_t>(static_cast<uint64_t>(s[i]) +
+                                    static_cast<uint64_t>(x[i]));
+      }
+    }
+    return sum;
+  }
+  Tensor sum = Empty(first.shape(), DType::kFloat64);
+  double* s = sum.data<double>();
+  for (size_t r = 0; r < contributions.size(); ++r) {
+    const Tensor& x = contributions[r].input;
+    const bool assign = r == 0;
+    switch (x.dtype()) {
+      case DType::kFloat32:
+        AccumulateAsDouble<float>(x, assign, s);
+        break;
+      case DType::kFloat64:
+        AccumulateAsDouble<double>(x, assign, s);
+        break;
+      case DType::kBFloat16:
+        AccumulateAsDouble<bfloat16>(x, assign, s);
+        break;
+      case DType::kInt64:
+      case DType::kUInt8:
+        LC_CHECK(false) << "AllReduceSum of " << DTypeName(x.dtype())
+                        << " passed the dtype check";
+    }
+  }
+  return sum;
+}
+
+// [size, ...]: every rank's input, by rank.
+Tensor StackInRankOrder(const std::vector<Contribution>& contributions) {
+  const Tensor& first = contributions[0].input;
+  Shape shape = first.shape();
+  shape.insert(shape.begin(), static_cast<int64_t>(contributions.size()));
+  Tensor stacked = Empty(shape, first.dtype());
+  const int64_t bytes = ByteSize(first);
+  char* out = static_cast<char*>(stacked.raw_data());
+  for (size_t r = 0; r < contributions.size(); ++r) {
+    CopyBytes(out + r * bytes, Device::Cpu(), contributions[r].input.raw_data(),
+              Device::Cpu(), bytes);
+  }
+  return stacked;
+}
+
+// The state shared by the ranks of one group. All mutable state is guarded by
+// mu_; the only work done outside it is copying the bytes of a matched
+// transfer (by the thread that matched it, while both sides are kCopying and
+// so untouched by anyone else) and each rank's copy of a collective's result
+// into its own tensor.
+class ThreadGroup {
+ public:
+  ThreadGroup(int size, std::chrono::milliseconds timeout)
+      : size_(size),
+        timeout_(timeout),
+        next_generation_(size, 0),
+        stats_(size) {}
+
+  int size() const { return size_; }
+
+  absl::StatusOr<std::unique_ptr<Work>> Post(
+      const std::shared_ptr<ThreadGroup>& self, bool is_send, int rank,
+      const Tensor& tensor, int peer, int tag);
+  absl::Status Wait(Transfer& transfer);
+
+  // Takes part in this rank's next collective; returns its result (undefined
+  // for Barrier). The error message names the op, the collective's number and
+  // the rank.
+  absl::StatusOr<Tensor> Rendezvous(int rank, Contribution contribution);
+
+  void Abort(const absl::Status& reason);
+  CommStats stats(int rank) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_[rank];
+  }
+  void ResetStats(int rank) {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_[rank] = CommStats();
+  }
+
+ private:
+  using ChannelKey = std::tuple<int, int, int>;  // src, dst, tag
+
+  // Copies a matched pair's bytes (mu_ not held) and completes both.
+  void Complete(Transfer& send, Transfer& recv);
+  // The following three need mu_ held.
+  // Removes a queued transfer from its channel.
+  void Withdraw(const Transfer& transfer);
+  // Checks the contributions of a round every rank has joined and computes
+  // its result.
+  void Finish(Round& round);
+  void CountCollective(const Round& round);
+  std::string Timeout() const { return absl::StrCat(timeout_.count(), " ms"); }
+
+  const int size_;
+  const std::chrono::milliseconds timeout_;
+  // std::mutex rather than absl::Mutex: ThreadSanitizer understands it even
+  // though the system's abseil library is not instrumented.
+  mutable std::mutex mu_;
+  // Notified on every change a waiter may be waiting for: a transfer done, a
+  // round finished, the group aborted.
+  std::condition_variable changed_;
+  // Guarded by mu_:
+  bool aborted_ = false;
+  std::string abort_reason_;
+  std::map<ChannelKey, Channel> channels_;
+  // Per rank, the number of its next collective.
+  std::vector<int64_t> next_generation_;
+  std::map<int64_t, Round> rounds_;
+  std::vector<CommStats> stats_;
+};
+
+class ThreadWork : public Work {
+ public:
+  ThreadWork(std::shared_ptr<ThreadGroup> group,
+             std::shared_ptr<Transfer> transfer)
+      : group_(std::move(group)), transfer_(std::move(transfer)) {}
+  absl::Status Wait() override { return group_->Wait(*transfer_); }
+
+ private:
+  std::shared_ptr<ThreadGroup> group_;
+  std::shared_ptr<Transfer> transfer_;
+};
+
+absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
+    const std::shared_ptr<ThreadGroup>& self, bool is_send, int rank,
+    const Tensor& tensor, int peer, int tag) {
+  auto transfer = std::make_shared<Transfer>();
+  transfer->is_send = is_send;
+  transfer->rank = rank;
+  transfer->peer = peer;
+  transfer->tag = tag;
+  if (peer < 0 || peer >= size_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(transfer->Describe(), ": peer rank ", peer,
+                     " is out of range (expected 0 <= peer < ", size_, ")"));
+  }
+  const absl::Status argument = CheckTensorArgument(
+      absl::StrCat(transfer->Describe(), ": the tensor"), tensor);
+  if (!argument.ok()) return argument;
+  transfer->tensor = tensor.detach();
+
+  std::shared_ptr<Transfer> partner;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_) {
+      return absl::AbortedError(absl::StrCat(
+          transfer->Describe(), ": the group was aborted: ", abort_reason_));
+    }
+    const ChannelKey key{transfer->src(), transfer->dst(), tag};
+    Channel& channel = channels_[key];
+    auto& waiting_partners = is_send ? channel.recvs : channel.sends;
+    if (waiting_partners.empty()) {
+      (is_send ? channel.sends : channel.recvs).push_back(transfer);
+    } else {
+      partner = std::move(waiting_partners.front());
+      waiting_partners.pop_front();
+      if (channel.sends.empty() && channel.recvs.empty()) channels_.erase(key);
+      const Transfer& send = is_send ? *transfer : *partner;
+      const Transfer& recv = is_send ? *partner : *transfer;
+      if (send.tensor.shape() != recv.tensor.shape() ||
+          send.tensor.dtype() != recv.tensor.dtype()) {
+        const std::string mismatch = absl::StrCat(
+            "the sent tensor ", DescribeTensor(send.tensor),
+            " does not match the receive tensor ", DescribeTensor(recv.tensor),
+            " (expected the same shape and dtype)");
+        for (Transfer* t : {transfer.get(), partner.get()}) {
+          t->state = TransferState::kDone;
+          t->status = absl::InvalidArgumentError(
+              absl::StrCat(t->Describe(), ": ", mismatch));
+        }
+        partner = nullptr;
+        changed_.notify_all();
+      } else {
+        transfer->state = partner->state = TransferState::kCopying;
+      }
+    }
+  }
+  if (partner != nullptr) {
+    Complete(is_send ? *transfer : *partner, is_send ? *partner : *transfer);
+  }
+  return std::make_unique<ThreadWork>(self, std::move(transfer));
+}
+
+void ThreadGroup::Complete(Transfer& send, Transfer& recv) {
+  const int64_t bytes = ByteSize(send.tensor);
+  const absl::Status copied = StatusFromCall([&] {
+    CopyBytes(recv.tensor.raw_data(), recv.tensor.device(),
+              send.tensor.raw_data(), send.tensor.device(), bytes);
+  });
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Transfer* t : {&send, &recv}) {
+    t->state = TransferState::kDone;
+    t->status =
+        copied.ok()
+            ? absl::OkStatus()
+            : absl::Status(copied.code(),
+                           absl::StrCat(t->Describe(), ": ", copied.message()));
+  }
+  if (copied.ok()) {
+    stats_[send.rank].bytes_sent += bytes;
+    stats_[send.rank].messages_sent += 1;
+    stats_[recv.rank].bytes_received += bytes;
+    stats_[recv.rank].messages_received += 1;
+  }
+  changed_.notify_all();
+}
+
+absl::Status ThreadGroup::Wait(Transfer& transfer) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  std::unique_lock<std::mutex> lock(mu_);
+  const auto done = [&transfer]() {
+    return transfer.state == TransferState::kDone;
+  };
+  if (!changed_.wait_until(lock, deadline, done)) {
+    if (transfer.state == TransferState::kQueued) {
+      Withdraw(transfer);
+      transfer.state = TransferState::kDone;
+      transfer.status = absl::DeadlineExceededError(
+          absl::StrCat(transfer.Describe(), ": no matching ",
+                       transfer.is_send ? "Recv" : "Send",
+                       " was posted within ", Timeout()));
+    } else {
+      // Matched: the partner's thread is copying the bytes right now, a
+      // bounded memory copy; returning before it ends would let the caller
+      // reuse a buffer still being read or written.
+      changed_.wait(lock, done);
+    }
+  }
+  return transfer.status;
+}
+
+void ThreadGroup::Withdraw(const Transfer& transfer) {
+  const ChannelKey key{transfer.src(), transfer.dst(), transfer.tag};
+  auto it = channels_.find(key);
+  LC_CHECK(it != channels_.end()) << transfer.Describe() << " is not queued";
+  auto& queue = transfer.is_send ? it->second.sends : it->second.recvs;
+  queue.erase(std::find_if(queue.begin(), queue.end(),
+                           [&](const std::shared_ptr<Transfer>& t) {
+                             return t.get() == &transfer;
+                           }));
+  if (it->second.sends.empty() && it->second.recvs.empty()) {
+    channels_.erase(it);
+  }
+}
+
+void ThreadGroup::Abort(const absl::Status& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (aborted_) return;
+  aborted_ = true;
+  abort_reason_ = reason.ToString();
+  for (auto& [key, channel] : channels_) {
+    for (auto* queue : {&channel.sends, &channel.recvs}) {
+      for (const std::shared_ptr<Transfer>& t : *queue) {
+        t->state = TransferState::kDone;
+        t->status = absl::AbortedError(absl::StrCat(
+            t->Describe(), ": the group was aborted: ", abort_reason_));
+      }
+    }
+  }
+  channels_.clear();
+  changed_.notify_all();
+}
+
+absl::StatusOr<Tensor> ThreadGroup::Rendezvous(int rank,
+                                               Contribution contribution) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  const char* op = CollectiveName(contribution.kind);
+  std::unique_lock<std::mutex> lock(mu_);
+  const int64_t generation = next_generation_[rank]++;
+  const auto error = [&](absl::StatusCode code, absl::string_view message) {
+    return absl::Status(code, absl::StrCat(op, " (collective #", generation,
+                                           ") on rank ", rank, ": ", message));
+  };
+  if (aborted_) {
+    return error(absl::StatusCode::kAborted,
+                 absl::StrCat("the group was aborted: ", abort_reason_));
+  }
+  Round& round = rounds_.try_emplace(generation, size_).first->second;
+  // A round that already failed (a rank did not arrive in time) is not
+  // joined: this rank only learns the error.
+  if (!round.finished) {
+    round.contributions[rank] = std::move(contribution);
+    round.arrived[rank] = true;
+    if (++round.num_arrived == size_) {
+      Finish(round);
+    } else {
+      const auto settled = [&]() { return round.finished || aborted_; };
+      if (!changed_.wait_until(lock, deadline, settled)) {
+        std::vector<int> missing, present;
+        for (int r = 0; r < size_; ++r) {
+          (round.arrived[r] ? present : missing).push_back(r);
+        }
+        round.finished = true;
+        round.status = absl::DeadlineExceededError(absl::StrCat(
+            "rank(s) ", absl::StrJoin(missing, ", "), " did not arrive within ",
+            Timeout(), " (arrived: rank(s) ", absl::StrJoin(present, ", "),
+            ")"));
+        round.contributions.clear();
+        changed_.notify_all();
+      }
+    }
+  }
+  absl::Status status;
+  Tensor result;
+  if (round.finished) {
+    status = round.status;
+    result = round.result;
+  } else {
+    status = absl::AbortedError(
+        absl::StrCat("the group was aborted: ", abort_reason_));
+  }
+  if (++round.num_departed == size_) rounds_.erase(generation);
+  if (!status.ok()) return error(status.code(), status.message());
+  return result;
+}
+
+void ThreadGroup::Finish(Round& round) {
+  round.finished = true;
+  changed_.notify_all();
+  const std::vector<Contribution>& c = round.contributions;
+  const auto per_rank = [&](const auto& describe) {
+    std::vector<std::string> parts;
+    for (int r = 0; r < size_; ++r) {
+      parts.push_back(absl::StrCat("rank ", r, " ", describe(c[r])));
+    }
+    return absl::StrJoin(parts, ", ");
+  };
+  const CollectiveKind kind = c[0].kind;
+  if (std::any_of(c.begin(), c.end(),
+                  [&](const Contribution& x) { return x.kind != kind; })) {
+    round.status = absl::InvalidArgumentError(absl::StrCat(
+        "the ranks called different collectives: ",
+        per_rank([](const Contribution& x) { return CollectiveName(x.kind); }),
+        " (expected every rank to call the same collectives in the same "
+        "order)"));
+    return;
+  }
+  std::vector<std::string> local_errors;
+  for (int r = 0; r < size_; ++r) {
+    if (!c[r].local_error.ok()) {
+      local_errors.push_back(
+          absl::StrCat("rank ", r, ": ", c[r].local_error.message()));
+    }
+  }
+  if (!local_errors.empty()) {
+    round.status =
+        absl::InvalidArgumentError(absl::StrJoin(local_errors, "; "));
+    return;
+  }
+  if (kind == CollectiveKind::kBarrier) return;
+  if (kind == CollectiveKind::kBroadcast &&
+      std::any_of(c.begin(), c.end(),
+                  [&](const Contribution& x) { return x.root != c[0].root; })) {
+    round.status = absl::InvalidArgumentError(absl::StrCat(
+        "the ranks name different roots: ", per_rank([](const Contribution& x) {
+          return absl::StrCat("root ", x.root);
+        }),
+        " (expected one root)"));
+    return;
+  }
+  const Tensor& first = c[0].input;
+  if (std::any_of(c.begin(), c.end(), [&](const Contribution& x) {
+        return x.input.shape() != first.shape() ||
+               x.input.dtype() != first.dtype();
+      })) {
+    round.status = absl::InvalidArgumentError(absl::StrCat(
+        "the tensors differ across ranks: ",
+        per_rank([](const Contribution& x) { return DescribeTensor(x.input); }),
+        " (expected one shape and dtype on every rank)"));
+    return;
+  }
+  round.status = StatusFromCall([&] {
+    switch (kind) {
+      case CollectiveKind::kAllReduceSum:
+        round.result = SumInRankOrder(c);
+        break;
+      case CollectiveKind::kAllGather:
+        round.result = StackInRankOrder(c);
+        break;
+      case CollectiveKind::kBroadcast:
+        round.result = c[c[0].root].input.clone();
+        break;
+      case CollectiveKind::kBarrier:
+        break;
+    }
+  });
+  if (round.status.ok()) CountCollective(round);
+  // The inputs are no longer needed; do not keep them alive.
+  round.contributions.clear();
+}
+
+void ThreadGroup::CountCollective(const Round& round) {
+  const Contribution& first = round.contributions[0];
+  const int64_t bytes = ByteSize(first.input);
+  const int64_t peers = size_ - 1;
+  for (int r = 0; r < size_; ++r) {
+    CommStats& s = stats_[r];
+    if (first.kind == CollectiveKind::kBroadcast) {
+      if (r == first.root) {
+        s.bytes_sent += peers * bytes;
+        s.messages_sent += peers;
+      } else {
+        s.bytes_received += bytes;
+        s.messages_received += 1;
+      }
+    } else {
+      s.bytes_sent += peers * bytes;
+      s.messages_sent += peers;
+      s.bytes_received += peers * bytes;
+      s.messages_received += peers;
+    }
+  }
+}
+
+// A rank's contribution: `input` staged on the host (for a CPU tensor, the
+// tensor itself, detached) unless its arguments are already wrong.
+Contribution Contribute(CollectiveKind kind, const Tensor& input,
+                        absl::Status local_error) {
+  Contribution c;
+  c.kind = kind;
+  c.local_error = std::move(local_error);
+  if (c.local_error.ok() && input.defined()) {
+    c.local_error =
+        StatusFromCall([&] { c.input = input.detach().to(Device::Cpu()); });
+  }
+  return c;
+}
+
+class ThreadCommunicator : public Communicator {
+ public:
+  ThreadCommunicator(std::shared_ptr<ThreadGroup> group, int rank)
+      : group_(std::move(group)), rank_(rank) {}
+
+  int rank() const override { return rank_; }
+  int size() const override { return group_->size(); }
+
+  absl::StatusOr<std::unique_ptr<Work>> Send(const Tensor& tensor, int dst,
+                                             int tag) override {
+    return group_->Post(group_, /*is_send=*/true, rank_, tensor, dst, tag);
+  }
+  absl::StatusOr<std::unique_ptr<Work>> Recv(const Tensor& tensor, int src,
+                                             int tag) override {
+    return group_->Post(group_, /*is_send=*/false, rank_, tensor, src, tag);
+  }
+
+  absl::Status AllReduceSum(const Tensor& tensor) override {
+    absl::Status local = CheckTensorArgument("the tensor", tensor);
+    if (local.ok() &&
+        !(IsFloating(tensor.dtype()) || tensor.dtype() == DType::kInt64)) {
+      local = absl::InvalidArgumentError(
+          absl::StrCat("the tensor has dtype ", DTypeName(tensor.dtype()),
+                       " (expected float32, float64, bfloat16 or int64)"));
+    }
+    LC_ASSIGN_OR_RETURN(
+        Tensor sum,
+        group_->Rendezvous(rank_, Contribute(CollectiveKind::kAllReduceSum,
+                                             tensor, std::move(local))));
+    return CopyResult("AllReduceSum", tensor, sum);
+  }
+
+  absl::Status AllGather(const Tensor& input, const Tensor& output) override {
+    absl::Status local = CheckTensorArgument("the input", input);
+    if (local.ok()) local = CheckTensorArgument("the output", output);
+    if (local.ok()) {
+      Shape expected = input.shape();
+      expected.insert(expected.begin(), size());
+      if (output.shape() != expected || output.dtype() != input.dtype()) {
+        local = absl::InvalidArgumentError(absl::StrCat(
+            "the output ", DescribeTensor(output), " is not ",
+            ShapeToString(expected), " ", DTypeName(input.dtype()),
+            " ([size] + the input's shape, in the input's dtype)"));
+      }
+    }
+    LC_ASSIGN_OR_RETURN(
+        Tensor gathered,
+        group_->Rendezvous(rank_, Contribute(CollectiveKind::kAllGather, input,
+                                             std::move(local))));
+    return CopyResult("AllGather", output, gathered);
+  }
+
+  absl::Status Broadcast(const Tensor& tensor, int root) override {
+    absl::Status local = CheckTensorArgument("the tensor", tensor);
+    if (local.ok() && (root < 0 || root >= size())) {
+      local = absl::InvalidArgumentError(
+          absl::StrCat("root rank ", root,
+                       " is out of range (expected 0 <= root < ", size(), ")"));
+    }
+    Contribution c =
+        Contribute(CollectiveKind::kBroadcast, tensor, std::move(local));
+    c.root = root;
+    LC_ASSIGN_OR_RETURN(Tensor value, group_->Rendezvous(rank_, std::move(c)));
+    if (rank_ == root) return absl::OkStatus();
+    return CopyResult("Broadcast", tensor, value);
+  }
+
+  absl::Status Barrier() override {
+    return group_
+        ->Rendezvous(rank_, Contribute(CollectiveKind::kBarrier, Tensor(),
+                                       absl::OkStatus()))
+        .status();
+  }
+
+  void Abort(const absl::Status& reason) override { group_->Abort(reason); }
+  CommStats stats() const override { return group_->stats(rank_); }
+  void ResetStats() override { group_->ResetStats(rank_); }
+
+ private:
+  // Copies a collective's result into this rank's tensor (converting a
+  // float64 sum to its dtype).
+  absl::Status CopyResult(const char* op, const Tensor& dst,
+                          const Tensor& result) const {
+    const absl::Status copied = StatusFromCall([&] { CopyInto(dst, result); });
+    if (copied.ok()) return copied;
+    return absl::Status(copied.code(), absl::StrCat(op, " on rank ", rank_,
+                                                    ": ", copied.message()));
+  }
+
+  std::shared_ptr<ThreadGroup> group_;
+  int rank_;
+};
+
+// The status of fn on one rank, with exceptions turned into errors.
+absl::Status CallRank(const std::function<absl::Status(Communicator&)>& fn,
+                      Communicator& communicator) {
+  try {
+    return fn(communicator);
+  } catch (const Error& e) {
+    return e.status();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("uncaught exception: ", e.what()));
+  } catch (...) {
+    return absl::InternalError("uncaught exception of a non-std type");
+  }
+}
+
+}  // namespace
+
+std::vector<std::unique_ptr<Communicator>> MakeThreadGroup(
+    int size, const ThreadGroupOptions& options) {
+  LC_REQUIRE(size >= 1, "MakeThreadGroup: size ", size, " (expected >= 1)");
+  LC_REQUIRE(options.timeout.count() > 0, "MakeThreadGroup: timeout ",
+             options.timeout.count(), " ms (expected > 0)");
+  auto group = std::make_shared<ThreadGroup>(size, options.timeout);
+  std::vector<std::unique_ptr<Communicator>> communicators;
+  for (int r = 0; r < size; ++r) {
+    communicators.push_back(std::make_unique<ThreadCommunicator>(group, r));
+  }
+  return communicators;
+}
+
+absl::Status RunRanks(int k,
+                      const std::function<absl::Status(Communicator&)>& fn,
+                      const ThreadGroupOptions& options) {
+  std::vector<std::unique_ptr<Communicator>> communicators;
+  LC_RETURN_IF_ERROR(
+      StatusFromCall([&] { communicators = MakeThreadGroup(k, options); }));
+  std::mutex mu;
+  absl::Status first_failure;
+  std::vector<std::thread> threads;
+  for (int r = 0; r < k; ++r) {
+    threads.emplace_back([&, r] {
+      const absl::Status status = CallRank(fn, *communicators[r]);
+      if (status.ok()) return;
+      const absl::Status failure(
+          status.code(), absl::StrCat("rank ", r, ": ", status.message()));
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!first_failure.ok()) return;  // an effect, not the cause
+        first_failure = failure;
+      }
+      communicators[r]->Abort(failure);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  return first_failure;
+}
+
+}  // namespace lc
