@@ -19,8 +19,9 @@ namespace testing {
 using OpFn = std::function<Tensors(const Tensors& inputs)>;
 
 // Tolerances from the dtype's unit roundoff: float64 ~1e-16 (we allow 1e-10
-// for accumulated rounding), float32 ~6e-8 (1e-5 relative after
-// accumulation over long reductions), bfloat16 ~4e-3 (1e-2 relative).
+// for accumulated rounding), float32 ~6e-8 (1e-5 relative and absolute after
+// accumulation over long, partly cancelling reductions), bfloat16 ~4e-3
+// (1e-2 relative).
 struct Tolerance {
   double rtol;
   double atol;
