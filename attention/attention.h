@@ -1,0 +1,60 @@
+// Attention under a pattern, as one differentiable op: dense, dilated,
+// block-sparse and their intersection all run through the partial-attention
+// primitive (attention/partial_attention.h) tile by tile. Forward saves q, k,
+// v, out and lse only; backward recomputes the probabilities tile by tile, so
+// no [n, n] tensor exists at any time.
+#ifndef LONGCTX_ATTENTION_ATTENTION_H_
+#define LONGCTX_ATTENTION_ATTENTION_H_
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "attention/pattern.h"
+#include "attention/tile_plan.h"
+#include "core/random.h"
+#include "core/tensor.h"
+
+namespace lc {
+
+// Which pairs each head attends: its dilated patterns (dense attention is
+// DensePattern(n) for every head), optionally intersected with a block mask.
+struct AttentionPattern {
+  std::vector<std::vector<DilatedPattern>> head_patterns;  // [heads][...]
+  std::shared_ptr<const BlockMask> block_mask;             // may be null
+};
+
+struct AttentionOptions {
+  bool causal = false;
+  std::optional<double> scale;  // default 1 / sqrt(head_dim)
+  // Attention dropout probability in [0, 1), applied to the attention
+  // probabilities with the counter-based stream of `generator` (the thread's
+  // DefaultGenerator() when null): one offset per call.
+  double dropout = 0;
+  Generator* generator = nullptr;
+  // uint8 [batch, n]: nonzero marks a padding key that gets no weight (the
+  // PyTorch convention). Undefined for none.
+  Tensor key_padding_mask;
+  TileOrder tile_order = TileOrder::kRowMajor;
+  int64_t query_tile = 128;  // rows per tile (block-sparse: one block)
+  int64_t key_tile = 256;
+};
+
+struct AttentionResult {
+  Tensor out;  // [batch, n, heads, head_dim], the dtype of q
+  Tensor lse;  // [batch, heads, n], float32 (float64 for float64 inputs);
+               // -inf where a query has no allowed key (its out row is 0)
+};
+
+// Attention of q over k, v ([batch, n, heads, head_dim], one dtype: float32,
+// float64, or bfloat16 computed in float32) under `pattern`. Differentiable
+// in q, k, v (and through lse). Throws lc::Error naming the bad value for
+// mismatched shapes or dtypes, a pattern for a different number of heads,
+// a block mask for a different length, a bad dropout or padding mask.
+AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                          const AttentionPattern& pattern,
+                          const AttentionOptions& options = {});
+
+}  // namespace lc
+
+#endif  // LONGCTX_ATTENTION_ATTENTION_H_

@@ -1,0 +1,83 @@
+// One description of an attention layer's pattern and options, shared by the
+// multihead module, the factory and the command-line tool: the type (dense,
+// dilated, block_sparse and their ring versions), the dilated and
+// block-sparse parameters, causality, scale, dropout and tile order.
+#ifndef LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
+#define LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
+
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "attention/attention.h"
+#include "attention/pattern.h"
+#include "attention/ring_attention.h"
+#include "attention/tile_plan.h"
+#include "distributed/communicator.h"
+#include "distributed/sequence_parallel.h"
+
+namespace lc {
+
+enum class AttentionType {
+  kDense,
+  kDilated,
+  kBlockSparse,
+  kRingDilated,      // dilated, sequence-parallel over `ranks`
+  kRingBlockSparse,  // block-sparse, sequence-parallel over `ranks`
+};
+
+// Parses dense, dilated, block_sparse, ring_dilated, ring_block_sparse.
+absl::StatusOr<AttentionType> ParseAttentionType(const std::string& name);
+std::string AttentionTypeName(AttentionType type);
+
+struct AttentionConfig {
+  AttentionType type = AttentionType::kDilated;
+  // Dilated patterns (dilated types). For block-sparse types, when
+  // segment_lengths is non-empty the block mask is intersected with them.
+  DilatedOptions dilated;
+  BlockSparseOptions block_sparse;  // block-sparse types
+  bool causal = false;
+  std::optional<double> scale;  // default 1 / sqrt(head_dim)
+  double dropout = 0;           // attention dropout probability
+  TileOrder tile_order = TileOrder::kRowMajor;
+  int64_t ranks = 1;  // ring types: ranks of the sequence-parallel group
+  SequenceLayout layout = SequenceLayout::kContiguous;  // ring types
+};
+
+// Where this rank's tokens sit in a sequence-parallel group: its
+// communicator (of config.ranks ranks) and the whole sequence's length. The
+// rank holds RankSpans(n, ranks, rank, config.layout) of the tokens.
+struct SequenceParallelContext {
+  Communicator* comm = nullptr;
+  int64_t n = 0;
+  RingStats* stats = nullptr;  // optional, see RingOptions
+};
+
+// Checks the options that do not depend on the input (lists, rates,
+// probabilities, ranks: more than one only for ring types); errors name the
+// value and what was expected.
+absl::Status ValidateAttentionConfig(const AttentionConfig& config);
+
+// The per-head pattern of `config` for `heads` heads over n tokens.
+absl::StatusOr<AttentionPattern> BuildAttentionPattern(
+    const AttentionConfig& config, int64_t heads, int64_t n);
+
+// AttentionOptions for Attention() from `config` (dropout only while
+// training).
+AttentionOptions MakeAttentionOptions(const AttentionConfig& config,
+                                      bool training);
+
+// Runs the attention of `config` on q, k, v ([batch, n_local, heads,
+// head_dim]): builds the pattern for the whole sequence and calls Attention,
+// or, for ring types given a context `sp`, RingAttention on this rank's
+// tokens (key_padding_mask is then the whole sequence's [batch, n]). Ring
+// types without a context run on one rank. Throws lc::Error on bad input,
+// including a context whose group size is not config.ranks.
+AttentionResult RunAttention(const AttentionConfig& config, const Tensor& q,
+                             const Tensor& k, const Tensor& v, bool training,
+                             const Tensor& key_padding_mask = Tensor(),
+                             const SequenceParallelContext* sp = nullptr);
+
+}  // namespace lc
+
+#endif  // LONGCTX_ATTENTION_ATTENTION_CONFIG_H_

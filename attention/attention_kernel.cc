@@ -1,0 +1,356 @@
+#include "attention/attention_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "attention/partial_attention.h"
+#include "core/status.h"
+
+namespace lc {
+namespace {
+
+using ScratchPtr =
+    std::unique_ptr<AttentionScratch, void (*)(AttentionScratch*)>;
+
+// A run of positions [range.begin, range.end) of one (batch, head) that no
+// allowed pair crosses: both ends of every pair of the head's patterns lie in
+// one segment of each pattern, and the range is a whole number of segments of
+// every pattern (a multiple of the lcm of the segment lengths, or all of n).
+// Units touch disjoint rows of out, lse and every gradient.
+struct WorkUnit {
+  int64_t b, h;
+  PositionRange range;
+  double cost;  // allowed pairs before causality and masks, for scheduling
+};
+
+PositionRange Intersect(PositionRange a, int64_t begin, int64_t end) {
+  return {std::max(a.begin, begin), std::min(a.end, end)};
+}
+
+bool Touches(const TokenLayout& layout, PositionRange range) {
+  for (const LocalSpan& s : layout.spans) {
+    const PositionRange r = Intersect(range, s.begin, s.end);
+    if (r.begin < r.end) return true;
+  }
+  return false;
+}
+
+// The work units of every (batch, head) that hold both queries of ql and
+// keys of kl, costliest first. Splitting heads into segment ranges keeps
+// every thread busy when batch * heads is small or the heads' costs differ
+// (head groups with different w / r^2).
+std::vector<WorkUnit> WorkUnits(const AttentionProblem& p,
+                                const TokenLayout& ql, const TokenLayout& kl) {
+  std::vector<WorkUnit> units;
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const std::vector<DilatedPattern>& patterns = p.pattern.head_patterns[h];
+    if (patterns.empty()) continue;
+    int64_t span = 1;  // lcm of the segment lengths, capped at n
+    for (const DilatedPattern& d : patterns) {
+      span = std::min(p.n, std::lcm(span, std::min(d.segment_length, p.n)));
+    }
+    for (int64_t begin = 0; begin < p.n; begin += span) {
+      const PositionRange range{begin, std::min(begin + span, p.n)};
+      if (!Touches(ql, range) || !Touches(kl, range)) continue;
+      double cost = 0;
+      for (const DilatedPattern& d : patterns) {
+        // Selected queries times the selected keys of their segment.
+        const double length = double(range.end - range.begin);
+        cost += (length / d.dilation_rate) *
+                (std::min<double>(length, d.segment_length) / d.dilation_rate);
+      }
+      for (int64_t b = 0; b < p.batch; ++b) {
+        units.push_back(WorkUnit{b, h, range, cost});
+      }
+    }
+  }
+  std::stable_sort(
+      units.begin(), units.end(),
+      [](const WorkUnit& x, const WorkUnit& y) { return x.cost > y.cost; });
+  return units;
+}
+
+// What a tile callback gets: the tile, its masks, and the spans of the
+// local buffers that hold its queries and keys.
+struct TileContext {
+  int64_t b, h;
+  const Tile& tile;
+  const TileMask& mask;
+  const LocalSpan& q_span;
+  const LocalSpan& k_span;
+  AttentionScratch* scratch;
+};
+
+// Calls fn(context) for every tile between ql's queries and kl's keys, one
+// work unit per OpenMP iteration: units write disjoint rows of out, lse and
+// every gradient, so no two threads touch the same memory, and each unit
+// visits its tiles in the same order whichever thread runs it.
+template <typename Fn>
+void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
+                     const TokenLayout& kl, Fn&& fn) {
+  const std::vector<WorkUnit> units = WorkUnits(p, ql, kl);
+  const int64_t num_units = static_cast<int64_t>(units.size());
+#pragma omp parallel
+  {
+    ScratchPtr scratch(NewAttentionScratch(), DeleteAttentionScratch);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_units; ++i) {
+      const WorkUnit& unit = units[i];
+      const int64_t bh = unit.b * p.heads + unit.h;
+      const uint8_t* padding =
+          p.key_padding.defined() ? p.key_padding.data<uint8_t>() + unit.b * p.n
+                                  : nullptr;
+      for (const LocalSpan& qs : ql.spans) {
+        const PositionRange q_range = Intersect(unit.range, qs.begin, qs.end);
+        if (q_range.begin >= q_range.end) continue;
+        for (const LocalSpan& ks : kl.spans) {
+          const PositionRange k_range = Intersect(unit.range, ks.begin, ks.end);
+          if (k_range.begin >= k_range.end) continue;
+          ForEachTile(p.pattern.head_patterns[unit.h], p.n, q_range, k_range,
+                      p.plan, [&](const Tile& tile) {
+                        TileMask mask;
+                        mask.causal = p.plan.causal;
+                        mask.block_mask = p.plan.block_mask;
+                        if (padding != nullptr) {
+                          mask.key_padding = padding + tile.k.position;
+                          mask.key_padding_step = tile.k.step;
+                        }
+                        mask.dropout = p.dropout;
+                        mask.dropout_seed = p.dropout_seed;
+                        mask.dropout_offset = p.dropout_offset;
+                        mask.dropout_stream =
+                            bh * p.max_patterns + tile.pattern;
+                        mask.sequence_length = p.n;
+                        fn(TileContext{unit.b, unit.h, tile, mask, qs, ks,
+                                       scratch.get()});
+                      });
+        }
+      }
+    }
+  }
+}
+
+// Element offset of the row holding global position `position` (inside
+// `span`) of head h of batch b, in a [batch, rows, heads, head_dim] buffer.
+int64_t RowOffset(const AttentionProblem& p, int64_t rows,
+                  const LocalSpan& span, int64_t b, int64_t h,
+                  int64_t position) {
+  return ((b * rows + span.row + position - span.begin) * p.heads + h) *
+         p.head_dim;
+}
+
+// Offset of the same row in a [batch, heads, rows] statistics buffer.
+int64_t StatOffset(const AttentionProblem& p, int64_t rows,
+                   const LocalSpan& span, int64_t b, int64_t h,
+                   int64_t position) {
+  return (b * p.heads + h) * rows + span.row + position - span.begin;
+}
+
+template <typename T>
+RowSet<const T> TileRowSet(const T* data, const AttentionProblem& p,
+                           int64_t rows, const LocalSpan& span, int64_t b,
+                           int64_t h, const TileRows& tile) {
+  const int64_t token = p.heads * p.head_dim;
+  return RowSet<const T>{data + RowOffset(p, rows, span, b, h, tile.position),
+                         tile.step * token, tile.count, tile.position,
+                         tile.step};
+}
+
+}  // namespace
+
+TokenLayout TokenLayoutOf(const std::vector<PositionSpan>& spans) {
+  TokenLayout layout;
+  for (const PositionSpan& s : spans) {
+    if (s.end <= s.begin) continue;
+    layout.spans.push_back(LocalSpan{s.begin, s.end, layout.rows});
+    layout.rows += s.end - s.begin;
+  }
+  return layout;
+}
+
+std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
+    const Tensor& q, const Tensor& k, const Tensor& v, int64_t n,
+    const AttentionPattern& pattern, const AttentionOptions& options) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    LC_REQUIRE(t->defined(), "Attention: q, k and v must be defined");
+  }
+  LC_REQUIRE(q.dim() == 4, "Attention: q has shape ", ShapeToString(q.shape()),
+             " (expected [batch, n, heads, head_dim])");
+  LC_REQUIRE(k.shape() == q.shape() && v.shape() == q.shape(), "Attention: q ",
+             ShapeToString(q.shape()), ", k ", ShapeToString(k.shape()),
+             " and v ", ShapeToString(v.shape()), " must have the same shape");
+  LC_REQUIRE(k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+             "Attention: q, k, v dtypes ", DTypeName(q.dtype()), ", ",
+             DTypeName(k.dtype()), ", ", DTypeName(v.dtype()),
+             " (expected one dtype)");
+  // bfloat16 was converted to float32 by the caller.
+  LC_REQUIRE(q.dtype() == DType::kFloat32 || q.dtype() == DType::kFloat64,
+             "Attention: dtype ", DTypeName(q.dtype()),
+             " (expected float32, float64 or bfloat16)");
+  for (const Tensor* t : {&q, &k, &v}) {
+    LC_REQUIRE(t->device().is_cpu(), "Attention: tensors on ",
+               t->device().ToString(),
+               " (this path runs on the CPU; expected cpu)");
+  }
+  const int64_t heads = q.size(2);
+  LC_REQUIRE(static_cast<int64_t>(pattern.head_patterns.size()) == heads,
+             "Attention: the pattern has ", pattern.head_patterns.size(),
+             " heads but q has ", heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (const DilatedPattern& d : pattern.head_patterns[h]) {
+      LC_REQUIRE(d.segment_length >= 1 && d.dilation_rate >= 1 &&
+                     d.offset >= 0 && d.offset < d.dilation_rate,
+                 "Attention: head ", h, " has pattern (w=", d.segment_length,
+                 ", r=", d.dilation_rate, ", o=", d.offset,
+                 ") (expected w >= 1, r >= 1, 0 <= o < r)");
+    }
+  }
+  if (pattern.block_mask != nullptr) {
+    const BlockMask& m = *pattern.block_mask;
+    LC_REQUIRE(m.block_size() >= 1 &&
+                   m.num_blocks() == (n + m.block_size() - 1) / m.block_size(),
+               "Attention: block mask of ", m.num_blocks(), " blocks of ",
+               m.block_size(), " tokens does not cover n = ", n);
+  }
+  LC_REQUIRE(options.dropout >= 0 && options.dropout < 1, "Attention: dropout ",
+             options.dropout, " (expected in [0, 1))");
+  if (options.scale.has_value()) {
+    LC_REQUIRE(std::isfinite(*options.scale), "Attention: scale ",
+               *options.scale, " (expected a finite number)");
+  }
+  LC_REQUIRE(options.query_tile >= 1 && options.key_tile >= 1,
+             "Attention: tile sizes ", options.query_tile, " x ",
+             options.key_tile, " (expected >= 1)");
+  if (options.key_padding_mask.defined()) {
+    const Tensor& m = options.key_padding_mask;
+    LC_REQUIRE(m.dtype() == DType::kUInt8 && m.device().is_cpu() &&
+                   m.shape() == Shape({q.size(0), n}),
+               "Attention: key_padding_mask is ", DTypeName(m.dtype()), " ",
+               ShapeToString(m.shape()), " on ", m.device().ToString(),
+               " (expected uint8 [", q.size(0), ", ", n, "] on cpu)");
+  }
+
+  auto p = std::make_shared<AttentionProblem>();
+  p->batch = q.size(0);
+  p->n = n;
+  p->heads = heads;
+  p->head_dim = q.size(3);
+  p->scale = options.scale.value_or(1.0 / std::sqrt(double(p->head_dim)));
+  p->pattern = pattern;
+  for (const auto& patterns : pattern.head_patterns) {
+    p->max_patterns = std::max<int64_t>(p->max_patterns,
+                                        static_cast<int64_t>(patterns.size()));
+  }
+  p->plan.causal = options.causal;
+  p->plan.block_mask = p->pattern.block_mask.get();
+  p->plan.query_tile = options.query_tile;
+  p->plan.key_tile = options.key_tile;
+  p->plan.order = options.tile_order;
+  p->dropout = options.dropout;
+  if (options.dropout > 0) {
+    Generator& gen =
+        options.generator != nullptr ? *options.generator : DefaultGenerator();
+    p->dropout_seed = gen.seed();
+    p->dropout_offset = gen.NextOffset();
+  }
+  if (options.key_padding_mask.defined()) {
+    p->key_padding = options.key_padding_mask.contiguous();
+  }
+  return p;
+}
+
+bool HasTiles(const AttentionProblem& p, const TokenLayout& q,
+              const TokenLayout& k) {
+  TilePlanOptions coarse = p.plan;
+  coarse.query_tile = coarse.key_tile = std::max<int64_t>(p.n, 1);
+  coarse.order = TileOrder::kRowMajor;
+  bool any = false;
+  for (int64_t h = 0; h < p.heads && !any; ++h) {
+    for (const LocalSpan& qs : q.spans) {
+      for (const LocalSpan& ks : k.spans) {
+        if (any) break;
+        ForEachTile(p.pattern.head_patterns[h], p.n, {qs.begin, qs.end},
+                    {ks.begin, ks.end}, coarse,
+                    [&any](const Tile&) { any = true; });
+      }
+    }
+  }
+  return any;
+}
+
+template <typename T>
+void AttentionForwardTiles(const AttentionProblem& p, const TokenLayout& ql,
+                           const T* q, const TokenLayout& kl, const T* k,
+                           const T* v, T* out, T* lse) {
+  const int64_t token = p.heads * p.head_dim;
+  ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
+    const TileRows& tq = c.tile.q;
+    PartialAttentionForward<T>(
+        TileRowSet(q, p, ql.rows, c.q_span, c.b, c.h, tq),
+        TileRowSet(k, p, kl.rows, c.k_span, c.b, c.h, c.tile.k),
+        TileRowSet(v, p, kl.rows, c.k_span, c.b, c.h, c.tile.k), p.head_dim,
+        static_cast<T>(p.scale), c.mask,
+        out + RowOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position),
+        tq.step * token,
+        lse + StatOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position), tq.step,
+        c.scratch);
+  });
+}
+
+template <typename T>
+void AttentionBackwardTiles(const AttentionProblem& p, const TokenLayout& ql,
+                            const T* q, const TokenLayout& kl, const T* k,
+                            const T* v, const T* grad_out, const T* lse,
+                            const T* delta, const T* grad_lse, T* dq, T* dk,
+                            T* dv) {
+  const int64_t token = p.heads * p.head_dim;
+  ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
+    const TileRows& tq = c.tile.q;
+    const TileRows& tk = c.tile.k;
+    const int64_t stat =
+        StatOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position);
+    const int64_t q_at = RowOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position);
+    const int64_t k_at = RowOffset(p, kl.rows, c.k_span, c.b, c.h, tk.position);
+    PartialAttentionBackward<T>(
+        TileRowSet(q, p, ql.rows, c.q_span, c.b, c.h, tq),
+        TileRowSet(k, p, kl.rows, c.k_span, c.b, c.h, tk),
+        TileRowSet(v, p, kl.rows, c.k_span, c.b, c.h, tk), p.head_dim,
+        static_cast<T>(p.scale), c.mask, grad_out + q_at, tq.step * token,
+        lse + stat, delta + stat, grad_lse + stat, tq.step, dq + q_at,
+        tq.step * token, dk + k_at, dv + k_at, tk.step * token, c.scratch);
+  });
+}
+
+template <typename T>
+void RowDelta(const AttentionProblem& p, int64_t rows, const T* out,
+              const T* grad_out, T* delta) {
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < p.batch * rows; ++bt) {
+    const int64_t b = bt / rows, t = bt % rows;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t at = ((b * rows + t) * p.heads + h) * p.head_dim;
+      T sum = 0;
+      for (int64_t c = 0; c < p.head_dim; ++c) {
+        sum += out[at + c] * grad_out[at + c];
+      }
+      delta[(b * p.heads + h) * rows + t] = sum;
+    }
+  }
+}
+
+#define LC_INSTANTIATE_ATTENTION_KERNEL(T)                                  \
+  template void AttentionForwardTiles<T>(                                   \
+      const AttentionProblem&, const TokenLayout&, const T*,                \
+      const TokenLayout&, const T*, const T*, T*, T*);                      \
+  template void AttentionBackwardTiles<T>(                                  \
+      const AttentionProblem&, const TokenLayout&, const T*,                \
+      const TokenLayout&, const T*, const T*, const T*, const T*, const T*, \
+      const T*, T*, T*, T*);                                                \
+  template void RowDelta<T>(const AttentionProblem&, int64_t, const T*,     \
+                            const T*, T*);
+
+LC_INSTANTIATE_ATTENTION_KERNEL(float)
+LC_INSTANTIATE_ATTENTION_KERNEL(double)
+
+}  // namespace lc

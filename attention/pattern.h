@@ -1,0 +1,129 @@
+// Attention patterns: which key positions each query position attends to,
+// per head. A pattern is the exact semantics of ../shared/SPEC.md section 2:
+//  - dilated patterns (w, r, o): t and u in the same segment of length w,
+//    both selected by (pos mod w) mod r == o; several per head, each (t, u)
+//    pair counted once per pattern that allows it; heads get patterns in the
+//    "head groups" or "all heads" layout;
+//  - a block mask over (query block, key block) pairs, intersected with the
+//    dilated patterns (block-sparse attention is the dense pattern plus a
+//    block mask);
+//  - causality (u <= t) and a key padding mask are options of the op.
+#ifndef LONGCTX_ATTENTION_PATTERN_H_
+#define LONGCTX_ATTENTION_PATTERN_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace lc {
+
+struct DilatedPattern {
+  int64_t segment_length = 0;  // w >= 1
+  int64_t dilation_rate = 1;   // r >= 1
+  int64_t offset = 0;          // 0 <= o < r
+
+  // Whether position t is selected: (t mod w) mod r == o.
+  bool Selects(int64_t t) const {
+    return (t % segment_length) % dilation_rate == offset;
+  }
+  // Whether query t attends key u (without causality).
+  bool Allows(int64_t t, int64_t u) const {
+    return Selects(t) && Selects(u) && t / segment_length == u / segment_length;
+  }
+};
+
+enum class HeadLayout {
+  kHeadGroups,  // heads split into contiguous groups, one pattern per group
+  kAllHeads,    // every head has every pattern, offset head mod r
+};
+
+// Parses "head_groups" / "all_heads".
+absl::StatusOr<HeadLayout> ParseHeadLayout(const std::string& name);
+
+struct DilatedOptions {
+  std::vector<int64_t> segment_lengths;  // w_0..w_{G-1}
+  std::vector<int64_t> dilation_rates;   // r_0..r_{G-1}
+  HeadLayout head_layout = HeadLayout::kHeadGroups;
+};
+
+// The patterns of every head, [num_heads][patterns of that head]. Errors
+// name the bad value: empty or unequal lists, w < 1, r < 1, heads < 1.
+// Head groups: sizes num_heads / G, the first num_heads % G one larger
+// (groups beyond num_heads are empty); group g has (w_g, r_g, g mod r_g).
+// All heads: head j has (w_i, r_i, j mod r_i) for every i.
+absl::StatusOr<std::vector<std::vector<DilatedPattern>>> DilatedHeadPatterns(
+    const DilatedOptions& options, int64_t num_heads);
+
+// The single pattern every head has in dense attention over n tokens.
+DilatedPattern DensePattern(int64_t n);
+
+// On/off for each (query block, key block) pair of a sequence cut into
+// blocks of block_size tokens (the last block may be short).
+class BlockMask {
+ public:
+  BlockMask() = default;
+  BlockMask(int64_t block_size, int64_t num_blocks);
+
+  int64_t block_size() const { return block_size_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  bool on(int64_t query_block, int64_t key_block) const {
+    return bits_[query_block * num_blocks_ + key_block] != 0;
+  }
+  void set(int64_t query_block, int64_t key_block, bool on) {
+    bits_[query_block * num_blocks_ + key_block] = on ? 1 : 0;
+  }
+  // Whether query position t may attend key position u.
+  bool Allows(int64_t t, int64_t u) const {
+    return on(t / block_size_, u / block_size_);
+  }
+  // Fraction of pairs that are on.
+  double Density() const;
+  // Row-major [num_blocks, num_blocks] of 0/1.
+  const std::vector<uint8_t>& bits() const { return bits_; }
+
+ private:
+  int64_t block_size_ = 0;
+  int64_t num_blocks_ = 0;
+  std::vector<uint8_t> bits_;
+};
+
+enum class SparsePattern {
+  kLocalWindow,    // key blocks within `window` tokens of the query block
+  kDilatedSparse,  // key blocks at multiples of `stride` blocks away
+  kGlobalLocal,    // global blocks (first global_tokens) + local window
+  kRandom,         // seeded, each pair on with probability `density`
+  kExplicit,       // `explicit_mask` as given
+};
+
+// Parses local_window, dilated_sparse, global_local, random, explicit.
+absl::StatusOr<SparsePattern> ParseSparsePattern(const std::string& name);
+
+struct BlockSparseOptions {
+  SparsePattern pattern = SparsePattern::kLocalWindow;
+  int64_t block_size = 64;
+  int64_t window = 256;        // tokens; rounded out to whole blocks
+  int64_t stride = 2;          // dilated_sparse: blocks between key blocks
+  int64_t global_tokens = 64;  // global_local; rounded out to whole blocks
+  double density = 0.1;        // random: probability of each off-diagonal pair
+  uint64_t seed = 0;           // random
+  // kExplicit: row-major [blocks, blocks] 0/1 for the sequence length used.
+  std::vector<uint8_t> explicit_mask;
+};
+
+// The block mask for a sequence of n tokens. Every generated pattern keeps
+// the diagonal (a query block always sees its own block); an explicit mask
+// is used as given. Rules in tokens are
+// rounded out to whole blocks: local_window turns key block kb on when
+// |qb - kb| <= ceil(window / block_size); dilated_sparse when
+// |qb - kb| mod stride == 0; global_local when qb or kb holds one of the first
+// global_tokens tokens, or the local window rule holds; random when
+// Philox(seed, pair index) < density. Errors name the bad option.
+absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
+                                        int64_t n);
+
+}  // namespace lc
+
+#endif  // LONGCTX_ATTENTION_PATTERN_H_

@@ -1,0 +1,51 @@
+// Ring (sequence-parallel) attention: each of k ranks holds n/k tokens of the
+// sequence (contiguous or zigzag chunks, any n) and attends its queries to
+// every rank's keys by passing K/V chunks around a ring: at step s a rank
+// attends to the chunk of rank (rank - s) mod k while the next chunk is
+// already in flight (send to rank + 1, receive from rank - 1, double
+// buffered). Backward sends K/V around again with float accumulators of
+// their gradients, which return to their owner; dq stays local. Steps and
+// transfers that no rank needs (no allowed (t, u) pair) are skipped: dilated
+// attention whose segments fit inside chunks communicates nothing. Results
+// equal single-rank Attention on the same tokens.
+#ifndef LONGCTX_ATTENTION_RING_ATTENTION_H_
+#define LONGCTX_ATTENTION_RING_ATTENTION_H_
+
+#include <cstdint>
+
+#include "attention/attention.h"
+#include "distributed/communicator.h"
+#include "distributed/sequence_parallel.h"
+
+namespace lc {
+
+// What one call moved and skipped on this rank, forward and backward added.
+struct RingStats {
+  int64_t bytes_sent = 0;      // K/V (and dK/dV) payload sent by this rank
+  int64_t transfers = 0;       // tensors sent
+  int64_t steps_computed = 0;  // ring steps with tiles for this rank
+  int64_t steps_skipped = 0;   // ring steps with no tile for this rank
+};
+
+struct RingOptions {
+  SequenceLayout layout = SequenceLayout::kContiguous;
+  RingStats* stats = nullptr;  // when set, forward and backward add to it
+};
+
+// q, k, v [batch, n_local, heads, head_dim]: this rank's tokens,
+// RankSpans(n, comm.size(), comm.rank(), layout) in order. `pattern` and
+// options.key_padding_mask ([batch, n], the same on every rank) describe the
+// whole n-token sequence: positions stay global. Returns this rank's rows of
+// out [batch, n_local, heads, head_dim] and lse [batch, heads, n_local].
+// Differentiable in q, k, v; backward communicates, so every rank of the
+// group must run it, and `comm` must outlive it. Throws lc::Error for bad
+// inputs and for communication failures (timeouts, aborted groups).
+AttentionResult RingAttention(Communicator& comm, const Tensor& q,
+                              const Tensor& k, const Tensor& v, int64_t n,
+                              const AttentionPattern& pattern,
+                              const AttentionOptions& options = {},
+                              const RingOptions& ring = {});
+
+}  // namespace lc
+
+#endif  // LONGCTX_ATTENTION_RING_ATTENTION_H_

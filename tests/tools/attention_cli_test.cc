@@ -1,0 +1,546 @@
+// Runs //attention:attention_cli as a user would: on safetensors files
+// written byte by byte the way Python's safetensors writes them, comparing
+// what it writes with RunAttention + Backward called in this process; and on
+// bad flags, files and tensors, each of which must exit non-zero with one
+// line naming the problem.
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "attention/attention_config.h"
+#include "core/autograd.h"
+#include "core/random.h"
+#include "core/safetensors.h"
+#include "gtest/gtest.h"
+#include "tests/op_test_util.h"
+
+namespace lc {
+namespace {
+
+using ::lc::testing::DefaultTolerance;
+using ::lc::testing::ExpectAllClose;
+using ::lc::testing::TestGenerator;
+using ::lc::testing::Tolerance;
+
+// The binary, relative to the test's working directory (the runfiles root).
+constexpr char kCli[] = "attention/attention_cli";
+
+const Shape kShape = {2, 40, 3, 8};  // [batch, n, heads, head_dim]
+
+std::string TempPath(const std::string& name) {
+  return absl::StrCat(::testing::TempDir(), "/", name);
+}
+
+struct CliResult {
+  int exit_code = -1;  // -1 when the process did not exit normally
+  std::string output;  // stdout and stderr together
+};
+
+// Runs the CLI with `args` (each passed as one shell word), with
+// BUILD_WORKING_DIRECTORY set to `working_directory` unless it is empty (as
+// `bazel run` sets it).
+CliResult RunCli(const std::vector<std::string>& args,
+                 const std::string& working_directory = "") {
+  std::string command;
+  if (!working_directory.empty()) {
+    absl::StrAppend(&command, "BUILD_WORKING_DIRECTORY='", working_directory,
+                    "' ");
+  }
+  absl::StrAppend(&command, kCli);
+  for (const std::string& arg : args) absl::StrAppend(&command, " '", arg, "'");
+  absl::StrAppend(&command, " 2>&1");
+  CliResult result;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) {
+    ADD_FAILURE() << "cannot run " << command;
+    return result;
+  }
+  char buffer[4096];
+  size_t read;
+  while ((read = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
+    result.output.append(buffer, read);
+  }
+  const int status = pclose(pipe);
+  if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
+  return result;
+}
+
+// Appends the bit pattern of `value` as little-endian bytes (Bits: the
+// unsigned integer type of its size).
+template <typename Bits, typename Value>
+void AppendLittleEndian(Value value, std::string* out) {
+  Bits bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  for (size_t i = 0; i < sizeof(bits); ++i) {
+    out->push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
+  }
+}
+
+// Writes `tensors` (float32 or float64) the way Python's
+// safetensors.torch.save_file does, without using core/safetensors: the
+// header length as 8 little-endian bytes; a compact JSON header with
+// {"format":"pt"} metadata and, per tensor in name order, dtype, shape and
+// data_offsets, padded with spaces to a multiple of 8 bytes; then the
+// tensors' little-endian data back to back.
+void WritePythonStyleSafetensors(const std::string& path,
+                                 const std::map<std::string, Tensor>& tensors) {
+  std::string header = "{\"__metadata__\":{\"format\":\"pt\"}";
+  std::string data;
+  for (const auto& [name, tensor] : tensors) {
+    ASSERT_TRUE(tensor.dtype() == DType::kFloat32 ||
+                tensor.dtype() == DType::kFloat64);
+    const bool f32 = tensor.dtype() == DType::kFloat32;
+    const size_t begin = data.size();
+    for (double value : tensor.ToVector()) {
+      if (f32) {
+        AppendLittleEndian<uint32_t>(static_cast<float>(value), &data);
+      } else {
+        AppendLittleEndian<uint64_t>(value, &data);
+      }
+    }
+    absl::StrAppend(&header, ",\"", name, "\":{\"dtype\":\"",
+                    f32 ? "F32" : "F64", "\",\"shape\":[",
+                    absl::StrJoin(tensor.shape(), ","), "],\"data_offsets\":[",
+                    begin, ",", data.size(), "]}");
+  }
+  header += "}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string bytes;
+  AppendLittleEndian<uint64_t>(static_cast<uint64_t>(header.size()), &bytes);
+  bytes += header + data;
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(file.good()) << "cannot write " << path;
+}
+
+// Random q, k, v and grad_out of `shape` in `dtype`.
+std::map<std::string, Tensor> RandomInputs(DType dtype,
+                                           const Shape& shape = kShape) {
+  Generator gen = TestGenerator();
+  std::map<std::string, Tensor> inputs;
+  for (const char* name : {"q", "k", "v", "grad_out"}) {
+    inputs[name] = Randn(shape, gen, dtype);
+  }
+  return inputs;
+}
+
+// What the CLI should write: RunAttention and Backward on the inputs
+// computed in `dtype`, outputs widened from bfloat16 to float32.
+std::map<std::string, Tensor> ExpectedOutputs(
+    const AttentionConfig& config, const std::map<std::string, Tensor>& inputs,
+    DType dtype) {
+  auto leaf = [&](const std::string& name) {
+    const Tensor& t = inputs.at(name);
+    Tensor copy = FromVector(t.ToVector(), t.shape(), dtype);
+    copy.set_requires_grad(true);
+    return copy;
+  };
+  const Tensor q = leaf("q"), k = leaf("k"), v = leaf("v");
+  const AttentionResult result =
+      RunAttention(config, q, k, v, /*training=*/false);
+  std::map<std::string, Tensor> expected = {
+      {"out", result.out.to(ComputeDType(dtype))}, {"lse", result.lse}};
+  if (inputs.count("grad_out") != 0) {
+    Backward({result.out}, {inputs.at("grad_out").to(dtype)});
+    expected["grad_q"] = q.grad().to(ComputeDType(dtype));
+    expected["grad_k"] = k.grad().to(ComputeDType(dtype));
+    expected["grad_v"] = v.grad().to(ComputeDType(dtype));
+  }
+  return expected;
+}
+
+// lse may hold -inf (queries with no key): there both must be -inf; the
+// other entries must be within `tol`.
+void ExpectLseClose(const Tensor& actual, const Tensor& expected,
+                    Tolerance tol) {
+  ASSERT_EQ(actual.shape(), expected.shape());
+  std::vector<double> a = actual.ToVector(), e = expected.ToVector();
+  for (size_t i = 0; i < e.size(); ++i) {
+    if (std::isinf(e[i])) {
+      EXPECT_EQ(a[i], e[i]) << "lse at flat index " << i;
+      a[i] = e[i] = 0;
+    }
+  }
+  ExpectAllClose(FromVector(a, actual.shape(), DType::kFloat64),
+                 FromVector(e, expected.shape(), DType::kFloat64), tol, "lse");
+}
+
+// Writes `inputs` to a file, runs the CLI on it with `flags`, and returns
+// what it wrote.
+std::map<std::string, Tensor> RunOnInputs(
+    const std::string& name, const std::map<std::string, Tensor>& inputs,
+    const std::vector<std::string>& flags) {
+  const std::string input = TempPath(name + "_in.safetensors");
+  const std::string output = TempPath(name + "_out.safetensors");
+  WritePythonStyleSafetensors(input, inputs);
+  std::vector<std::string> args = {"--input=" + input, "--output=" + output};
+  args.insert(args.end(), flags.begin(), flags.end());
+  const CliResult result = RunCli(args);
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_NE(result.output.find("wrote"), std::string::npos) << result.output;
+  absl::StatusOr<SafetensorsFile> file = ReadSafetensors(output);
+  EXPECT_TRUE(file.ok()) << file.status();
+  return file.ok() ? file->tensors : std::map<std::string, Tensor>();
+}
+
+// The CLI's outputs hold exactly the expected names, in the expected dtypes,
+// with values within `tol` (block_mask is checked by the caller).
+void ExpectOutputsMatch(const std::map<std::string, Tensor>& written,
+                        const std::map<std::string, Tensor>& expected,
+                        Tolerance tol) {
+  for (const auto& [name, tensor] : written) {
+    EXPECT_TRUE(expected.count(name) != 0 || name == "block_mask")
+        << "unexpected output " << name;
+  }
+  for (const auto& [name, want] : expected) {
+    auto it = written.find(name);
+    ASSERT_NE(it, written.end()) << "no output " << name;
+    EXPECT_EQ(it->second.dtype(), want.dtype()) << name;
+    if (name == "lse") {
+      ExpectLseClose(it->second, want, tol);
+    } else {
+      ExpectAllClose(it->second, want, tol, name);
+    }
+  }
+}
+
+// The written block_mask is uint8 [blocks, blocks] holding the mask that
+// BuildAttentionPattern makes for `config`.
+void ExpectBlockMask(const std::map<std::string, Tensor>& written,
+                     const AttentionConfig& config) {
+  absl::StatusOr<AttentionPattern> pattern =
+      BuildAttentionPattern(config, kShape[2], kShape[1]);
+  ASSERT_TRUE(pattern.ok()) << pattern.status();
+  const BlockMask& mask = *pattern->block_mask;
+  auto it = written.find("block_mask");
+  ASSERT_NE(it, written.end()) << "no block_mask written";
+  EXPECT_EQ(it->second.dtype(), DType::kUInt8);
+  EXPECT_EQ(it->second.shape(), Shape({mask.num_blocks(), mask.num_blocks()}));
+  const std::vector<double> bits = it->second.ToVector();
+  ASSERT_EQ(bits.size(), mask.bits().size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    EXPECT_EQ(bits[i], mask.bits()[i]) << "block_mask at flat index " << i;
+  }
+}
+
+TEST(AttentionCliTest, DilatedHeadGroupsCausalMatchesInProcess) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};  // n = 40: short last segments
+  config.dilated.dilation_rates = {1, 2};
+  config.causal = true;
+  const auto written =
+      RunOnInputs("dilated_groups", inputs,
+                  {"--pattern=dilated", "--segment_lengths=16,32",
+                   "--dilation_rates=1,2", "--causal"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  EXPECT_EQ(written.count("block_mask"), 0u);
+  // Head 2 has pattern (32, 2, 1): its even positions select no key.
+  ASSERT_EQ(written.count("lse"), 1u);
+  EXPECT_TRUE(std::isinf(written.at("lse").at({0, 2, 0})));
+}
+
+TEST(AttentionCliTest, DilatedAllHeadsScaleHilbertMatchesInProcess) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {8, 24};
+  config.dilated.dilation_rates = {1, 3};
+  config.dilated.head_layout = HeadLayout::kAllHeads;
+  config.scale = 0.3;
+  config.tile_order = TileOrder::kHilbert;
+  const auto written = RunOnInputs(
+      "dilated_all_heads", inputs,
+      {"--segment_lengths=8,24", "--dilation_rates=1,3",
+       "--head_layout=all_heads", "--scale=0.3", "--tile_order=hilbert"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+}
+
+TEST(AttentionCliTest, DefaultPatternIsTheDilatedAttentionPytorchExample) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {2048, 4096, 8192};
+  config.dilated.dilation_rates = {1, 2, 4};
+  const auto written = RunOnInputs("default_pattern", inputs, {});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+}
+
+TEST(AttentionCliTest, RingDilatedOnOneRankMatchesDilated) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  config.causal = true;
+  const auto written = RunOnInputs(
+      "ring_dilated", inputs,
+      {"--pattern=ring_dilated", "--segment_lengths=16,32",
+       "--dilation_rates=1,2", "--causal", "--ranks=1", "--layout=zigzag"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+}
+
+// --ranks=K runs the ring on K thread ranks and writes whole-sequence
+// outputs equal to one rank's.
+TEST(AttentionCliTest, RingOnThreadRanksMatchesOneRank) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  for (const char* layout : {"contiguous", "zigzag"}) {
+    SCOPED_TRACE(layout);
+    AttentionConfig config;
+    config.type = AttentionType::kDilated;
+    config.dilated.segment_lengths = {16, 32};
+    config.dilated.dilation_rates = {1, 2};
+    config.causal = true;
+    const auto written =
+        RunOnInputs(absl::StrCat("ring3_", layout), inputs,
+                    {"--pattern=ring_dilated", "--segment_lengths=16,32",
+                     "--dilation_rates=1,2", "--causal", "--ranks=3",
+                     absl::StrCat("--layout=", layout)});
+    ExpectOutputsMatch(written,
+                       ExpectedOutputs(config, inputs, DType::kFloat32),
+                       DefaultTolerance(DType::kFloat32));
+  }
+}
+
+TEST(AttentionCliTest, BlockSparseGlobalLocalMatchesInProcess) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kBlockSparse;
+  config.block_sparse.pattern = SparsePattern::kGlobalLocal;
+  config.block_sparse.block_size = 8;
+  config.block_sparse.window = 8;
+  config.block_sparse.global_tokens = 4;
+  config.causal = true;
+  const auto written = RunOnInputs(
+      "block_sparse_global_local", inputs,
+      {"--pattern=block_sparse", "--sparse_pattern=global_local",
+       "--block_size=8", "--window=8", "--global_tokens=4", "--causal"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  ExpectBlockMask(written, config);
+}
+
+TEST(AttentionCliTest, BlockSparseRandomIntersectedWithDilatedMatches) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kBlockSparse;
+  config.block_sparse.pattern = SparsePattern::kRandom;
+  config.block_sparse.block_size = 8;
+  config.block_sparse.density = 0.4;
+  config.block_sparse.seed = 7;
+  config.dilated.segment_lengths = {16};
+  config.dilated.dilation_rates = {2};
+  const auto written =
+      RunOnInputs("block_sparse_random", inputs,
+                  {"--pattern=block_sparse", "--sparse_pattern=random",
+                   "--block_size=8", "--density=0.4", "--seed=7",
+                   "--segment_lengths=16", "--dilation_rates=2"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  ExpectBlockMask(written, config);
+}
+
+TEST(AttentionCliTest, DenseWithoutGradOutWritesOutAndLseOnly) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  inputs.erase("grad_out");
+  AttentionConfig config;
+  config.type = AttentionType::kDense;
+  const auto written = RunOnInputs("dense", inputs, {"--pattern=dense"});
+  EXPECT_EQ(written.size(), 2u);
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+}
+
+TEST(AttentionCliTest, Float64FileComputedInFloat64) {
+  const auto inputs = RandomInputs(DType::kFloat64);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  const auto written = RunOnInputs(
+      "float64", inputs,
+      {"--segment_lengths=16,32", "--dilation_rates=1,2", "--dtype=float64"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat64),
+                     DefaultTolerance(DType::kFloat64));
+}
+
+TEST(AttentionCliTest, BFloat16ComputeWritesFloat32Outputs) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  config.causal = true;
+  const auto written =
+      RunOnInputs("bfloat16", inputs,
+                  {"--segment_lengths=16,32", "--dilation_rates=1,2",
+                   "--causal", "--dtype=bfloat16"});
+  // The same bfloat16 computation in this process, widened to float32.
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kBFloat16),
+                     DefaultTolerance(DType::kFloat32));
+  for (const auto& [name, tensor] : written) {
+    EXPECT_EQ(tensor.dtype(), DType::kFloat32) << name;
+  }
+}
+
+TEST(AttentionCliTest, RelativePathsAreRelativeToTheBazelRunDirectory) {
+  WritePythonStyleSafetensors(TempPath("relative_in.safetensors"),
+                              RandomInputs(DType::kFloat32));
+  const CliResult result = RunCli(
+      {"--input=relative_in.safetensors", "--output=relative_out.safetensors"},
+      ::testing::TempDir());
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_TRUE(ReadSafetensors(TempPath("relative_out.safetensors")).ok());
+}
+
+// Runs the CLI with `args` (plus an --output flag when `with_output`) and
+// expects exit status 1, exactly one line of output containing every piece,
+// and no output file.
+void ExpectCliError(const std::vector<std::string>& args,
+                    const std::vector<std::string>& pieces,
+                    bool with_output = true) {
+  const std::string output = TempPath("error_out.safetensors");
+  std::remove(output.c_str());
+  std::vector<std::string> all = args;
+  if (with_output) all.push_back("--output=" + output);
+  const CliResult result = RunCli(all);
+  EXPECT_EQ(result.exit_code, 1) << result.output;
+  ASSERT_FALSE(result.output.empty());
+  EXPECT_EQ(result.output.find('\n'), result.output.size() - 1)
+      << "expected exactly one line, got:\n"
+      << result.output;
+  for (const std::string& piece : pieces) {
+    EXPECT_NE(result.output.find(piece), std::string::npos)
+        << "\"" << result.output << "\" lacks \"" << piece << "\"";
+  }
+  EXPECT_FALSE(std::ifstream(output).good()) << "an output file was written";
+}
+
+// Writes `inputs` to a fresh file and returns its --input flag.
+std::string InputFlag(const std::string& name,
+                      const std::map<std::string, Tensor>& inputs) {
+  const std::string path = TempPath(name + ".safetensors");
+  WritePythonStyleSafetensors(path, inputs);
+  return "--input=" + path;
+}
+
+TEST(AttentionCliTest, MissingInputOrOutputFlag) {
+  ExpectCliError({}, {"missing --input"});
+  const std::string input = InputFlag("good", RandomInputs(DType::kFloat32));
+  ExpectCliError({input}, {"missing --output"}, /*with_output=*/false);
+}
+
+TEST(AttentionCliTest, NonexistentInputFile) {
+  ExpectCliError({"--input=/nonexistent/qkv.safetensors"},
+                 {"/nonexistent/qkv.safetensors", "No such file"});
+}
+
+TEST(AttentionCliTest, CorruptInputFile) {
+  const std::string path = TempPath("corrupt.safetensors");
+  std::ofstream(path) << "not a safetensors file";
+  ExpectCliError({"--input=" + path}, {path, "header length"});
+}
+
+TEST(AttentionCliTest, MissingTensorV) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  inputs.erase("v");
+  ExpectCliError({InputFlag("no_v", inputs)}, {"no tensor \"v\""});
+}
+
+TEST(AttentionCliTest, UnknownTensorName) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  inputs["grad_output"] = inputs.at("grad_out");
+  ExpectCliError({InputFlag("extra_name", inputs)},
+                 {"\"grad_output\"", "optionally grad_out"});
+}
+
+TEST(AttentionCliTest, QOfRankThree) {
+  auto inputs = RandomInputs(DType::kFloat32, {2, 40, 24});
+  ExpectCliError({InputFlag("rank3", inputs)},
+                 {"q has shape [2, 40, 24]", "rank 3", "[batch, n, heads"});
+}
+
+TEST(AttentionCliTest, EmptyDimension) {
+  auto inputs = RandomInputs(DType::kFloat32, {2, 0, 3, 8});
+  ExpectCliError({InputFlag("empty", inputs)}, {"q has shape", ">= 1"});
+}
+
+TEST(AttentionCliTest, KShapeMismatch) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  Generator gen = TestGenerator(1);
+  inputs["k"] = Randn({2, 40, 3, 4}, gen);
+  ExpectCliError({InputFlag("k_mismatch", inputs)},
+                 {"k has shape [2, 40, 3, 4]", "[2, 40, 3, 8]"});
+}
+
+TEST(AttentionCliTest, GradOutShapeMismatch) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  Generator gen = TestGenerator(1);
+  inputs["grad_out"] = Randn({2, 40, 3, 7}, gen);
+  ExpectCliError({InputFlag("grad_out_mismatch", inputs)},
+                 {"grad_out has shape [2, 40, 3, 7]"});
+}
+
+TEST(AttentionCliTest, SegmentAndDilationListsOfDifferentLengths) {
+  const std::string input = InputFlag("lists", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--segment_lengths=16,32", "--dilation_rates=1"},
+                 {"segment_lengths", "dilation_rates", "different lengths"});
+}
+
+TEST(AttentionCliTest, GarbageInList) {
+  const std::string input = InputFlag("garbage", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--segment_lengths=1,x", "--dilation_rates=1,2"},
+                 {"--segment_lengths=1,x", "\"x\"", "not an integer"});
+}
+
+TEST(AttentionCliTest, BadFlagValues) {
+  const std::string input = InputFlag("flags", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--pattern=sliding"}, {"--pattern", "\"sliding\""});
+  ExpectCliError({input, "--head_layout=rows"}, {"--head_layout", "\"rows\""});
+  ExpectCliError({input, "--sparse_pattern=explicit"},
+                 {"--sparse_pattern=explicit"});
+  ExpectCliError({input, "--dtype=float16"}, {"--dtype=float16"});
+  ExpectCliError({input, "--scale=big"}, {"--scale=big"});
+  ExpectCliError({input, "--pattern=block_sparse", "--block_size=0"},
+                 {"block_size 0"});
+  ExpectCliError({input, "--window=wide"}, {"'wide'", "window"});
+  ExpectCliError({input, "--tile_order=zorder"},
+                 {"--tile_order", "\"zorder\""});
+  ExpectCliError({input, "--layout=diagonal"}, {"--layout", "\"diagonal\""});
+  ExpectCliError({input, "--device=tpu"}, {"--device=tpu", "cpu or cuda"});
+  ExpectCliError({input, "stray"}, {"unexpected argument \"stray\""});
+}
+
+TEST(AttentionCliTest, SeveralRanksNeedARingType) {
+  const std::string input = InputFlag("ranks", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--ranks=2"}, {"ranks 2", "dilated"});
+}
+
+TEST(AttentionCliTest, CudaDeviceIsNotAvailableYet) {
+  const std::string input = InputFlag("cuda", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--device=cuda"}, {"--device=cuda", "CUDA"});
+}
+
+TEST(AttentionCliTest, UnwritableOutput) {
+  const std::string input =
+      InputFlag("unwritable", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--output=/nonexistent/dir/out.safetensors"},
+                 {"/nonexistent/dir/out.safetensors"}, /*with_output=*/false);
+}
+
+}  // namespace
+}  // namespace lc
