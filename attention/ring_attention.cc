@@ -205,10 +205,12 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
   Tensor buffers[4][2];  // k, v, dk, dv receive buffers, alternating
   Transfers transfers(comm, stats);
 
-  // Chunks whose trip ends here send their gradients home after the loop;
-  // ours come home from the last rank that holds our chunk.
-  std::vector<std::pair<int, Tensors>> home_sends;
+  // A chunk's gradients go home from the rank where its trip ends, in the
+  // same step (so no rank keeps more than the chunk it holds); ours arrive
+  // at step final_step from the last rank that holds our chunk.
+  const int final_step = plan.FinalStep(r);
   Tensor own_dk = cur_dk, own_dv = cur_dv;
+  Tensor home_dk, home_dv;
   for (int s = 0; s <= plan.last_step; ++s) {
     const int origin = plan.Origin(r, s);
     const bool forward_chunk = s < plan.last_step && plan.Forwarded(origin, s);
@@ -246,10 +248,20 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
       ++stats->steps_skipped;
     }
     // The gradient accumulators leave only after this step added to them.
+    const bool holding = s == 0 || plan.Forwarded(origin, s - 1);
     transfers.Start();
     if (forward_chunk) {
       transfers.Send(cur_dk, next, kGradKeyTag);
       transfers.Send(cur_dv, next, kGradValueTag);
+    } else if (holding && origin != r) {
+      transfers.Send(cur_dk, origin, kHomeGradKeyTag);
+      transfers.Send(cur_dv, origin, kHomeGradValueTag);
+    }
+    if (final_step > 0 && s == final_step) {
+      home_dk = Empty(k.shape(), k.dtype());
+      home_dv = Empty(v.shape(), v.dtype());
+      transfers.Recv(home_dk, (r + final_step) % size, kHomeGradKeyTag);
+      transfers.Recv(home_dv, (r + final_step) % size, kHomeGradValueTag);
     }
     if (receive_chunk) {
       transfers.Recv(next_chunk[2], prev, kGradKeyTag);
@@ -257,32 +269,11 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
     }
     transfers.Finish();
     transfers.WaitAll();
-    const bool holding = s == 0 || plan.Forwarded(origin, s - 1);
-    if (holding && !forward_chunk && origin != r) {
-      // A copy: the receive buffers holding them are reused two steps on.
-      home_sends.push_back({origin, {cur_dk.clone(), cur_dv.clone()}});
-    }
     cur_k = next_chunk[0];
     cur_v = next_chunk[1];
     cur_dk = next_chunk[2];
     cur_dv = next_chunk[3];
   }
-  // Home: every chunk's gradients return to their owner in one batch.
-  const int final_step = plan.FinalStep(r);
-  Tensor home_dk, home_dv;
-  transfers.Start();
-  for (const auto& [owner, grads] : home_sends) {
-    transfers.Send(grads[0], owner, kHomeGradKeyTag);
-    transfers.Send(grads[1], owner, kHomeGradValueTag);
-  }
-  if (final_step > 0) {
-    home_dk = Empty(k.shape(), k.dtype());
-    home_dv = Empty(v.shape(), v.dtype());
-    transfers.Recv(home_dk, (r + final_step) % size, kHomeGradKeyTag);
-    transfers.Recv(home_dv, (r + final_step) % size, kHomeGradValueTag);
-  }
-  transfers.Finish();
-  transfers.WaitAll();
   if (final_step > 0) return {dq, home_dk, home_dv};
   return {dq, own_dk, own_dv};
 }

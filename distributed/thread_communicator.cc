@@ -716,7 +716,15 @@ absl::Status RunRanks(int k,
           status.code(), absl::StrCat("rank ", r, ": ", status.message()));
       {
         std::lock_guard<std::mutex> lock(mu);
-        if (!first_failure.ok()) return;  // an effect, not the cause
+        // An Aborted error is an effect of another rank's failure. A rank
+        // that aborted the group itself before returning (RingAttention on a
+        // failed transfer) may report after the ranks it woke, so its error
+        // replaces an Aborted one.
+        const bool is_cause =
+            first_failure.ok() ||
+            (first_failure.code() == absl::StatusCode::kAborted &&
+             status.code() != absl::StatusCode::kAborted);
+        if (!is_cause) return;
         first_failure = failure;
       }
       communicators[r]->Abort(failure);

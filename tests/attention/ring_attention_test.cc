@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <utility>
@@ -199,8 +200,9 @@ void ExpectRanksMatch(const RingRun& got, const Results& want, int k,
 
 // For every k and layout: the ring on fresh inputs equals the single rank.
 void ExpectRingMatchesSingleRank(const RingCase& c, DType dtype,
-                                 const std::vector<int>& rank_counts = {1, 2, 3,
-                                                                        4, 8}) {
+                                 const std::vector<int>& rank_counts =
+                                     std::vector<int>(std::begin(kRankCounts),
+                                                      std::end(kRankCounts))) {
   Generator gen = testing::TestGenerator(
       std::hash<std::string>()(c.name) + c.n * 131 +
       (c.options.causal ? 7 : 0) + static_cast<uint64_t>(dtype));
