@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
+#include "ops/rope.h"
 #include "ops/shape_ops.h"
 
 namespace lc {
@@ -37,6 +38,10 @@ absl::Status ValidateMultiheadAttentionOptions(
   if (!(options.init_gain > 0) || !std::isfinite(options.init_gain)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "init_gain ", options.init_gain, " (expected a finite number > 0)"));
+  }
+  if (!(options.rope_base > 0) || !std::isfinite(options.rope_base)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rope_base ", options.rope_base, " (expected a finite number > 0)"));
   }
   if (!IsFloating(options.dtype)) {
     return absl::InvalidArgumentError(
@@ -77,9 +82,10 @@ MultiheadDilatedAttention::MultiheadDilatedAttention(
   XavierNormal(*out_proj_, options.init_gain, gen);
 }
 
-Tensor MultiheadDilatedAttention::Forward(
-    const Tensor& x, const Tensor& key_padding_mask,
-    const SequenceParallelContext* sp) const {
+Tensor MultiheadDilatedAttention::Forward(const Tensor& x,
+                                          const Tensor& key_padding_mask,
+                                          const SequenceParallelContext* sp,
+                                          const Tensor& positions) const {
   const int64_t e = options_.embed_dim, h = options_.num_heads;
   LC_REQUIRE(x.defined() && x.dim() == 3 && x.size(2) == e,
              "MultiheadDilatedAttention: input of shape ",
@@ -96,9 +102,21 @@ Tensor MultiheadDilatedAttention::Forward(
     v = v_proj_->Forward(x);
   }
   const Shape heads_shape = {b, n, h, e / h};
-  AttentionResult r = RunAttention(
-      options_.attention, q.reshape(heads_shape), k.reshape(heads_shape),
-      v.reshape(heads_shape), is_training(), key_padding_mask, sp);
+  q = q.reshape(heads_shape);
+  k = k.reshape(heads_shape);
+  if (positions.defined()) {
+    CheckIndexTensor("MultiheadDilatedAttention", "positions", positions);
+    LC_REQUIRE(positions.dim() == 1 && positions.size(0) == n,
+               "MultiheadDilatedAttention: positions of shape ",
+               ShapeToString(positions.shape()), " (expected [", n, "])");
+    LC_REQUIRE((e / h) % 2 == 0, "MultiheadDilatedAttention: head_dim ", e / h,
+               " (rotary positions need an even head_dim)");
+    q = ApplyRotary(q, positions, options_.rope_base);
+    k = ApplyRotary(k, positions, options_.rope_base);
+  }
+  AttentionResult r =
+      RunAttention(options_.attention, q, k, v.reshape(heads_shape),
+                   is_training(), key_padding_mask, sp);
   Tensor out = r.out.reshape({b, n, e});
   if (sub_norm_ != nullptr) out = sub_norm_->Forward(out);
   return out_proj_->Forward(out);

@@ -2,8 +2,9 @@
 // [batch, n, embed_dim] inputs with any attention type of attention_config.h
 // (dense, dilated, block-sparse, ring): q/k/v/out projections (optionally one
 // fused qkv projection), an optional sub-layer norm before the output
-// projection and a MAGNETO-style init gain (LongNet's recipe), plus the
-// factory CreateMultiheadAttention(type, options).
+// projection, a MAGNETO-style init gain (LongNet's recipe) and optional rotary
+// position embedding of q and k, plus the factory
+// CreateMultiheadAttention(type, options).
 #ifndef LONGCTX_ATTENTION_MULTIHEAD_ATTENTION_H_
 #define LONGCTX_ATTENTION_MULTIHEAD_ATTENTION_H_
 
@@ -30,11 +31,14 @@ struct MultiheadAttentionOptions {
   // Xavier-normal init with this gain for the value and output projections
   // (1 for q and k), biases 0. MAGNETO uses gain > 1 for deep stacks.
   double init_gain = 1.0;
+  // Base of the rotary position embedding (ops/rope.h) applied to q and k
+  // when Forward gets positions.
+  double rope_base = 10000.0;
   DType dtype = DType::kFloat32;
   AttentionConfig attention;  // type, pattern, causal, dropout, ...
 };
 
-// Checks embed_dim, num_heads, init_gain and the attention config.
+// Checks embed_dim, num_heads, init_gain, rope_base and the attention config.
 absl::Status ValidateMultiheadAttentionOptions(
     const MultiheadAttentionOptions& options);
 
@@ -47,9 +51,13 @@ class MultiheadDilatedAttention : public Module {
   // x [batch, n, embed_dim] -> [batch, n, embed_dim]. key_padding_mask:
   // uint8 [batch, n], nonzero = padding key (optional). With a ring type and
   // a sequence-parallel context, x holds this rank's tokens and the mask
-  // covers the whole sequence (see RunAttention).
+  // covers the whole sequence (see RunAttention). positions: int64 [n], the
+  // global positions of x's tokens; when given, q and k are rotated by
+  // ApplyRotary(., positions, rope_base) after the projections (head_dim
+  // must then be even); undefined for no rotary embedding.
   Tensor Forward(const Tensor& x, const Tensor& key_padding_mask = Tensor(),
-                 const SequenceParallelContext* sp = nullptr) const;
+                 const SequenceParallelContext* sp = nullptr,
+                 const Tensor& positions = Tensor()) const;
 
   const MultiheadAttentionOptions& options() const { return options_; }
 
