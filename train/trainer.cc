@@ -1,0 +1,730 @@
+#include "train/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <utility>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "core/random.h"
+#include "core/status.h"
+#include "distributed/sequence_parallel.h"
+#include "distributed/thread_communicator.h"
+#include "ops/loss.h"
+#include "train/checkpoint.h"
+
+namespace lc {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr char kDropoutOffsetKey[] = "rng.dropout.offset";
+constexpr char kDataPositionKey[] = "data.position";
+constexpr int kMaxBuckets = 4;
+constexpr int kKeepCheckpoints = 2;
+
+double Seconds(Clock::time_point since) {
+  return std::chrono::duration<double>(Clock::now() - since).count();
+}
+
+// The seed of rank `rank`'s dropout generator (distinct per rank, and apart
+// from the initialization stream Generator(seed)).
+uint64_t DropoutSeed(uint64_t seed, int rank) {
+  return (seed ^ 0xD1B54A32D192ED03ull) + 0x9E3779B97F4A7C15ull * (rank + 1);
+}
+
+std::string FormatDuration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const int64_t s = static_cast<int64_t>(std::lround(seconds));
+  if (s < 60) return absl::StrCat(s, "s");
+  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%dh%02dm", s / 3600, (s / 60) % 60);
+}
+
+std::string FormatBytes(int64_t bytes) {
+  if (bytes >= (int64_t{1} << 30)) {
+    return absl::StrFormat("%.2f GiB", bytes / double(int64_t{1} << 30));
+  }
+  return absl::StrFormat("%.0f MiB", bytes / double(1 << 20));
+}
+
+std::string FormatRate(double tokens_per_s) {
+  if (tokens_per_s >= 1e6) return absl::StrFormat("%.2fM", tokens_per_s / 1e6);
+  if (tokens_per_s >= 1e3) return absl::StrFormat("%.1fk", tokens_per_s / 1e3);
+  return absl::StrFormat("%.0f", tokens_per_s);
+}
+
+// A JSON number (Python's json module reads NaN and Infinity).
+std::string JsonNumber(double x) {
+  if (std::isnan(x)) return "NaN";
+  if (std::isinf(x)) return x > 0 ? "Infinity" : "-Infinity";
+  return absl::StrFormat("%.9g", x);
+}
+
+std::vector<DistanceBucket> MakeBuckets(int64_t min_distance,
+                                        int64_t max_distance) {
+  std::vector<DistanceBucket> buckets;
+  const int64_t span = max_distance - min_distance + 1;
+  if (span < 1) return buckets;
+  const int64_t count = std::min<int64_t>(kMaxBuckets, span);
+  for (int64_t k = 0; k < count; ++k) {
+    DistanceBucket bucket;
+    bucket.min_distance = min_distance + span * k / count;
+    bucket.max_distance = min_distance + span * (k + 1) / count - 1;
+    buckets.push_back(bucket);
+  }
+  return buckets;
+}
+
+// Where each global position of the sequence sits among this rank's tokens
+// (-1 when another rank holds it).
+std::vector<int64_t> LocalIndex(int64_t n, int k, int rank,
+                                SequenceLayout layout) {
+  std::vector<int64_t> local(n, -1);
+  int64_t next = 0;
+  for (const PositionSpan& span : RankSpans(n, k, rank, layout)) {
+    for (int64_t t = span.begin; t < span.end; ++t) local[t] = next++;
+  }
+  return local;
+}
+
+int64_t CountScored(const Tensor& targets) {
+  const Tensor dense = targets.contiguous();
+  const int64_t* data = dense.data<int64_t>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < dense.numel(); ++i) count += data[i] != -100;
+  return count;
+}
+
+absl::StatusOr<double> AllReduceScalar(Communicator& comm, double value) {
+  const Tensor t = FromVector({value}, {1}, DType::kFloat64);
+  LC_RETURN_IF_ERROR(comm.AllReduceSum(t));
+  return t.at({0});
+}
+
+// Rank 0's output: progress lines and metrics records.
+class Reporter {
+ public:
+  Reporter(const TrainOptions& options, int64_t tokens_per_step)
+      : options_(options), tokens_per_step_(tokens_per_step) {}
+
+  absl::Status Open() {
+    if (options_.metrics_path.empty()) return absl::OkStatus();
+    metrics_.open(options_.metrics_path, std::ios::app);
+    if (!metrics_) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("cannot open the metrics file ", options_.metrics_path,
+                       " for appending"));
+    }
+    return absl::OkStatus();
+  }
+
+  void Line(const std::string& text) {
+    if (options_.progress == nullptr) return;
+    EndInPlace();
+    *options_.progress << text << "\n" << std::flush;
+  }
+
+  void Start(int64_t first_step, int64_t last_step) {
+    start_ = interval_start_ = Clock::now();
+    first_step_ = first_step;
+    last_step_ = last_step;
+  }
+
+  void Step(const StepRecord& record) {
+    interval_loss_ += record.loss;
+    ++interval_steps_;
+    const bool log_due =
+        record.step % options_.log_every == 0 || record.step == last_step_;
+    const double elapsed = Seconds(start_);
+    const double interval = Seconds(interval_start_);
+    const double rate =
+        interval > 0
+            ? tokens_per_step_ * static_cast<double>(interval_steps_) / interval
+            : 0;
+    const int64_t done = record.step - first_step_;
+    const double eta = done > 0 ? elapsed / done * (last_step_ - record.step)
+                                : std::numeric_limits<double>::quiet_NaN();
+    const int64_t peak = DeviceMemoryStats(Device::Cpu()).peak_bytes;
+    const std::string text = absl::StrFormat(
+        "step %*d/%d | loss %.4f | lr %.2e | %s tok/s | %s elapsed, ETA %s | "
+        "peak %s",
+        static_cast<int>(absl::StrCat(options_.steps).size()), record.step,
+        options_.steps, record.loss, record.lr, FormatRate(rate),
+        FormatDuration(elapsed), FormatDuration(eta), FormatBytes(peak));
+    if (options_.progress != nullptr) {
+      if (options_.progress_in_place) {
+        // Pad so that a shorter line fully covers the previous one.
+        *options_.progress << "\r" << text
+                           << std::string(std::max<int64_t>(
+                                              0, last_width_ - text.size()),
+                                          ' ')
+                           << std::flush;
+        last_width_ = static_cast<int64_t>(text.size());
+        in_place_open_ = true;
+      } else if (log_due) {
+        *options_.progress << text << "\n" << std::flush;
+      }
+    }
+    if (log_due) {
+      if (metrics_.is_open()) {
+        metrics_ << absl::StrFormat(
+                        "{\"kind\": \"train\", \"step\": %d, \"loss\": %s, "
+                        "\"lr\": %s, \"grad_norm\": %s, \"tokens_per_s\": %s, "
+                        "\"elapsed_s\": %s, \"peak_bytes\": %d}",
+                        record.step,
+                        JsonNumber(interval_loss_ / interval_steps_),
+                        JsonNumber(record.lr), JsonNumber(record.grad_norm),
+                        JsonNumber(rate), JsonNumber(elapsed), peak)
+                 << "\n"
+                 << std::flush;
+      }
+      interval_start_ = Clock::now();
+      interval_loss_ = 0;
+      interval_steps_ = 0;
+    }
+  }
+
+  void Eval(const EvalResult& eval, bool synthetic) {
+    std::string text;
+    if (synthetic) {
+      std::vector<std::string> buckets;
+      for (const DistanceBucket& b : eval.buckets) {
+        buckets.push_back(absl::StrFormat("%d-%d: %.1f%%", b.min_distance,
+                                          b.max_distance, 100 * b.accuracy));
+      }
+      text = absl::StrFormat(
+          "eval step %d: accuracy %.1f%% (chance %.1f%%) on %d answers, "
+          "loss %.4f | by distance %s",
+          eval.step, 100 * eval.accuracy, 100 * eval.chance, eval.answers,
+          eval.loss, absl::StrJoin(buckets, ", "));
+    } else {
+      text = absl::StrFormat(
+          "eval step %d: loss %.4f nats/byte (%.3f bits/byte) on evaluation "
+          "windows",
+          eval.step, eval.loss, eval.loss / std::log(2.0));
+    }
+    Line(text);
+    if (metrics_.is_open()) {
+      std::vector<std::string> buckets;
+      for (const DistanceBucket& b : eval.buckets) {
+        buckets.push_back(absl::StrFormat(
+            "{\"min\": %d, \"max\": %d, \"answers\": %d, \"accuracy\": %s}",
+            b.min_distance, b.max_distance, b.answers, JsonNumber(b.accuracy)));
+      }
+      metrics_ << absl::StrFormat(
+                      "{\"kind\": \"eval\", \"step\": %d, \"loss\": %s, "
+                      "\"accuracy\": %s, \"chance\": %s, \"answers\": %d, "
+                      "\"accuracy_by_distance\": [%s]}",
+                      eval.step, JsonNumber(eval.loss),
+                      synthetic ? JsonNumber(eval.accuracy) : "null",
+                      synthetic ? JsonNumber(eval.chance) : "null",
+                      eval.answers, absl::StrJoin(buckets, ", "))
+               << "\n"
+               << std::flush;
+    }
+  }
+
+  void EndInPlace() {
+    if (in_place_open_ && options_.progress != nullptr) {
+      *options_.progress << "\n";
+      in_place_open_ = false;
+      last_width_ = 0;
+    }
+  }
+
+ private:
+  const TrainOptions& options_;
+  int64_t tokens_per_step_;
+  std::ofstream metrics_;
+  Clock::time_point start_, interval_start_;
+  int64_t first_step_ = 0, last_step_ = 0;
+  double interval_loss_ = 0;
+  int64_t interval_steps_ = 0;
+  int64_t last_width_ = 0;
+  bool in_place_open_ = false;
+};
+
+// One rank's training state.
+struct RankState {
+  std::shared_ptr<TransformerLM> model;
+  std::optional<AdamW> optimizer;
+  std::vector<Tensor> params;
+  int64_t step = 0;
+};
+
+std::map<std::string, Tensor> CollectState(const RankState& state) {
+  std::map<std::string, Tensor> tensors = state.model->StateDict();
+  for (auto& [name, tensor] : state.optimizer->StateDict()) {
+    tensors[name] = tensor;
+  }
+  tensors[kDropoutOffsetKey] = FromVector(
+      {static_cast<double>(DefaultGenerator().offset())}, {}, DType::kInt64);
+  tensors[kDataPositionKey] =
+      FromVector({static_cast<double>(state.step)}, {}, DType::kInt64);
+  return tensors;
+}
+
+absl::StatusOr<int64_t> ScalarInt(const std::map<std::string, Tensor>& tensors,
+                                  const std::string& key,
+                                  const std::string& path) {
+  const auto it = tensors.find(key);
+  if (it == tensors.end() || it->second.dtype() != DType::kInt64 ||
+      it->second.numel() != 1) {
+    return absl::DataLossError(
+        absl::StrCat("checkpoint ", path, " lacks the int64 scalar ", key));
+  }
+  return static_cast<int64_t>(it->second.item());
+}
+
+absl::Status RestoreState(const TrainingCheckpoint& checkpoint,
+                          const std::string& path, RankState& state) {
+  std::map<std::string, Tensor> model_tensors;
+  for (const auto& [name, tensor] : checkpoint.tensors) {
+    if (absl::StartsWith(name, "optimizer.") ||
+        absl::StartsWith(name, "rng.") || absl::StartsWith(name, "data.")) {
+      continue;
+    }
+    model_tensors[name] = tensor;
+  }
+  absl::Status status = state.model->LoadStateDict(model_tensors);
+  if (status.ok()) status = state.optimizer->LoadStateDict(checkpoint.tensors);
+  if (!status.ok()) {
+    return absl::DataLossError(
+        absl::StrCat("checkpoint ", path, ": ", status.message()));
+  }
+  LC_ASSIGN_OR_RETURN(const int64_t offset,
+                      ScalarInt(checkpoint.tensors, kDropoutOffsetKey, path));
+  LC_ASSIGN_OR_RETURN(const int64_t position,
+                      ScalarInt(checkpoint.tensors, kDataPositionKey, path));
+  if (position != checkpoint.step ||
+      state.optimizer->step_count() != checkpoint.step) {
+    return absl::DataLossError(
+        absl::StrCat("checkpoint ", path, " is inconsistent: step ",
+                     checkpoint.step, ", data position ", position,
+                     ", optimizer step ", state.optimizer->step_count()));
+  }
+  DefaultGenerator().set_offset(static_cast<uint64_t>(offset));
+  state.step = checkpoint.step;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EvalResult> Evaluate(const TrainOptions& options,
+                                    const DataSource& data, RankState& state,
+                                    Communicator& comm) {
+  const int k = comm.size();
+  const int rank = comm.rank();
+  const int64_t n = options.model.context;
+  const SequenceLayout layout = options.model.attention.layout;
+  const SequenceParallelContext sp{&comm, n};
+  const SequenceParallelContext* sp_ptr = k > 1 ? &sp : nullptr;
+  const std::vector<int64_t> local = LocalIndex(n, k, rank, layout);
+  const bool synthetic = options.data.task != TaskType::kText;
+  std::vector<DistanceBucket> buckets =
+      synthetic ? MakeBuckets(options.data.min_distance, data.max_distance())
+                : std::vector<DistanceBucket>();
+  // [loss sum, scored, answers, correct, per bucket: answers, correct]
+  std::vector<double> sums(4 + 2 * buckets.size(), 0.0);
+
+  state.model->Eval();
+  NoGradGuard no_grad;
+  const absl::Status status = StatusFromCall([&] {
+    for (int64_t e = 0; e < options.eval_batches; ++e) {
+      const Batch batch = data.MakeBatch(options.batch, e, DataSplit::kEval);
+      const Tensor tokens = SplitSequence(batch.tokens, k, rank, layout);
+      const Tensor targets = SplitSequence(batch.targets, k, rank, layout);
+      const Tensor logits = state.model->Forward(tokens, sp_ptr);
+      const int64_t rows = logits.size(0) * logits.size(1);
+      const int64_t scored = CountScored(targets);
+      const double mean = CrossEntropy(logits.reshape({rows, logits.size(2)}),
+                                       targets.reshape({rows}), -100)
+                              .item();
+      sums[0] += mean * scored;
+      sums[1] += scored;
+      for (const Answer& answer : batch.answers) {
+        const int64_t i = local[answer.position];
+        if (i < 0) continue;
+        const int64_t target = batch.targets.at({answer.row, answer.position});
+        int64_t best = 0;
+        double best_logit = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < logits.size(2); ++c) {
+          const double value = logits.at({answer.row, i, c});
+          if (value > best_logit) {
+            best_logit = value;
+            best = c;
+          }
+        }
+        const double correct = best == target ? 1 : 0;
+        sums[2] += 1;
+        sums[3] += correct;
+        for (size_t b = 0; b < buckets.size(); ++b) {
+          if (answer.distance >= buckets[b].min_distance &&
+              answer.distance <= buckets[b].max_distance) {
+            sums[4 + 2 * b] += 1;
+            sums[5 + 2 * b] += correct;
+          }
+        }
+      }
+    }
+  });
+  state.model->Train();
+  LC_RETURN_IF_ERROR(status);
+  const Tensor reduced =
+      FromVector(sums, {static_cast<int64_t>(sums.size())}, DType::kFloat64);
+  LC_RETURN_IF_ERROR(comm.AllReduceSum(reduced));
+  const std::vector<double> total = reduced.ToVector();
+  EvalResult result;
+  result.step = state.step;
+  result.loss = total[1] > 0 ? total[0] / total[1] : 0;
+  result.answers = static_cast<int64_t>(total[2]);
+  result.accuracy = total[2] > 0 ? total[3] / total[2] : 0;
+  result.chance = data.chance_accuracy();
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    buckets[b].answers = static_cast<int64_t>(total[4 + 2 * b]);
+    buckets[b].accuracy =
+        total[4 + 2 * b] > 0 ? total[5 + 2 * b] / total[4 + 2 * b] : 0;
+  }
+  result.buckets = std::move(buckets);
+  return result;
+}
+
+// One optimizer step of one rank; returns (summed loss, grad norm).
+absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
+                                                    const DataSource& data,
+                                                    const LrSchedule& schedule,
+                                                    RankState& state,
+                                                    Communicator& comm,
+                                                    double* lr) {
+  const int k = comm.size();
+  const int rank = comm.rank();
+  const int64_t n = options.model.context;
+  const SequenceLayout layout = options.model.attention.layout;
+  const SequenceParallelContext sp{&comm, n};
+  const SequenceParallelContext* sp_ptr = k > 1 ? &sp : nullptr;
+
+  const Batch batch =
+      data.MakeBatch(options.batch, state.step, DataSplit::kTrain);
+  Tensor tokens, targets;
+  LC_RETURN_IF_ERROR(StatusFromCall([&] {
+    tokens = SplitSequence(batch.tokens, k, rank, layout);
+    targets = SplitSequence(batch.targets, k, rank, layout);
+  }));
+  const Tensor count = FromVector({static_cast<double>(CountScored(targets))},
+                                  {1}, DType::kInt64);
+  LC_RETURN_IF_ERROR(comm.AllReduceSum(count));
+  const int64_t global_count = static_cast<int64_t>(count.item());
+
+  double local_loss = 0;
+  LC_RETURN_IF_ERROR(StatusFromCall([&] {
+    const Tensor loss =
+        state.model->Loss(tokens, targets, global_count, sp_ptr);
+    local_loss = loss.item();
+    loss.backward();
+  }));
+  LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
+  LC_ASSIGN_OR_RETURN(const double norm,
+                      ClipGradNorm(state.params, options.clip, &comm));
+  *lr = LearningRate(schedule, state.step);
+  LC_RETURN_IF_ERROR(StatusFromCall([&] { state.optimizer->Step(*lr); }));
+  state.model->ZeroGrad();
+  ++state.step;
+  LC_ASSIGN_OR_RETURN(const double loss, AllReduceScalar(comm, local_loss));
+  return std::make_pair(loss, norm);
+}
+
+std::string DescribeAttention(const AttentionConfig& a) {
+  // The ring versions compute the same function on any number of ranks.
+  const std::string name = AttentionTypeName(a.type);
+  std::string text = absl::StrCat(
+      "attention=", absl::StripPrefix(name, "ring_"),
+      " segments=", absl::StrJoin(a.dilated.segment_lengths, ","),
+      " rates=", absl::StrJoin(a.dilated.dilation_rates, ","), " head_layout=",
+      a.dilated.head_layout == HeadLayout::kAllHeads ? "all_heads"
+                                                     : "head_groups",
+      " causal=", a.causal, " attn_dropout=", a.dropout);
+  if (a.scale) absl::StrAppend(&text, " scale=", *a.scale);
+  if (a.type == AttentionType::kBlockSparse ||
+      a.type == AttentionType::kRingBlockSparse) {
+    absl::StrAppend(
+        &text, " block_size=", a.block_sparse.block_size,
+        " sparse_pattern=", static_cast<int>(a.block_sparse.pattern),
+        " window=", a.block_sparse.window, " stride=", a.block_sparse.stride,
+        " global_tokens=", a.block_sparse.global_tokens,
+        " density=", a.block_sparse.density,
+        " sparse_seed=", a.block_sparse.seed);
+  }
+  return text;
+}
+
+// What every rank of one Train() call shares. Only rank 0 touches the
+// reporter and the result.
+struct RunContext {
+  const TrainOptions& options;
+  const DataSource& data;
+  std::string config;
+  std::string fingerprint;
+  LrSchedule schedule;
+  int64_t last_step = 0;
+  const TrainingCheckpoint* checkpoint = nullptr;  // resume from it
+  std::string checkpoint_path;
+  Reporter* reporter = nullptr;
+  TrainResult* result = nullptr;
+};
+
+// One rank's whole run: build, restore, train, evaluate, checkpoint.
+absl::Status TrainRank(const RunContext& run, Communicator& comm) {
+  const TrainOptions& options = run.options;
+  const int ranks = comm.size();
+  const bool leader = comm.rank() == 0;
+#ifdef _OPENMP
+  omp_set_num_threads(options.threads > 0
+                          ? options.threads
+                          : std::max(1, omp_get_num_procs() / ranks));
+#endif
+  RankState state;
+  Generator init(options.seed);
+  LC_ASSIGN_OR_RETURN(state.model, TransformerLM::Create(options.model, init));
+  state.model->Train();
+  state.params = state.model->Parameters();
+  LC_ASSIGN_OR_RETURN(
+      AdamW optimizer,
+      AdamW::Create(state.model->NamedParameters(), options.adamw));
+  state.optimizer.emplace(std::move(optimizer));
+  DefaultGenerator() = Generator(DropoutSeed(options.seed, comm.rank()));
+  if (run.checkpoint != nullptr) {
+    LC_RETURN_IF_ERROR(
+        RestoreState(*run.checkpoint, run.checkpoint_path, state));
+  }
+
+  if (leader) {
+    const TransformerConfig& m = options.model;
+    int64_t num_params = 0;
+    for (const Tensor& p : state.params) num_params += p.numel();
+    run.reporter->Line(absl::StrFormat(
+        "model: %d parameters (d_model %d, %d layers, %d heads, %s attention, "
+        "segments %s, rates %s), context %d, batch %d, %d rank%s",
+        num_params, m.d_model, m.num_layers, m.num_heads,
+        AttentionTypeName(m.attention.type),
+        absl::StrJoin(m.attention.dilated.segment_lengths, ","),
+        absl::StrJoin(m.attention.dilated.dilation_rates, ","), m.context,
+        options.batch, ranks, ranks > 1 ? "s" : ""));
+    run.reporter->Line(absl::StrCat("data: ", run.data.Describe()));
+    if (run.checkpoint != nullptr) {
+      run.reporter->Line(absl::StrCat("resumed from ", run.checkpoint_path,
+                                      " at step ", state.step));
+    }
+    run.result->first_step = state.step;
+    run.reporter->Start(state.step, run.last_step);
+  }
+
+  auto save = [&]() -> absl::Status {
+    if (!leader || options.checkpoint_dir.empty()) {
+      return absl::OkStatus();
+    }
+    TrainingCheckpoint out;
+    out.step = state.step;
+    out.config = run.config;
+    out.fingerprint = run.fingerprint;
+    out.tensors = CollectState(state);
+    LC_RETURN_IF_ERROR(
+        SaveCheckpoint(options.checkpoint_dir, out, kKeepCheckpoints));
+    run.reporter->Line(absl::StrCat(
+        "checkpoint ", CheckpointPath(options.checkpoint_dir, state.step)));
+    return absl::OkStatus();
+  };
+  auto evaluate = [&]() -> absl::Status {
+    LC_ASSIGN_OR_RETURN(EvalResult eval,
+                        Evaluate(options, run.data, state, comm));
+    if (leader) {
+      run.reporter->Eval(eval, options.data.task != TaskType::kText);
+      run.result->evals.push_back(std::move(eval));
+    }
+    return absl::OkStatus();
+  };
+
+  int64_t saved_at = run.checkpoint != nullptr ? state.step : -1;
+  while (state.step < run.last_step) {
+    double lr = 0;
+    LC_ASSIGN_OR_RETURN(
+        const auto loss_and_norm,
+        TrainStep(options, run.data, run.schedule, state, comm, &lr));
+    if (leader) {
+      const StepRecord record{state.step, loss_and_norm.first, lr,
+                              loss_and_norm.second};
+      run.reporter->Step(record);
+      run.result->steps.push_back(record);
+      if (options.on_step) options.on_step(record, *state.model);
+    }
+    if (options.eval_every > 0 && state.step % options.eval_every == 0 &&
+        state.step != run.last_step) {
+      LC_RETURN_IF_ERROR(evaluate());
+    }
+    if (options.checkpoint_every > 0 &&
+        state.step % options.checkpoint_every == 0) {
+      LC_RETURN_IF_ERROR(save());
+      saved_at = state.step;
+    }
+  }
+  LC_RETURN_IF_ERROR(evaluate());
+  if (saved_at != state.step) LC_RETURN_IF_ERROR(save());
+  if (leader) {
+    for (auto& [name, tensor] : CollectState(state)) {
+      run.result->final_state[name] = tensor.clone();
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::pair<int64_t, int64_t> LongestPatternAlignment(
+    const TransformerConfig& config) {
+  const AttentionConfig& a = config.attention;
+  if (a.type != AttentionType::kDilated &&
+      a.type != AttentionType::kRingDilated) {
+    return {1, 0};
+  }
+  const absl::StatusOr<std::vector<std::vector<DilatedPattern>>> heads =
+      DilatedHeadPatterns(a.dilated, config.num_heads);
+  if (!heads.ok()) return {1, 0};
+  std::optional<DilatedPattern> longest;
+  for (const auto& patterns : *heads) {
+    for (const DilatedPattern& p : patterns) {
+      if (!longest || p.segment_length > longest->segment_length) longest = p;
+    }
+  }
+  if (!longest) return {1, 0};
+  return {longest->dilation_rate, longest->offset};
+}
+
+absl::Status ValidateTrainOptions(const TrainOptions& options) {
+  auto invalid = [](auto&&... pieces) {
+    return absl::InvalidArgumentError(absl::StrCat(pieces...));
+  };
+  LC_RETURN_IF_ERROR(ValidateTransformerConfig(options.model));
+  if (options.data.context != options.model.context) {
+    return invalid("data context ", options.data.context,
+                   " differs from the model context ", options.model.context);
+  }
+  if (options.steps < 1)
+    return invalid("steps ", options.steps, " (expected >= 1)");
+  if (options.batch < 1)
+    return invalid("batch ", options.batch, " (expected >= 1)");
+  if (options.warmup < 0) {
+    return invalid("warmup ", options.warmup, " (expected >= 0 steps)");
+  }
+  LC_RETURN_IF_ERROR(ValidateLrSchedule(
+      {options.lr, options.min_lr, options.warmup, options.steps}));
+  if (options.stop_after < 0 || options.stop_after > options.steps) {
+    return invalid("stop_after ", options.stop_after,
+                   " (expected 0..steps = ", options.steps, ")");
+  }
+  if (options.checkpoint_every < 0) {
+    return invalid("checkpoint_every ", options.checkpoint_every,
+                   " (expected >= 0; 0 = only at the end)");
+  }
+  if (options.resume && options.checkpoint_dir.empty()) {
+    return invalid("resume needs a checkpoint directory (--checkpoint_dir)");
+  }
+  if (options.eval_every < 0) {
+    return invalid("eval_every ", options.eval_every,
+                   " (expected >= 0; 0 = only at the end)");
+  }
+  if (options.eval_batches < 1) {
+    return invalid("eval_batches ", options.eval_batches, " (expected >= 1)");
+  }
+  if (options.log_every < 1) {
+    return invalid("log_every ", options.log_every, " (expected >= 1)");
+  }
+  if (options.threads < 0) {
+    return invalid("threads ", options.threads,
+                   " (expected >= 1, or 0 for the cores divided among ranks)");
+  }
+  if (!std::isfinite(options.clip)) {
+    return invalid("clip ", options.clip, " (expected a finite number)");
+  }
+  return absl::OkStatus();
+}
+
+std::string DescribeTrainingConfig(const TrainOptions& options) {
+  const TransformerConfig& m = options.model;
+  const DataOptions& d = options.data;
+  const AdamWOptions& o = options.adamw;
+  std::string task = absl::StrCat("task=", TaskTypeName(d.task));
+  if (d.task == TaskType::kText) {
+    absl::StrAppend(&task, " data=", d.path);
+  } else {
+    absl::StrAppend(&task, " distance=", d.min_distance, "..",
+                    d.max_distance == 0 ? "max" : absl::StrCat(d.max_distance),
+                    " queries=", d.queries, " keys=", d.num_keys,
+                    " pairs=", d.pairs, " align=", d.position_offset, "mod",
+                    d.position_stride);
+  }
+  return absl::StrCat(
+      "vocab=", m.vocab_size, " context=", m.context, " d_model=", m.d_model,
+      " layers=", m.num_layers, " heads=", m.num_heads,
+      " mlp_hidden=", m.mlp_hidden, " norm=",
+      m.norm == TransformerConfig::Norm::kRMSNorm ? "rmsnorm" : "layernorm",
+      " tied=", m.tied_embeddings, " dropout=", m.dropout,
+      " rope_base=", m.rope_base, " dtype=", DTypeName(m.dtype), " ",
+      DescribeAttention(m.attention), " ", task, " batch=", options.batch,
+      " lr=", options.lr, " min_lr=", options.min_lr,
+      " warmup=", options.warmup, " betas=", o.beta1, ",", o.beta2,
+      " eps=", o.eps, " weight_decay=", o.weight_decay,
+      " decay_vectors=", o.decay_vectors, " clip=", options.clip,
+      " seed=", options.seed);
+}
+
+absl::StatusOr<TrainResult> Train(const TrainOptions& options) {
+  LC_RETURN_IF_ERROR(ValidateTrainOptions(options));
+  LC_ASSIGN_OR_RETURN(std::unique_ptr<DataSource> data,
+                      CreateDataSource(options.data));
+  RunContext run{options, *data};
+  run.config = DescribeTrainingConfig(options);
+  run.fingerprint = ConfigFingerprint(run.config);
+  run.schedule = {options.lr, options.min_lr, options.warmup, options.steps};
+  run.last_step = options.stop_after > 0 ? options.stop_after : options.steps;
+
+  // The checkpoint to resume from, read once here (every rank copies it).
+  std::optional<TrainingCheckpoint> checkpoint;
+  if (options.resume) {
+    LC_ASSIGN_OR_RETURN(run.checkpoint_path,
+                        LatestCheckpoint(options.checkpoint_dir));
+    LC_ASSIGN_OR_RETURN(
+        checkpoint,
+        LoadCheckpoint(run.checkpoint_path, run.fingerprint, run.config));
+    run.checkpoint = &*checkpoint;
+  }
+
+  Reporter reporter(options, options.batch * options.model.context);
+  LC_RETURN_IF_ERROR(reporter.Open());
+  TrainResult result;
+  run.reporter = &reporter;
+  run.result = &result;
+  DeviceMemoryTracker(Device::Cpu()).Reset();
+  const Clock::time_point start = Clock::now();
+  const absl::Status status =
+      RunRanks(static_cast<int>(options.model.attention.ranks),
+               [&run](Communicator& comm) { return TrainRank(run, comm); });
+  reporter.EndInPlace();
+  LC_RETURN_IF_ERROR(status);
+  result.seconds = Seconds(start);
+  result.peak_bytes = DeviceMemoryStats(Device::Cpu()).peak_bytes;
+  return result;
+}
+
+}  // namespace lc

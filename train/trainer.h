@@ -1,0 +1,142 @@
+// The training loop of the long-context language model, context-parallel
+// over k thread ranks: every rank builds the model from the same seed (so
+// the weights start identical), takes its share of each sequence's tokens
+// (SplitSequence, i.e. split before the QKV projection), computes its part of
+// the loss (normalized by the all-reduced count of scored targets), and
+// backpropagates; the ranks then sum their parameter gradients, clip by the
+// global norm and take the same AdamW step, so the weights stay identical.
+// The logged loss is the all-reduced sum of the rank losses and equals the
+// one-rank loss up to float32 reassociation. Also: evaluation by distance,
+// progress lines, JSONL metrics and checkpoints with exact resume.
+#ifndef LONGCTX_TRAIN_TRAINER_H_
+#define LONGCTX_TRAIN_TRAINER_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/tensor.h"
+#include "models/transformer_lm.h"
+#include "train/data.h"
+#include "train/optimizer.h"
+#include "train/schedule.h"
+
+namespace lc {
+
+struct StepRecord {
+  int64_t step = 0;  // updates done (1 for the first)
+  double loss = 0;   // loss of the step's batch, before its update
+  double lr = 0;
+  double grad_norm = 0;  // before clipping
+};
+
+struct TrainOptions {
+  // The model; model.attention.ranks is the number of thread ranks (more
+  // than one needs a ring attention type) and model.context the sequence
+  // length.
+  TransformerConfig model;
+  DataOptions data;     // data.context must equal model.context
+  int64_t steps = 300;  // optimizer steps of the whole run (the schedule's)
+  int64_t batch = 4;    // sequences per step
+  double lr = 3e-3;     // peak learning rate
+  double min_lr = 3e-4;
+  int64_t warmup = 20;
+  AdamWOptions adamw;
+  double clip = 1.0;  // max global gradient norm; <= 0: no clipping
+  uint64_t seed = 0;  // model initialization and dropout
+  // OpenMP threads (Eigen's GEMMs) per rank; 0: the cores divided among the
+  // ranks. One is the robust choice on a shared machine: OpenMP threads spin
+  // at barriers, and when another process holds a core each parallel region
+  // waits for a descheduled thread (measured on the 2-core machine while a
+  // compiler ran: 8.0k tokens/s with 2 threads, 27.5k with 1).
+  int threads = 1;
+
+  // Checkpoints: every `checkpoint_every` steps (0: only at the end) and at
+  // the end, into `checkpoint_dir` (empty: none), keeping the newest 2.
+  std::string checkpoint_dir;
+  int64_t checkpoint_every = 0;
+  // Continue from the newest checkpoint of checkpoint_dir (an error when
+  // there is none).
+  bool resume = false;
+  // Stop after this many steps have been done (< steps), as an interrupted
+  // run would, writing a checkpoint there; 0: run to `steps`.
+  int64_t stop_after = 0;
+
+  // Evaluation every `eval_every` steps (0: only at the end) on
+  // `eval_batches` batches of the evaluation split.
+  int64_t eval_every = 0;
+  int64_t eval_batches = 4;
+
+  // Progress: to `progress` (none when null), every step rewriting one line
+  // with '\r' when `progress_in_place` (a terminal), else one line every
+  // `log_every` steps. Metrics: one JSON object per line appended to
+  // `metrics_path` (empty: none) every `log_every` steps and per evaluation.
+  std::ostream* progress = nullptr;
+  bool progress_in_place = false;
+  int64_t log_every = 10;
+  std::string metrics_path;
+  // Called on rank 0 after every step with its record and the model (whose
+  // weights every rank shares); empty for none.
+  std::function<void(const StepRecord&, const TransformerLM&)> on_step;
+};
+
+// Checks the options (the model config through ValidateTransformerConfig,
+// the data options, the schedule, counts); errors name the value.
+absl::Status ValidateTrainOptions(const TrainOptions& options);
+
+// The description of everything a checkpoint's state depends on (model,
+// attention pattern, task, batch, optimizer and schedule settings, seed; not
+// the rank count, the step count or logging), whose fingerprint a checkpoint
+// must match to be resumed.
+std::string DescribeTrainingConfig(const TrainOptions& options);
+
+// For synthetic tasks: the position stride and offset on which one head of
+// the longest dilated pattern sees every other (see DataOptions): the rate r
+// and offset o of the pattern with the largest segment length held by a
+// head; (1, 0) for other attention types.
+std::pair<int64_t, int64_t> LongestPatternAlignment(
+    const TransformerConfig& config);
+
+struct DistanceBucket {
+  int64_t min_distance = 0;  // inclusive
+  int64_t max_distance = 0;  // inclusive
+  int64_t answers = 0;
+  double accuracy = 0;
+};
+
+struct EvalResult {
+  int64_t step = 0;
+  // Mean cross-entropy over the scored targets (nats).
+  double loss = 0;
+  // Synthetic tasks: the fraction of answers whose argmax over all 256
+  // bytes is right, overall and by distance; chance = 1 / possible answers.
+  int64_t answers = 0;
+  double accuracy = 0;
+  double chance = 0;
+  std::vector<DistanceBucket> buckets;
+};
+
+struct TrainResult {
+  int64_t first_step = 0;         // steps already done when this run started
+  std::vector<StepRecord> steps;  // this run's steps
+  std::vector<EvalResult> evals;
+  // The final weights and optimizer state (rank 0's; every rank's are
+  // identical), as a checkpoint would hold them.
+  std::map<std::string, Tensor> final_state;
+  double seconds = 0;
+  int64_t peak_bytes = 0;  // CPU peak over the run, all ranks
+};
+
+// Runs the training (resetting the CPU memory tracker's peak at the start).
+// Errors: invalid options, a checkpoint that is missing, corrupt or from
+// another configuration, files that cannot be written, a rank that fails.
+absl::StatusOr<TrainResult> Train(const TrainOptions& options);
+
+}  // namespace lc
+
+#endif  // LONGCTX_TRAIN_TRAINER_H_
