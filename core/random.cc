@@ -3,35 +3,16 @@
 #include <cmath>
 #include <vector>
 
+#include "core/philox.h"
 #include "core/status.h"
+#include "core/tensor_cuda.h"
 
 namespace lc {
 
 std::array<uint32_t, 4> Philox(uint64_t key, uint64_t counter_hi,
                                uint64_t counter_lo) {
-  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
-  uint32_t c[4] = {static_cast<uint32_t>(counter_lo),
-                   static_cast<uint32_t>(counter_lo >> 32),
-                   static_cast<uint32_t>(counter_hi),
-                   static_cast<uint32_t>(counter_hi >> 32)};
-  uint32_t k0 = static_cast<uint32_t>(key);
-  uint32_t k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(kMul0) * c[0];
-    const uint64_t p1 = static_cast<uint64_t>(kMul1) * c[2];
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32);
-    const uint32_t lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32);
-    const uint32_t lo1 = static_cast<uint32_t>(p1);
-    c[0] = hi1 ^ c[1] ^ k0;
-    c[1] = lo1;
-    c[2] = hi0 ^ c[3] ^ k1;
-    c[3] = lo0;
-    k0 += kWeyl0;
-    k1 += kWeyl1;
-  }
-  return {c[0], c[1], c[2], c[3]};
+  const PhiloxBlock block = PhiloxAt(key, counter_hi, counter_lo);
+  return {block.word[0], block.word[1], block.word[2], block.word[3]};
 }
 
 namespace {
@@ -42,7 +23,7 @@ constexpr double kTwoPow24Inv = 1.0 / 16777216.0;
 }  // namespace
 
 float UniformAt(uint64_t seed, uint64_t offset, uint64_t i) {
-  return static_cast<float>((Philox(seed, offset, i)[0] >> 8) * kTwoPow24Inv);
+  return PhiloxUniform(seed, offset, i);
 }
 
 float NormalAt(uint64_t seed, uint64_t offset, uint64_t i) {
@@ -61,15 +42,20 @@ Generator& DefaultGenerator() {
 
 namespace {
 
-template <typename Sample>
-Tensor Draw(const char* what, const Shape& shape, Generator& gen, DType dtype,
-            Device device, Sample sample) {
+void CheckDraw(const char* what, const Shape& shape, DType dtype) {
   LC_REQUIRE(IsFloating(dtype), what, ": dtype ", DTypeName(dtype),
              " (expected float32, float64 or bfloat16)");
   for (int64_t s : shape) {
     LC_REQUIRE(s >= 0, what, ": negative size in shape ", ShapeToString(shape),
                " (expected sizes >= 0)");
   }
+}
+
+// Draws on the CPU (and copies to `device`).
+template <typename Sample>
+Tensor Draw(const char* what, const Shape& shape, Generator& gen, DType dtype,
+            Device device, Sample sample) {
+  CheckDraw(what, shape, dtype);
   const uint64_t offset = gen.NextOffset();
   std::vector<double> values(NumElements(shape));
   for (size_t i = 0; i < values.size(); ++i) {
@@ -80,10 +66,24 @@ Tensor Draw(const char* what, const Shape& shape, Generator& gen, DType dtype,
 
 }  // namespace
 
+// On CUDA the uniform draw runs on the device: PhiloxUniform is exact
+// integer and power-of-two arithmetic, so the elements equal the CPU's bit
+// for bit.
 Tensor Rand(const Shape& shape, Generator& gen, DType dtype, Device device) {
-  return Draw("Rand", shape, gen, dtype, device, UniformAt);
+  if (device.is_cpu()) {
+    return Draw("Rand", shape, gen, dtype, device, UniformAt);
+  }
+  CheckDraw("Rand", shape, dtype);
+  Tensor out = Empty(shape, dtype, device);
+  UniformCuda(device.index, out.raw_data(), dtype, out.numel(), gen.seed(),
+              gen.NextOffset());
+  return out;
 }
 
+// Normal draws stay on the CPU for every device: Box-Muller's log and cos
+// differ in the last ulp between libm and CUDA's math library, and a CUDA
+// Randn must equal the CPU's (tests and multi-device runs draw the same
+// initial weights). Randn is used for initialization, not in hot loops.
 Tensor Randn(const Shape& shape, Generator& gen, DType dtype, Device device) {
   return Draw("Randn", shape, gen, dtype, device, NormalAt);
 }

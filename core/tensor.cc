@@ -8,8 +8,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
-#include "core/fill_cuda.h"
 #include "core/status.h"
+#include "core/tensor_cuda.h"
 
 namespace lc {
 namespace {
@@ -100,6 +100,18 @@ void CopyCpu(const Tensor& dst, const Tensor& src) {
                   [&](int64_t i, int64_t j) { d[i] = Cast<D>(s[j]); });
     });
   });
+}
+
+// dst = src for two tensors on one CUDA device, any strides and dtypes.
+void CopyCuda(const Tensor& dst, const Tensor& src) {
+  if (dst.is_contiguous() && src.is_contiguous() &&
+      dst.dtype() == src.dtype()) {
+    CopyBytes(dst.raw_data(), dst.device(), src.raw_data(), src.device(),
+              dst.numel() * DTypeSize(dst.dtype()));
+    return;
+  }
+  StridedCopyCuda(dst.device().index, dst.shape(), dst.raw_data(), dst.dtype(),
+                  dst.strides(), src.raw_data(), src.dtype(), src.strides());
 }
 
 void CheckShape(const Shape& shape, const char* what) {
@@ -198,7 +210,7 @@ double Tensor::item() const {
 double Tensor::at(const std::vector<int64_t>& index) const {
   const int64_t offset = ElementOffset(*this, index);
   const int64_t size = DTypeSize(dtype());
-  char buffer[8];
+  alignas(8) char buffer[8];
   CopyBytes(buffer, Device::Cpu(),
             static_cast<char*>(storage()->data()) + offset * size, device(),
             size);
@@ -208,7 +220,7 @@ double Tensor::at(const std::vector<int64_t>& index) const {
 void Tensor::set(const std::vector<int64_t>& index, double value) const {
   const int64_t offset = ElementOffset(*this, index);
   const int64_t size = DTypeSize(dtype());
-  char buffer[8];
+  alignas(8) char buffer[8];
   WriteElement(buffer, dtype(), value);
   CopyBytes(static_cast<char*>(storage()->data()) + offset * size, device(),
             buffer, Device::Cpu(), size);
@@ -440,7 +452,7 @@ Tensor Empty(const Shape& shape, DType dtype, Device device) {
 Tensor Full(const Shape& shape, double value, DType dtype, Device device) {
   Tensor out = Empty(shape, dtype, device);
   if (device.is_cuda()) {
-    FillCuda(out.raw_data(), dtype, out.numel(), value);
+    FillCuda(device.index, out.raw_data(), dtype, out.numel(), value);
     return out;
   }
   DispatchAll(dtype, [&](auto tag) {
@@ -468,6 +480,11 @@ Tensor Arange(double start, double end, double step, DType dtype,
              " (expected finite and non-zero)");
   const double count = std::ceil((end - start) / step);
   const int64_t n = count > 0 ? static_cast<int64_t>(count) : 0;
+  if (device.is_cuda()) {
+    Tensor out = Empty({n}, dtype, device);
+    ArangeCuda(device.index, out.raw_data(), dtype, n, start, step);
+    return out;
+  }
   std::vector<double> values(n);
   for (int64_t i = 0; i < n; ++i) values[i] = start + i * step;
   return FromVector(values, {n}, dtype, device);
@@ -492,36 +509,27 @@ void CopyInto(const Tensor& dst, const Tensor& src) {
   LC_REQUIRE(dst.shape() == src.shape(), "CopyInto: destination shape ",
              ShapeToString(dst.shape()), " != source shape ",
              ShapeToString(src.shape()));
-  if (dst.device().is_cpu() && src.device().is_cpu()) {
-    CopyCpu(dst, src);
+  if (dst.device() == src.device()) {
+    if (dst.device().is_cpu()) {
+      CopyCpu(dst, src);
+    } else {
+      CopyCuda(dst, src);
+    }
     return;
   }
-  // A CUDA side is involved: move dense bytes, converting on the host.
-  if (src.device().is_cuda() && dst.device().is_cpu()) {
-    LC_REQUIRE(src.is_contiguous(),
-               "CopyInto: a strided CUDA source is not supported yet "
-               "(expected a contiguous CUDA tensor)");
-    Tensor host = Empty(src.shape(), src.dtype());
-    CopyBytes(host.raw_data(), Device::Cpu(), src.raw_data(), src.device(),
-              src.numel() * DTypeSize(src.dtype()));
-    CopyCpu(dst, host);
-    return;
+  // Across devices: convert and pack on the source's device into dense
+  // elements of the destination's dtype, move the bytes, and scatter them on
+  // the destination's device when it is strided.
+  Tensor packed = src;
+  if (!src.is_contiguous() || src.dtype() != dst.dtype()) {
+    packed = Empty(src.shape(), dst.dtype(), src.device());
+    CopyInto(packed, src);
   }
-  LC_REQUIRE(dst.is_contiguous(),
-             "CopyInto: a strided CUDA destination is not supported yet "
-             "(expected a contiguous CUDA tensor)");
-  Tensor source = src;
-  if (src.device().is_cuda()) {
-    LC_REQUIRE(src.is_contiguous() && src.dtype() == dst.dtype(),
-               "CopyInto: CUDA to CUDA copies need contiguous tensors of one "
-               "dtype (got ",
-               DTypeName(src.dtype()), " to ", DTypeName(dst.dtype()), ")");
-  } else if (!src.is_contiguous() || src.dtype() != dst.dtype()) {
-    source = Empty(src.shape(), dst.dtype());
-    CopyCpu(source, src);
-  }
-  CopyBytes(dst.raw_data(), dst.device(), source.raw_data(), source.device(),
-            dst.numel() * DTypeSize(dst.dtype()));
+  const Tensor landing =
+      dst.is_contiguous() ? dst : Empty(dst.shape(), dst.dtype(), dst.device());
+  CopyBytes(landing.raw_data(), landing.device(), packed.raw_data(),
+            packed.device(), dst.numel() * DTypeSize(dst.dtype()));
+  if (!dst.is_contiguous()) CopyInto(dst, landing);
 }
 
 void AddInPlace(const Tensor& dst, const Tensor& src) {
@@ -530,9 +538,17 @@ void AddInPlace(const Tensor& dst, const Tensor& src) {
              DTypeName(dst.dtype()), " vs source ", ShapeToString(src.shape()),
              " ", DTypeName(src.dtype()),
              " (expected the same shape and dtype)");
-  LC_REQUIRE(dst.device().is_cpu() && src.device().is_cpu(),
-             "AddInPlace: only CPU tensors are supported so far (got ",
-             dst.device().ToString(), " and ", src.device().ToString(), ")");
+  LC_REQUIRE(dst.device() == src.device(), "AddInPlace: destination on ",
+             dst.device().ToString(), " and source on ",
+             src.device().ToString(), " (expected one device)");
+  if (dst.device().is_cuda()) {
+    LC_REQUIRE(IsFloating(dst.dtype()), "AddInPlace on ",
+               dst.device().ToString(), ": dtype ", DTypeName(dst.dtype()),
+               " (expected float32, float64 or bfloat16)");
+    AddInPlaceCuda(dst.device().index, dst.shape(), dst.dtype(), dst.raw_data(),
+                   dst.strides(), src.raw_data(), src.strides());
+    return;
+  }
   DispatchAll(dst.dtype(), [&](auto tag) {
     using T = decltype(tag);
     T* d = static_cast<T*>(dst.raw_data());

@@ -149,7 +149,7 @@ Tensor ZerosLike(const Tensor& t);
 // and devices (not differentiable; dst must not overlap src).
 void CopyInto(const Tensor& dst, const Tensor& src);
 // dst += src for same-shape tensors of the same dtype and device (not
-// differentiable). Used to accumulate gradients.
+// differentiable; on CUDA a floating dtype). Used to accumulate gradients.
 void AddInPlace(const Tensor& dst, const Tensor& src);
 
 }  // namespace lc
