@@ -1,5 +1,6 @@
 // Differentiable activation functions (ReLU, SiLU, GELU) on float32, float64
-// or bfloat16 (computed in float32) tensors of any shape and strides.
+// or bfloat16 (computed in float32) tensors of any shape and strides, on the
+// CPU or a CUDA device.
 #ifndef LONGCTX_OPS_ACTIVATION_H_
 #define LONGCTX_OPS_ACTIVATION_H_
 

@@ -2,19 +2,28 @@
 
 namespace lc {
 
-void CheckFloatingCpuInputs(const char* op, absl::Span<const Tensor> inputs) {
+void CheckFloatingInputs(const char* op, absl::Span<const Tensor> inputs) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& t = inputs[i];
     LC_REQUIRE(t.defined(), op, ": input ", i, " is an undefined tensor");
-    LC_REQUIRE(t.device().is_cpu(), op, ": input ", i, " is on ",
-               t.device().ToString(),
-               "; this op has only a CPU kernel so far (expected cpu)");
     LC_REQUIRE(IsFloating(t.dtype()), op, ": input ", i, " has dtype ",
                DTypeName(t.dtype()),
                " (expected float32, float64 or bfloat16)");
     LC_REQUIRE(t.dtype() == inputs[0].dtype(), op, ": input ", i, " has dtype ",
                DTypeName(t.dtype()), " but input 0 has ",
                DTypeName(inputs[0].dtype()), " (expected one dtype)");
+    LC_REQUIRE(t.device() == inputs[0].device(), op, ": input ", i, " is on ",
+               t.device().ToString(), " but input 0 is on ",
+               inputs[0].device().ToString(), " (expected one device)");
+  }
+}
+
+void CheckFloatingCpuInputs(const char* op, absl::Span<const Tensor> inputs) {
+  CheckFloatingInputs(op, inputs);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    LC_REQUIRE(inputs[i].device().is_cpu(), op, ": input ", i, " is on ",
+               inputs[i].device().ToString(),
+               "; this op has only a CPU kernel (expected cpu)");
   }
 }
 

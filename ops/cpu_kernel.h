@@ -37,8 +37,12 @@
 
 namespace lc {
 
-// Throws lc::Error unless every tensor is defined, on the CPU (CUDA kernels
-// arrive with the CUDA backend), and of one floating dtype.
+// Throws lc::Error unless every tensor is defined, of one floating dtype and
+// on one device (the CPU or one CUDA device).
+void CheckFloatingInputs(const char* op, absl::Span<const Tensor> inputs);
+
+// CheckFloatingInputs, and every tensor on the CPU: for ops (or op paths)
+// that have only a CPU kernel.
 void CheckFloatingCpuInputs(const char* op, absl::Span<const Tensor> inputs);
 
 // Calls fn(o0, ..., oN-1) for every index of `shape` in row-major order,

@@ -2,6 +2,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/dropout_cuda.h"
 #include "ops/elementwise_kernel.h"
 
 namespace lc {
@@ -24,10 +25,15 @@ void DropoutKernel(const T* in, int64_t n, uint64_t seed, uint64_t offset,
   }
 }
 
-// Applies DropoutKernel to a tensor of any strides, indexing it row-major.
+// Applies DropoutKernel (DropoutCuda on CUDA) to a tensor of any strides,
+// indexing it row-major.
 Tensor ApplyMask(const Tensor& t, uint64_t seed, uint64_t offset, double p) {
+  Tensor out = Empty(t.shape(), t.dtype(), t.device());
+  if (t.device().is_cuda()) {
+    internal::DropoutCuda(t, seed, offset, p, out);
+    return out;
+  }
   const Tensor in = t.contiguous();
-  Tensor out = Empty(t.shape(), t.dtype());
   LC_DISPATCH_FLOATING(t.dtype(), "Dropout", [&] {
     DropoutKernel(in.data<scalar_t>(), in.numel(), seed, offset, p,
                   1.0 / (1.0 - p), out.data<scalar_t>());
@@ -38,10 +44,10 @@ Tensor ApplyMask(const Tensor& t, uint64_t seed, uint64_t offset, double p) {
 }  // namespace
 
 Tensor Dropout(const Tensor& x, double p, bool training, Generator* gen) {
-  CheckFloatingCpuInputs("Dropout", {x});
+  CheckFloatingInputs("Dropout", {x});
   CheckProbability("Dropout", p);
   if (!training || p == 0) return x;
-  if (x.dtype() == DType::kBFloat16) {
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Dropout(x32, p, training, gen); }, x);
   }

@@ -1,7 +1,8 @@
 // Dropout with a counter-based mask: element i of a draw is kept iff
-// UniformAt(seed, offset, i) >= p (core/random.h), so a CUDA kernel
+// UniformAt(seed, offset, i) >= p (core/random.h), so the CUDA kernel
 // reproduces the CPU mask exactly and the backward recomputes it instead of
-// storing it.
+// storing it. Inputs: float32, float64 or bfloat16 on the CPU or a CUDA
+// device.
 #ifndef LONGCTX_OPS_DROPOUT_H_
 #define LONGCTX_OPS_DROPOUT_H_
 

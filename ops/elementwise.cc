@@ -1,9 +1,8 @@
 #include "ops/elementwise.h"
 
-#include <cmath>
-
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/elementwise_functors.h"
 #include "ops/elementwise_kernel.h"
 #include "ops/reduce.h"
 
@@ -11,16 +10,16 @@ namespace lc {
 namespace {
 
 // The driver of the broadcasting binary ops: y = forward(a, b) element-wise
-// over BroadcastShapes(a, b). grad_a(g, a, b) and grad_b(g, a, b) return the
-// gradients at the broadcast shape (a and b are undefined there unless
-// `save_inputs`); they are summed back to each input's shape and only
-// computed for inputs that need them.
+// over BroadcastShapes(a, b) (forward a binary functor for MapElements).
+// grad_a(g, a, b) and grad_b(g, a, b) return the gradients at the broadcast
+// shape (a and b are undefined there unless `save_inputs`); they are summed
+// back to each input's shape and only computed for inputs that need them.
 template <typename Forward, typename GradA, typename GradB>
 Tensor BinaryOp(const char* op, const Tensor& a, const Tensor& b,
                 bool save_inputs, const Forward& forward, const GradA& grad_a,
                 const GradB& grad_b) {
-  CheckFloatingCpuInputs(op, {a, b});
-  if (a.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs(op, {a, b});
+  if (a.dtype() == DType::kBFloat16 && a.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& a32, const Tensor& b32) {
           return BinaryOp(op, a32, b32, save_inputs, forward, grad_a, grad_b);
@@ -51,21 +50,20 @@ Tensor Add(const Tensor& a, const Tensor& b) {
   const auto pass_through = [](const Tensor& g, const Tensor&, const Tensor&) {
     return g;
   };
-  return BinaryOp(
-      "Add", a, b, /*save_inputs=*/false, [](auto x, auto y) { return x + y; },
-      pass_through, pass_through);
+  return BinaryOp("Add", a, b, /*save_inputs=*/false, AddFn(), pass_through,
+                  pass_through);
 }
 
 Tensor Sub(const Tensor& a, const Tensor& b) {
   return BinaryOp(
-      "Sub", a, b, /*save_inputs=*/false, [](auto x, auto y) { return x - y; },
+      "Sub", a, b, /*save_inputs=*/false, SubFn(),
       [](const Tensor& g, const Tensor&, const Tensor&) { return g; },
       [](const Tensor& g, const Tensor&, const Tensor&) { return Neg(g); });
 }
 
 Tensor Mul(const Tensor& a, const Tensor& b) {
   return BinaryOp(
-      "Mul", a, b, /*save_inputs=*/true, [](auto x, auto y) { return x * y; },
+      "Mul", a, b, /*save_inputs=*/true, MulFn(),
       [](const Tensor& g, const Tensor&, const Tensor& b) { return Mul(g, b); },
       [](const Tensor& g, const Tensor& a, const Tensor&) {
         return Mul(g, a);
@@ -74,89 +72,70 @@ Tensor Mul(const Tensor& a, const Tensor& b) {
 
 Tensor Div(const Tensor& a, const Tensor& b) {
   return BinaryOp(
-      "Div", a, b, /*save_inputs=*/true, [](auto x, auto y) { return x / y; },
+      "Div", a, b, /*save_inputs=*/true, DivFn(),
       [](const Tensor& g, const Tensor&, const Tensor& b) { return Div(g, b); },
       [](const Tensor& g, const Tensor& a, const Tensor& b) {
-        // d(a / b) / db = -a / b^2.
-        return MapElements<3>(
-            "Div", {g, a, b}, g.shape(),
-            [](auto g, auto a, auto b) { return -g * a / (b * b); });
+        return MapElements<3>("Div", {g, a, b}, g.shape(), DivGradBFn());
       });
 }
 
 Tensor AddScalar(const Tensor& x, double scalar) {
-  return UnaryOp(
-      "AddScalar", x, SavedForBackward::kNothing,
-      [scalar](auto v) { return v + scalar; },
-      [](const Tensor& g, const Tensor&) { return g; });
+  return UnaryOp("AddScalar", x, SavedForBackward::kNothing,
+                 AddScalarFn{scalar},
+                 [](const Tensor& g, const Tensor&) { return g; });
 }
 
 Tensor MulScalar(const Tensor& x, double scalar) {
-  return UnaryOp(
-      "MulScalar", x, SavedForBackward::kNothing,
-      [scalar](auto v) { return v * scalar; },
-      [scalar](const Tensor& g, const Tensor&) {
-        return MulScalar(g, scalar);
-      });
+  return UnaryOp("MulScalar", x, SavedForBackward::kNothing,
+                 MulScalarFn{scalar}, [scalar](const Tensor& g, const Tensor&) {
+                   return MulScalar(g, scalar);
+                 });
 }
 
 Tensor PowScalar(const Tensor& x, double exponent) {
-  return UnaryOp(
-      "PowScalar", x, SavedForBackward::kInput,
-      [exponent](auto v) { return std::pow(v, exponent); },
-      [exponent](const Tensor& g, const Tensor& x) {
-        // x^0 is constant; exponent * x^-1 would give NaN at x = 0.
-        if (exponent == 0) return ZerosLike(g);
-        return MapElements<2>("PowScalar", {g, x}, x.shape(),
-                              [exponent](auto g, auto x) {
-                                return g * exponent * std::pow(x, exponent - 1);
-                              });
-      });
+  return UnaryOp("PowScalar", x, SavedForBackward::kInput,
+                 PowScalarFn{exponent},
+                 [exponent](const Tensor& g, const Tensor& x) {
+                   // x^0 is constant; exponent * x^-1 would give NaN at 0.
+                   if (exponent == 0) return ZerosLike(g);
+                   return MapElements<2>("PowScalar", {g, x}, x.shape(),
+                                         PowScalarGradFn{exponent});
+                 });
 }
 
 Tensor Neg(const Tensor& x) {
-  return UnaryOp(
-      "Neg", x, SavedForBackward::kNothing, [](auto v) { return -v; },
-      [](const Tensor& g, const Tensor&) { return Neg(g); });
+  return UnaryOp("Neg", x, SavedForBackward::kNothing, NegFn(),
+                 [](const Tensor& g, const Tensor&) { return Neg(g); });
 }
 
 Tensor Exp(const Tensor& x) {
-  return UnaryOp(
-      "Exp", x, SavedForBackward::kOutput, [](auto v) { return std::exp(v); },
-      ElementwiseBackward("Exp", [](auto g, auto y) { return g * y; }));
+  return UnaryOp("Exp", x, SavedForBackward::kOutput, ExpFn(),
+                 ElementwiseBackward("Exp", MulFn()));  // g * y
 }
 
 Tensor Log(const Tensor& x) {
-  return UnaryOp(
-      "Log", x, SavedForBackward::kInput, [](auto v) { return std::log(v); },
-      ElementwiseBackward("Log", [](auto g, auto x) { return g / x; }));
+  return UnaryOp("Log", x, SavedForBackward::kInput, LogFn(),
+                 ElementwiseBackward("Log", DivFn()));  // g / x
 }
 
 Tensor Sqrt(const Tensor& x) {
-  return UnaryOp(
-      "Sqrt", x, SavedForBackward::kOutput, [](auto v) { return std::sqrt(v); },
-      ElementwiseBackward("Sqrt", [](auto g, auto y) { return g / (2 * y); }));
+  return UnaryOp("Sqrt", x, SavedForBackward::kOutput, SqrtFn(),
+                 ElementwiseBackward("Sqrt", SqrtGradFn()));
 }
 
 Tensor Rsqrt(const Tensor& x) {
-  return UnaryOp(
-      "Rsqrt", x, SavedForBackward::kOutput,
-      [](auto v) { return 1 / std::sqrt(v); },
-      ElementwiseBackward("Rsqrt",
-                          [](auto g, auto y) { return -0.5 * g * y * y * y; }));
+  return UnaryOp("Rsqrt", x, SavedForBackward::kOutput, RsqrtFn(),
+                 ElementwiseBackward("Rsqrt", RsqrtGradFn()));
 }
 
 Tensor Tanh(const Tensor& x) {
-  return UnaryOp(
-      "Tanh", x, SavedForBackward::kOutput, [](auto v) { return std::tanh(v); },
-      ElementwiseBackward("Tanh",
-                          [](auto g, auto y) { return g * (1 - y * y); }));
+  return UnaryOp("Tanh", x, SavedForBackward::kOutput, TanhFn(),
+                 ElementwiseBackward("Tanh", TanhGradFn()));
 }
 
 Tensor Square(const Tensor& x) {
-  return UnaryOp(
-      "Square", x, SavedForBackward::kInput, [](auto v) { return v * v; },
-      ElementwiseBackward("Square", [](auto g, auto x) { return 2 * g * x; }));
+  return UnaryOp("Square", x, SavedForBackward::kInput, SquareFn(),
+                 ElementwiseBackward("Square", SquareGradFn()));
 }
 
 }  // namespace lc

@@ -1,7 +1,8 @@
 // Differentiable element-wise arithmetic: binary ops with NumPy broadcasting,
 // ops with a scalar, unary math functions and the operators + - * / on
 // tensors. Inputs may be float32, float64 or bfloat16 (computed in float32),
-// of any strides; outputs are new contiguous tensors.
+// of any strides, on the CPU or a CUDA device (all inputs of a call on one
+// device and of one dtype); outputs are new contiguous tensors there.
 #ifndef LONGCTX_OPS_ELEMENTWISE_H_
 #define LONGCTX_OPS_ELEMENTWISE_H_
 

@@ -6,11 +6,12 @@
 namespace lc {
 
 Tensor Embedding(const Tensor& weight, const Tensor& indices) {
-  CheckFloatingCpuInputs("Embedding", {weight});
+  CheckFloatingInputs("Embedding", {weight});
   LC_REQUIRE(weight.dim() == 2, "Embedding: weight has shape ",
              ShapeToString(weight.shape()), " (expected 2-D [V, D])");
   // Checked here too so that the message names Embedding and V.
-  CheckIndicesInRange("Embedding", "indices", indices, weight.size(0));
+  CheckIndicesInRange("Embedding", "indices", indices, weight.size(0),
+                      weight.device());
   Shape out_shape = indices.shape();
   out_shape.push_back(weight.size(1));
   return IndexSelect(weight, 0, indices.reshape({-1})).reshape(out_shape);

@@ -11,10 +11,12 @@
 
 namespace lc {
 
-// weight [V, D] (floating), indices (int64, any shape, each in [0, V)) ->
-// [indices.shape..., D]: out[..., :] = weight[indices[...], :]. The gradient
-// of weight adds each output row's gradient into its row (repeated ids
-// accumulate); indices get none.
+// weight [V, D] (floating), indices (int64, any shape, each in [0, V); on the
+// CPU or on weight's device) -> [indices.shape..., D]:
+// out[..., :] = weight[indices[...], :]. The gradient of weight adds each
+// output row's gradient into its row (repeated ids accumulate; on CUDA in a
+// fixed order, so bit-identical on every run); indices get none. On CUDA the
+// range check of device indices waits for the device.
 Tensor Embedding(const Tensor& weight, const Tensor& indices);
 
 namespace nn {

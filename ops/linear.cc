@@ -23,7 +23,7 @@ Tensor Uniform(const Shape& shape, double bound, Generator& gen, DType dtype) {
 Tensor Linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
   Tensors inputs = {x, weight};
   if (bias.defined()) inputs.push_back(bias);
-  CheckFloatingCpuInputs("Linear", inputs);
+  CheckFloatingInputs("Linear", inputs);
   LC_REQUIRE(weight.dim() == 2, "Linear: weight has shape ",
              ShapeToString(weight.shape()), " (expected 2-D [out, in])");
   LC_REQUIRE(x.dim() >= 1 && x.size(-1) == weight.size(1),
@@ -35,8 +35,10 @@ Tensor Linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
              bias.defined() ? ShapeToString(bias.shape()) : "",
              " but weight has shape ", ShapeToString(weight.shape()),
              " (expected [", weight.size(0), "])");
-  if (x.dtype() == DType::kBFloat16) {
-    // The product and the bias add both in float32, rounded to bfloat16 once.
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+    // The product and the bias add both in float32, rounded to bfloat16 once
+    // (on CUDA the GEMM accumulates in float32 and the product is rounded to
+    // bfloat16 before the bias add).
     return ComputeInFloat32(
         [&](const Tensor& x32, const Tensor& weight32) {
           return Linear(x32, weight32,

@@ -12,8 +12,9 @@
 namespace lc {
 
 // x [..., in], weight [out, in], bias [out] or undefined Tensor() ->
-// [..., out] = x weight^T + bias. One GEMM for all leading dims when x's rows
-// are evenly strided.
+// [..., out] = x weight^T + bias, all of one floating dtype on one device (the
+// CPU or CUDA). One GEMM for all leading dims when x's rows are evenly
+// strided.
 Tensor Linear(const Tensor& x, const Tensor& weight, const Tensor& bias);
 
 namespace nn {

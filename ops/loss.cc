@@ -7,6 +7,7 @@
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/loss_cuda.h"
 #include "ops/shape_ops.h"
 
 namespace lc {
@@ -57,14 +58,38 @@ void CrossEntropyBackwardKernel(const T* logits, const int64_t* target,
   }
 }
 
+// CrossEntropy on CUDA for validated logits [rows, classes] and targets.
+Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
+                        int64_t ignore_index) {
+  const Device device = logits.device();
+  const Tensor x = logits.detach().contiguous();
+  const Tensor target = targets.to(device).contiguous();
+  // The row count lives on the device, so neither pass waits for the host.
+  const Tensor lse = Empty({x.size(0)}, ComputeDType(x.dtype()), device);
+  const Tensor count = Empty({1}, DType::kInt64, device);
+  Tensor loss = Empty({}, x.dtype(), device);
+  internal::CrossEntropyForwardCuda(x, target, ignore_index, lse, count, loss);
+  if (NeedsGrad({logits})) {
+    RecordOp(
+        "CrossEntropy", {logits}, {&loss},
+        [x, target, lse, count, ignore_index](const Tensors& g) -> Tensors {
+          Tensor dx = Empty(x.shape(), x.dtype(), x.device());
+          internal::CrossEntropyBackwardCuda(x, target, ignore_index, lse,
+                                             count, g[0], dx);
+          return {dx};
+        });
+  }
+  return loss;
+}
+
 }  // namespace
 
 Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
                     int64_t ignore_index) {
-  CheckFloatingCpuInputs("CrossEntropy", {logits});
+  CheckFloatingInputs("CrossEntropy", {logits});
   LC_REQUIRE(logits.dim() == 2, "CrossEntropy: logits have shape ",
              ShapeToString(logits.shape()), " (expected 2-D [N, C])");
-  CheckIndexTensor("CrossEntropy", "targets", targets);
+  CheckIndexTensor("CrossEntropy", "targets", targets, logits.device());
   const int64_t rows = logits.size(0);
   const int64_t classes = logits.size(1);
   LC_REQUIRE(classes > 0, "CrossEntropy: logits have shape ",
@@ -73,16 +98,13 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
              "CrossEntropy: targets have shape ",
              ShapeToString(targets.shape()), " but logits have shape ",
              ShapeToString(logits.shape()), " (expected [", rows, "])");
-  const Tensor target = targets.contiguous();
-  const int64_t* target_data = target.data<int64_t>();
-  int64_t count = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t t = target_data[i];
-    if (t == ignore_index) continue;
-    LC_REQUIRE(t >= 0 && t < classes, "CrossEntropy: target ", t, " at row ", i,
-               " is out of range (expected 0 <= target < ", classes,
-               " or ignore_index = ", ignore_index, ")");
-    ++count;
+  const std::optional<IndexAt> bad =
+      FindInvalidIndex(targets, classes, ignore_index);
+  LC_REQUIRE(!bad.has_value(), "CrossEntropy: target ", bad->value, " at row ",
+             bad->position, " is out of range (expected 0 <= target < ",
+             classes, " or ignore_index = ", ignore_index, ")");
+  if (logits.device().is_cuda()) {
+    return CrossEntropyCuda(logits, targets, ignore_index);
   }
   if (logits.dtype() == DType::kBFloat16) {
     return ComputeInFloat32(
@@ -92,6 +114,10 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
         logits);
   }
 
+  const Tensor target = targets.contiguous();
+  const int64_t* target_data = target.data<int64_t>();
+  const int64_t count =
+      rows - std::count(target_data, target_data + rows, ignore_index);
   const Tensor x = logits.detach().contiguous();
   // Saved in float64: the backward's exp(logit - lse) would otherwise carry
   // float32 rounding of lse times its magnitude.

@@ -13,6 +13,10 @@ namespace lc {
 // over rows i with targets[i] != ignore_index of
 //   logsumexp_c(logits[i, c]) - logits[i, targets[i]].
 // Every other target must lie in [0, C). Returns a scalar (shape {}).
+// logits may be on the CPU or CUDA; targets on the CPU or on logits' device
+// (on CUDA the range check waits for the device). CUDA computes in float32
+// (float64 for float64 logits) and sums the rows in a fixed order: equal
+// inputs give bit-identical losses and gradients.
 // Unlike torch, which returns NaN when every target is ignored, that case
 // returns 0 with a zero gradient, so a batch of padding does not poison
 // training.

@@ -4,24 +4,21 @@
 
 #include <Eigen/Core>
 #include <array>
+#include <atomic>
 #include <vector>
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/matmul_cuda.h"
 #include "ops/reduce.h"
 
 namespace lc {
 namespace {
 
-// One GEMM operand: element (i, j) of a rows x cols matrix lies at
-// data[i * row_stride + j * col_stride].
-struct MatrixLayout {
-  int64_t rows;
-  int64_t cols;
-  int64_t row_stride;
-  int64_t col_stride;
-};
+using internal::MatrixLayout;
+
+std::atomic<bool> allow_tf32{false};
 
 // The layout of op(t) for the last two dims of `t`.
 MatrixLayout LayoutOf(const Tensor& t, bool transpose) {
@@ -110,17 +107,111 @@ bool BatchFoldsIntoRows(const Shape& batch, const Shape& a_strides,
   return true;
 }
 
-// out[batch..., m, n] = op(a) @ op(b) for float32/float64 a and b of one dtype
-// whose shapes were validated. Not differentiable.
+// The batch dims of a product as fewer dims: size-1 dims dropped, and each
+// dim merged into the next outer one when every operand steps over both as
+// one (outer stride == inner size * inner stride). strides[k] are operand
+// k's strides over the merged dims.
+template <size_t N>
+struct CoalescedBatch {
+  Shape sizes;
+  std::array<Shape, N> strides;
+};
+
+template <size_t N>
+CoalescedBatch<N> CoalesceBatch(const Shape& batch,
+                                const std::array<Shape, N>& strides) {
+  CoalescedBatch<N> out;
+  for (size_t d = 0; d < batch.size(); ++d) {
+    if (batch[d] == 1) continue;
+    bool mergeable = !out.sizes.empty();
+    for (size_t k = 0; k < N && mergeable; ++k) {
+      mergeable = out.strides[k].back() == batch[d] * strides[k][d];
+    }
+    if (mergeable) {
+      out.sizes.back() *= batch[d];
+      for (size_t k = 0; k < N; ++k) out.strides[k].back() = strides[k][d];
+    } else {
+      out.sizes.push_back(batch[d]);
+      for (size_t k = 0; k < N; ++k) out.strides[k].push_back(strides[k][d]);
+    }
+  }
+  return out;
+}
+
+// Whether t has every batch dim of the product itself (is broadcast along
+// none of them).
+bool HasFullBatch(const Tensor& t, const Shape& batch) {
+  return Shape(t.shape().begin(), t.shape().end() - 2) == batch;
+}
+
+// out [batch..., m, n] (dense) = op(a) @ op(b) on CUDA through cuBLAS, for
+// operands cuBLAS reads in place and k > 0. The batch dims go into one
+// strided-batched GEMM when they coalesce into one dim; when they do not,
+// each operand that is not broadcast along a batch dim is made contiguous
+// (so its batch dims coalesce), and any dims still apart (mixed broadcasts)
+// are looped over on the host, one strided-batched GEMM each.
+void MatmulCuda(Tensor a, bool transpose_a, Tensor b, bool transpose_b,
+                const Shape& batch, const Tensor& out) {
+  auto coalesce = [&] {
+    return CoalesceBatch<3>(batch,
+                            {BatchStrides(a, batch), BatchStrides(b, batch),
+                             BatchStrides(out, batch)});
+  };
+  CoalescedBatch<3> dims = coalesce();
+  if (dims.sizes.size() > 1) {
+    if (HasFullBatch(a, batch)) a = a.contiguous();
+    if (HasFullBatch(b, batch)) b = b.contiguous();
+    dims = coalesce();
+  }
+  MatrixLayout la = LayoutOf(a, transpose_a);
+  const MatrixLayout lb = LayoutOf(b, transpose_b);
+  MatrixLayout folded = la;
+  folded.rows *= NumElements(batch);
+  if (BatchFoldsIntoRows(batch, BatchStrides(a, batch), BatchStrides(b, batch),
+                         la) &&
+      internal::CublasReadsInPlace(folded)) {
+    la = folded;
+    dims = CoalescedBatch<3>();
+  }
+  // The innermost coalesced dim is the GEMM's batch; the others are looped.
+  int64_t count = 1;
+  std::array<int64_t, 3> inner_strides = {0, 0, 0};
+  std::array<Shape, 3> outer_strides;
+  if (!dims.sizes.empty()) {
+    count = dims.sizes.back();
+    dims.sizes.pop_back();
+    for (size_t k = 0; k < 3; ++k) {
+      inner_strides[k] = dims.strides[k].back();
+      dims.strides[k].pop_back();
+      outer_strides[k] = dims.strides[k];
+    }
+  }
+  const int64_t elem = DTypeSize(a.dtype());
+  const char* a_data = static_cast<const char*>(a.raw_data());
+  const char* b_data = static_cast<const char*>(b.raw_data());
+  char* out_data = static_cast<char*>(out.raw_data());
+  const bool tf32 = AllowTf32();
+  ForEachOffset<3>(
+      dims.sizes, {&outer_strides[0], &outer_strides[1], &outer_strides[2]},
+      [&](int64_t oa, int64_t ob, int64_t oc) {
+        internal::GemmCuda(a.dtype(), a.device(), a_data + oa * elem, la,
+                           inner_strides[0], b_data + ob * elem, lb,
+                           inner_strides[1], out_data + oc * elem,
+                           inner_strides[2], count, tf32);
+      });
+}
+
+// out[batch..., m, n] = op(a) @ op(b) for a and b of one floating dtype
+// (float32 or float64 on the CPU; also bfloat16 on CUDA) on one device, whose
+// shapes were validated. Not differentiable.
 Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
-  if (!IsRowMajor(LayoutOf(a, transpose_a)) &&
-      !IsColMajor(LayoutOf(a, transpose_a))) {
-    a = a.contiguous();
-  }
-  if (!IsRowMajor(LayoutOf(b, transpose_b)) &&
-      !IsColMajor(LayoutOf(b, transpose_b))) {
-    b = b.contiguous();
-  }
+  const bool cuda = a.device().is_cuda();
+  const auto reads_in_place = [cuda](const MatrixLayout& m) {
+    return cuda ? internal::CublasReadsInPlace(m)
+                : IsRowMajor(m) || IsColMajor(m);
+  };
+  if (!reads_in_place(LayoutOf(a, transpose_a))) a = a.contiguous();
+  if (!reads_in_place(LayoutOf(b, transpose_b))) b = b.contiguous();
   MatrixLayout la = LayoutOf(a, transpose_a);
   const MatrixLayout lb = LayoutOf(b, transpose_b);
   const Shape batch =
@@ -129,6 +220,15 @@ Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
   Shape out_shape = batch;
   out_shape.push_back(la.rows);
   out_shape.push_back(lb.cols);
+  if (cuda) {
+    // cuBLAS takes no empty inner dim: the product of nothing is 0.
+    if (la.cols == 0) return Zeros(out_shape, a.dtype(), a.device());
+    Tensor out = Empty(out_shape, a.dtype(), a.device());
+    if (out.numel() > 0) {
+      MatmulCuda(a, transpose_a, b, transpose_b, batch, out);
+    }
+    return out;
+  }
   Tensor out = Empty(out_shape, a.dtype());
   if (out.numel() == 0) return out;
 
@@ -156,7 +256,7 @@ Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
 
 Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
               bool transpose_b) {
-  CheckFloatingCpuInputs("Matmul", {a, b});
+  CheckFloatingInputs("Matmul", {a, b});
   LC_REQUIRE(a.dim() >= 2 && b.dim() >= 2,
              "Matmul: expected inputs with at least 2 dims, got a ",
              ShapeToString(a.shape()), " and b ", ShapeToString(b.shape()));
@@ -167,7 +267,7 @@ Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
              " has k = ", k_a, " but b ", ShapeToString(b.shape()),
              (transpose_b ? " (transposed)" : ""), " has k = ", k_b,
              " (expected equal)");
-  if (a.dtype() == DType::kBFloat16) {
+  if (a.dtype() == DType::kBFloat16 && a.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& a32, const Tensor& b32) {
           return Matmul(a32, b32, transpose_a, transpose_b);
@@ -206,5 +306,9 @@ Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
   }
   return out;
 }
+
+void SetAllowTf32(bool allow) { allow_tf32.store(allow); }
+
+bool AllowTf32() { return allow_tf32.load(); }
 
 }  // namespace lc

@@ -6,6 +6,7 @@
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/norm_cuda.h"
 
 namespace lc {
 namespace {
@@ -96,7 +97,7 @@ void NormBackwardKernel(const T* x, const T* w, const double* mean,
 }
 
 template <typename T>
-const T* DataOrNull(const Tensor& t) {
+T* DataOrNull(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
 
@@ -107,7 +108,7 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
   Tensors inputs = {x};
   if (weight.defined()) inputs.push_back(weight);
   if (bias.defined()) inputs.push_back(bias);
-  CheckFloatingCpuInputs(op, inputs);
+  CheckFloatingInputs(op, inputs);
   LC_REQUIRE(x.dim() >= 1, op, ": expected x with at least 1 dim, got ",
              ShapeToString(x.shape()));
   const int64_t dim = x.size(-1);
@@ -120,7 +121,7 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
                ShapeToString(x.shape()), " needs [", dim, "]");
   }
   LC_REQUIRE(eps >= 0, op, ": eps = ", eps, " (expected >= 0)");
-  if (x.dtype() == DType::kBFloat16) {
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) {
           // weight and bias, when given, are bfloat16 like x.
@@ -135,33 +136,49 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
   const Tensor xc = x.detach().contiguous();
   const Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
   const Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
-  Tensor out = Empty(x.shape(), x.dtype());
-  // Saved in float64 so that the backward's xhat has no float32 rounding: for
-  // short rows its result is a small difference of large terms.
-  const Tensor mean = Empty({rows}, DType::kFloat64);
-  const Tensor rstd = Empty({rows}, DType::kFloat64);
-  LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
-    NormForwardKernel<scalar_t>(xc.data<scalar_t>(), DataOrNull<scalar_t>(wc),
-                                DataOrNull<scalar_t>(bc), rows, dim, eps,
-                                center, out.data<scalar_t>(),
-                                mean.data<double>(), rstd.data<double>());
-  });
+  const bool cuda = x.device().is_cuda();
+  Tensor out = Empty(x.shape(), x.dtype(), x.device());
+  // Saved in float64 on the CPU so that the backward's xhat has no float32
+  // rounding: for short rows its result is a small difference of large terms.
+  // CUDA keeps them in the compute type (float32 for float32 and bfloat16).
+  const DType stats_dtype = cuda ? ComputeDType(x.dtype()) : DType::kFloat64;
+  const Tensor mean = Empty({rows}, stats_dtype, x.device());
+  const Tensor rstd = Empty({rows}, stats_dtype, x.device());
+  if (cuda) {
+    internal::NormForwardCuda(xc, wc, bc, eps, center, out, mean, rstd);
+  } else {
+    LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
+      NormForwardKernel<scalar_t>(xc.data<scalar_t>(), DataOrNull<scalar_t>(wc),
+                                  DataOrNull<scalar_t>(bc), rows, dim, eps,
+                                  center, out.data<scalar_t>(),
+                                  mean.data<double>(), rstd.data<double>());
+    });
+  }
   if (NeedsGrad(inputs)) {
     RecordOp(op, inputs, {&out},
              [xc, wc, mean, rstd, rows, dim, center, op,
               has_bias = bias.defined()](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();
-               Tensors grads = {Empty(xc.shape(), xc.dtype())};
-               if (wc.defined()) grads.push_back(Empty({dim}, xc.dtype()));
-               if (has_bias) grads.push_back(Empty({dim}, xc.dtype()));
+               const Device device = xc.device();
+               Tensors grads = {Empty(xc.shape(), xc.dtype(), device)};
+               if (wc.defined()) {
+                 grads.push_back(Empty({dim}, xc.dtype(), device));
+               }
+               if (has_bias) grads.push_back(Empty({dim}, xc.dtype(), device));
+               const Tensor dw = wc.defined() ? grads[1] : Tensor();
+               const Tensor db = has_bias ? grads.back() : Tensor();
+               if (device.is_cuda()) {
+                 internal::NormBackwardCuda(xc, wc, mean, rstd, gc, center,
+                                            grads[0], dw, db);
+                 return grads;
+               }
                LC_DISPATCH_FLOATING(xc.dtype(), op, [&] {
                  NormBackwardKernel<scalar_t>(
                      xc.data<scalar_t>(), DataOrNull<scalar_t>(wc),
                      mean.data<double>(), rstd.data<double>(),
                      gc.data<scalar_t>(), rows, dim, center,
-                     grads[0].data<scalar_t>(),
-                     wc.defined() ? grads[1].data<scalar_t>() : nullptr,
-                     has_bias ? grads.back().data<scalar_t>() : nullptr);
+                     grads[0].data<scalar_t>(), DataOrNull<scalar_t>(dw),
+                     DataOrNull<scalar_t>(db));
                });
                return grads;
              });

@@ -1,5 +1,7 @@
 // Normalization over the last dim: LayerNorm and RMSNorm, as functions with
-// fused forward and backward kernels and as modules with learnable scales.
+// fused forward and backward kernels (CPU, and CUDA with float32 statistics
+// and weight gradients summed in a fixed order) and as modules with learnable
+// scales.
 #ifndef LONGCTX_OPS_NORM_H_
 #define LONGCTX_OPS_NORM_H_
 

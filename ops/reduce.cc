@@ -7,8 +7,9 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise.h"
+#include "ops/elementwise_functors.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/reduce_cuda.h"
 
 namespace lc {
 namespace {
@@ -40,92 +41,108 @@ Shape KeepDimShape(const Shape& shape, const std::vector<bool>& mask) {
   return keep;
 }
 
-// Differentiable sum of a float32/float64 x over the masked dims,
-// accumulated in float64 in row-major order of x (deterministic).
+// Differentiable y = scale * (sum of x over the masked dims): on the CPU for
+// float32/float64 x, accumulated in float64 in row-major order of x; on CUDA
+// for any floating x, in SumCuda's fixed order. Both deterministic.
 Tensor SumOverMask(const char* op, const Tensor& x,
-                   const std::vector<bool>& mask, bool keepdim) {
+                   const std::vector<bool>& mask, bool keepdim, double scale) {
   const Shape keep_shape = KeepDimShape(x.shape(), mask);
   Shape out_shape;
   for (int64_t d = 0; d < x.dim(); ++d) {
     if (keepdim || !mask[d]) out_shape.push_back(keep_shape[d]);
   }
-  // The accumulator is row-major over keep_shape; reduced dims stride 0.
-  Shape acc_strides = ContiguousStrides(keep_shape);
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (mask[d]) acc_strides[d] = 0;
-  }
-  std::vector<double> acc(NumElements(keep_shape), 0.0);
-  Tensor y = Empty(out_shape, x.dtype());
-  LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
-    const scalar_t* in = x.data<scalar_t>();
-    ForEachOffset<2>(x.shape(), {&x.strides(), &acc_strides},
-                     [&](int64_t x_offset, int64_t acc_offset) {
-                       acc[acc_offset] += in[x_offset];
-                     });
-    scalar_t* out = y.data<scalar_t>();
-    for (size_t i = 0; i < acc.size(); ++i) {
-      out[i] = static_cast<scalar_t>(acc[i]);
+  Tensor y = Empty(out_shape, x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    internal::SumCuda(x, mask, scale, y);
+  } else {
+    // The accumulator is row-major over keep_shape; reduced dims stride 0.
+    Shape acc_strides = ContiguousStrides(keep_shape);
+    for (int64_t d = 0; d < x.dim(); ++d) {
+      if (mask[d]) acc_strides[d] = 0;
     }
-  });
+    std::vector<double> acc(NumElements(keep_shape), 0.0);
+    LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
+      const scalar_t* in = x.data<scalar_t>();
+      ForEachOffset<2>(x.shape(), {&x.strides(), &acc_strides},
+                       [&](int64_t x_offset, int64_t acc_offset) {
+                         acc[acc_offset] += in[x_offset];
+                       });
+      scalar_t* out = y.data<scalar_t>();
+      for (size_t i = 0; i < acc.size(); ++i) {
+        out[i] = static_cast<scalar_t>(acc[i] * scale);
+      }
+    });
+  }
   if (NeedsGrad({x})) {
-    RecordOp(
-        op, {x}, {&y},
-        [op, x_shape = x.shape(), keep_shape](const Tensors& g) -> Tensors {
-          // Every element of x gets the gradient of its sum.
-          return {MapElements<1>(op, {g[0].reshape(keep_shape)}, x_shape,
-                                 [](auto v) { return v; })};
-        });
+    RecordOp(op, {x}, {&y},
+             [op, x_shape = x.shape(), keep_shape,
+              scale](const Tensors& g) -> Tensors {
+               // Every element of x gets scale times the gradient of its sum.
+               return {MapElements<1>(op, {g[0].reshape(keep_shape)}, x_shape,
+                                      MulScalarFn{scale})};
+             });
   }
   return y;
+}
+
+// The number of elements of x that one output of a reduction over `mask`
+// sums.
+double ReducedCount(const Tensor& x, const std::vector<bool>& mask) {
+  int64_t count = 1;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (mask[d]) count *= x.size(d);
+  }
+  return static_cast<double>(count);
+}
+
+// Every dim of x (a scalar's mask has one entry, like ReduceMask's).
+std::vector<bool> AllDims(const Tensor& x) {
+  return std::vector<bool>(std::max<int64_t>(x.dim(), 1), true);
 }
 
 }  // namespace
 
 Tensor Sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
-  CheckFloatingCpuInputs("Sum", {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs("Sum", {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Sum(x32, dims, keepdim); }, x);
   }
-  return SumOverMask("Sum", x, ReduceMask("Sum", dims, x.dim()), keepdim);
+  return SumOverMask("Sum", x, ReduceMask("Sum", dims, x.dim()), keepdim,
+                     /*scale=*/1);
 }
 
 Tensor Sum(const Tensor& x) {
-  CheckFloatingCpuInputs("Sum", {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs("Sum", {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32([](const Tensor& x32) { return Sum(x32); }, x);
   }
-  return SumOverMask("Sum", x,
-                     std::vector<bool>(std::max<int64_t>(x.dim(), 1), true),
-                     /*keepdim=*/false);
+  return SumOverMask("Sum", x, AllDims(x), /*keepdim=*/false, /*scale=*/1);
 }
 
 Tensor Mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
-  CheckFloatingCpuInputs("Mean", {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs("Mean", {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Mean(x32, dims, keepdim); }, x);
   }
   const std::vector<bool> mask = ReduceMask("Mean", dims, x.dim());
-  int64_t count = 1;
-  for (int64_t d = 0; d < x.dim(); ++d) {
-    if (mask[d]) count *= x.size(d);
-  }
-  return MulScalar(SumOverMask("Mean", x, mask, keepdim),
-                   1.0 / static_cast<double>(count));
+  return SumOverMask("Mean", x, mask, keepdim, 1 / ReducedCount(x, mask));
 }
 
 Tensor Mean(const Tensor& x) {
-  CheckFloatingCpuInputs("Mean", {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs("Mean", {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32([](const Tensor& x32) { return Mean(x32); }, x);
   }
-  return MulScalar(Sum(x), 1.0 / static_cast<double>(x.numel()));
+  const std::vector<bool> mask = AllDims(x);
+  return SumOverMask("Mean", x, mask, /*keepdim=*/false,
+                     1 / ReducedCount(x, mask));
 }
 
 Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
-  CheckFloatingCpuInputs("Max", {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs("Max", {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Max(x32, dim, keepdim); }, x);
   }
@@ -136,7 +153,6 @@ Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
   LC_REQUIRE(length > 0, "Max: dim ", dim, " of shape ",
              ShapeToString(x.shape()),
              " has size 0 (expected a non-empty dim to take the maximum of)");
-  const int64_t x_step = rank == 0 ? 0 : x.stride(d);
   // One line per element of keep_shape; `line` is its row-major index.
   Shape keep_shape = x.shape();
   Shape out_shape = x.shape();
@@ -148,9 +164,25 @@ Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
       out_shape.erase(out_shape.begin() + d);
     }
   }
+  Tensor y = Empty(out_shape, x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    const Tensor argmax = Empty(keep_shape, DType::kInt64, x.device());
+    internal::MaxCuda(x, d, y, argmax);
+    if (NeedsGrad({x})) {
+      RecordOp("Max", {x}, {&y},
+               [x_shape = x.shape(), keep_shape, d,
+                argmax](const Tensors& g) -> Tensors {
+                 Tensor gx = Empty(x_shape, g[0].dtype(), g[0].device());
+                 internal::MaxBackwardCuda(g[0].reshape(keep_shape), argmax, d,
+                                           gx);
+                 return {gx};
+               });
+    }
+    return y;
+  }
+  const int64_t x_step = rank == 0 ? 0 : x.stride(d);
   const Shape line_strides = ContiguousStrides(keep_shape);
   std::vector<int64_t> argmax(NumElements(keep_shape));
-  Tensor y = Empty(out_shape, x.dtype());
   LC_DISPATCH_FLOATING(x.dtype(), "Max", [&] {
     const scalar_t* in = x.data<scalar_t>();
     scalar_t* out = y.data<scalar_t>();
@@ -193,7 +225,7 @@ Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
 }
 
 Tensor SumToShape(const Tensor& x, const Shape& shape) {
-  CheckFloatingCpuInputs("SumToShape", {x});
+  CheckFloatingInputs("SumToShape", {x});
   if (x.shape() == shape) return x;
   const int64_t lead = x.dim() - static_cast<int64_t>(shape.size());
   bool broadcasts = lead >= 0;

@@ -1,7 +1,10 @@
 // Differentiable reductions: sum and mean over dims or over everything, max
 // along one dim, and SumToShape (the reduction that undoes broadcasting).
 // Inputs may be float32, float64 or bfloat16 (computed in float32), of any
-// strides; sums accumulate in float64.
+// strides, on the CPU or a CUDA device. Sums are deterministic: on the CPU
+// they accumulate in float64 in row-major order, on CUDA in the compute type
+// (float64, or float32 for float32 and bfloat16) in the fixed order
+// ops/reduce_cuda.h describes.
 #ifndef LONGCTX_OPS_REDUCE_H_
 #define LONGCTX_OPS_REDUCE_H_
 

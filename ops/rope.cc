@@ -6,6 +6,7 @@
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/rope_cuda.h"
 #include "ops/shape_ops.h"
 
 namespace lc {
@@ -46,11 +47,17 @@ void RotaryKernel(const T* x, const int64_t* positions, int64_t batch,
   }
 }
 
-// Applies RotaryKernel to a [batch, n, heads, head_dim] tensor.
+// Rotates a [batch, n, heads, head_dim] tensor by sign * angle: RotaryKernel
+// on the CPU, RotaryCuda (any strides) on CUDA; positions are dense int64 on
+// x's device.
 Tensor Rotate(const Tensor& x, const Tensor& positions, double base,
               double sign) {
+  Tensor out = Empty(x.shape(), x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    internal::RotaryCuda(x, positions, base, sign, out);
+    return out;
+  }
   const Tensor xc = x.contiguous();
-  Tensor out = Empty(x.shape(), x.dtype());
   LC_DISPATCH_FLOATING(x.dtype(), "ApplyRotary", [&] {
     RotaryKernel(xc.data<scalar_t>(), positions.data<int64_t>(), x.size(0),
                  x.size(1), x.size(2), x.size(3), base, sign,
@@ -62,24 +69,29 @@ Tensor Rotate(const Tensor& x, const Tensor& positions, double base,
 }  // namespace
 
 Tensor ApplyRotary(const Tensor& x, const Tensor& positions, double base) {
-  CheckFloatingCpuInputs("ApplyRotary", {x});
+  CheckFloatingInputs("ApplyRotary", {x});
   LC_REQUIRE(x.dim() == 4, "ApplyRotary: x has shape ",
              ShapeToString(x.shape()),
              " (expected 4-D [batch, n, heads, head_dim])");
   LC_REQUIRE(x.size(3) % 2 == 0, "ApplyRotary: head_dim = ", x.size(3),
              " of x ", ShapeToString(x.shape()), " is odd (expected even)");
-  CheckIndexTensor("ApplyRotary", "positions", positions);
+  CheckIndexTensor("ApplyRotary", "positions", positions, x.device());
   LC_REQUIRE(positions.shape() == Shape{x.size(1)},
              "ApplyRotary: positions have shape ",
              ShapeToString(positions.shape()), " but x has shape ",
              ShapeToString(x.shape()), " (expected [", x.size(1), "])");
   LC_REQUIRE(base > 0, "ApplyRotary: base = ", base, " (expected > 0)");
-  if (x.dtype() == DType::kBFloat16) {
+  LC_REQUIRE(
+      x.device().is_cpu() || x.size(3) <= internal::kMaxRotaryHeadDimCuda,
+      "ApplyRotary: head_dim = ", x.size(3), " of x ", ShapeToString(x.shape()),
+      " on ", x.device().ToString(), " (expected at most ",
+      internal::kMaxRotaryHeadDimCuda, " on CUDA)");
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return ApplyRotary(x32, positions, base); },
         x);
   }
-  const Tensor pos = positions.contiguous();
+  const Tensor pos = positions.to(x.device()).contiguous();
   Tensor out = Rotate(x.detach(), pos, base, 1.0);
   if (NeedsGrad({x})) {
     RecordOp("ApplyRotary", {x}, {&out},

@@ -13,8 +13,11 @@ namespace lc {
 //   out_i     = x_i * cos(angle) - x_{i+h} * sin(angle),
 //   out_{i+h} = x_{i+h} * cos(angle) + x_i * sin(angle).
 // positions (int64 [n]) are explicit so that a rank holding a slice of the
-// sequence passes its global positions. Angles are computed in float64.
-// Returns [batch, n, heads, head_dim].
+// sequence passes its global positions. Angles and their cos/sin are computed
+// in float64, the rotation in x's compute type. Returns [batch, n, heads,
+// head_dim]. On CUDA, positions may be on x's device (preferred: no copy) or
+// on the CPU (copied to the device on every call, which waits for the copy);
+// head_dim is at most 4096 there.
 Tensor ApplyRotary(const Tensor& x, const Tensor& positions,
                    double base = 10000.0);
 

@@ -5,6 +5,7 @@
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/shape_ops_cuda.h"
 
 namespace lc {
 namespace {
@@ -52,24 +53,46 @@ void IndexAddRows(const T* g, const int64_t* index, int64_t outer, int64_t size,
 
 }  // namespace
 
-void CheckIndexTensor(const char* op, const char* name, const Tensor& indices) {
+void CheckIndexTensor(const char* op, const char* name, const Tensor& indices,
+                      Device device) {
   LC_REQUIRE(indices.defined(), op, ": ", name, " is an undefined tensor");
   LC_REQUIRE(indices.dtype() == DType::kInt64, op, ": ", name, " has dtype ",
              DTypeName(indices.dtype()), " (expected int64)");
-  LC_REQUIRE(indices.device().is_cpu(), op, ": ", name, " is on ",
-             indices.device().ToString(), " (expected cpu)");
+  LC_REQUIRE(indices.device().is_cpu() || indices.device() == device, op, ": ",
+             name, " is on ", indices.device().ToString(), " (expected cpu",
+             device.is_cpu() ? "" : " or ",
+             device.is_cpu() ? "" : device.ToString(), ")");
+}
+
+std::optional<IndexAt> FindInvalidIndex(const Tensor& indices, int64_t size,
+                                        std::optional<int64_t> ignore_index) {
+  const Tensor dense = indices.contiguous();
+  int64_t position = -1;
+  if (dense.device().is_cuda()) {
+    position = internal::FirstInvalidIndexCuda(
+        dense, size, ignore_index.has_value(), ignore_index.value_or(0));
+  } else {
+    const int64_t* values = dense.data<int64_t>();
+    for (int64_t i = 0; i < dense.numel() && position < 0; ++i) {
+      const bool ignored = ignore_index && values[i] == *ignore_index;
+      if ((values[i] < 0 || values[i] >= size) && !ignored) {
+        position = i;
+      }
+    }
+  }
+  if (position < 0) return std::nullopt;
+  const Tensor value =
+      dense.reshape({-1}).slice(0, position, position + 1).to(Device::Cpu());
+  return IndexAt{position, value.data<int64_t>()[0]};
 }
 
 void CheckIndicesInRange(const char* op, const char* name,
-                         const Tensor& indices, int64_t size) {
-  CheckIndexTensor(op, name, indices);
-  const Tensor dense = indices.contiguous();
-  const int64_t* values = dense.data<int64_t>();
-  for (int64_t i = 0; i < dense.numel(); ++i) {
-    LC_REQUIRE(values[i] >= 0 && values[i] < size, op, ": ", name, " value ",
-               values[i], " at position ", i,
-               " is out of range (expected 0 <= index < ", size, ")");
-  }
+                         const Tensor& indices, int64_t size, Device device) {
+  CheckIndexTensor(op, name, indices, device);
+  const std::optional<IndexAt> bad = FindInvalidIndex(indices, size);
+  LC_REQUIRE(!bad.has_value(), op, ": ", name, " value ", bad->value,
+             " at position ", bad->position,
+             " is out of range (expected 0 <= index < ", size, ")");
 }
 
 Tensor Concat(const std::vector<Tensor>& tensors, int64_t dim) {
@@ -143,35 +166,42 @@ std::vector<Tensor> Split(const Tensor& x, const std::vector<int64_t>& sizes,
 
 Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices) {
   LC_REQUIRE(x.defined(), "IndexSelect: x is an undefined tensor");
-  LC_REQUIRE(x.device().is_cpu(), "IndexSelect: x is on ",
-             x.device().ToString(),
-             "; this op has only a CPU kernel so far (expected cpu)");
   const int64_t d = NormalizeDim(dim, x.dim(), "IndexSelect");
-  CheckIndicesInRange("IndexSelect", "indices", indices, x.size(d));
+  CheckIndicesInRange("IndexSelect", "indices", indices, x.size(d), x.device());
   LC_REQUIRE(indices.dim() == 1, "IndexSelect: indices have shape ",
              ShapeToString(indices.shape()), " (expected 1-D)");
-  if (x.dtype() == DType::kBFloat16) {
+  const bool cuda = x.device().is_cuda();
+  if (x.dtype() == DType::kBFloat16 && !cuda) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return IndexSelect(x32, d, indices); }, x);
   }
 
   const Tensor xc = x.detach().contiguous();
-  const Tensor index = indices.contiguous();
+  const Tensor index = indices.to(x.device()).contiguous();
   const int64_t size = x.size(d);
   const int64_t num_indices = index.numel();
   int64_t outer, inner;
   OuterInner(x.shape(), d, &outer, &inner);
   Shape out_shape = x.shape();
   out_shape[d] = num_indices;
-  Tensor out = Empty(out_shape, x.dtype());
-  GatherRows(static_cast<const char*>(xc.raw_data()), index.data<int64_t>(),
-             outer, size, num_indices, inner, DTypeSize(x.dtype()),
-             static_cast<char*>(out.raw_data()));
+  Tensor out = Empty(out_shape, x.dtype(), x.device());
+  if (cuda) {
+    internal::GatherRowsCuda(xc, index, outer, size, inner, out);
+  } else {
+    GatherRows(static_cast<const char*>(xc.raw_data()), index.data<int64_t>(),
+               outer, size, num_indices, inner, DTypeSize(x.dtype()),
+               static_cast<char*>(out.raw_data()));
+  }
   if (NeedsGrad({x})) {
     RecordOp("IndexSelect", {x}, {&out},
              [index, x_shape = x.shape(), dtype = x.dtype(), outer, size,
               num_indices, inner](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();
+               if (gc.device().is_cuda()) {
+                 Tensor dx = Empty(x_shape, dtype, gc.device());
+                 internal::IndexAddRowsCuda(gc, index, outer, size, inner, dx);
+                 return {dx};
+               }
                Tensor dx = Zeros(x_shape, dtype);
                LC_DISPATCH_FLOATING(dtype, "IndexSelect", [&] {
                  IndexAddRows(gc.data<scalar_t>(), index.data<int64_t>(), outer,

@@ -5,14 +5,16 @@
 #define LONGCTX_OPS_SHAPE_OPS_H_
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "core/tensor.h"
 
 namespace lc {
 
-// Joins tensors of one dtype and rank along `dim`; all other sizes must
-// agree. [..., a_i, ...] for each input -> [..., sum_i a_i, ...].
+// Joins tensors of one dtype, rank and device (the CPU or CUDA) along `dim`;
+// all other sizes must agree. [..., a_i, ...] for each input -> [..., sum_i
+// a_i, ...].
 Tensor Concat(const std::vector<Tensor>& tensors, int64_t dim);
 
 // Cuts x along `dim` into pieces of `sizes` (>= 0, summing to x.size(dim)).
@@ -22,17 +24,34 @@ std::vector<Tensor> Split(const Tensor& x, const std::vector<int64_t>& sizes,
 
 // The slices of x at `indices` (int64, 1-D, each in [0, x.size(dim))) along
 // `dim`: x [..., S, ...] -> [..., L, ...] for L indices, repeats allowed.
-// Works for any dtype; its backward adds each gradient slice back at its
-// index.
+// Works for any dtype, on the CPU or CUDA (indices on the CPU or on x's
+// device); its backward adds each gradient slice back at its index, on CUDA
+// in a fixed order (bit-identical on every run).
 Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices);
 
 // Throws lc::Error naming `op` and `name` unless `indices` is a defined int64
-// CPU tensor.
-void CheckIndexTensor(const char* op, const char* name, const Tensor& indices);
+// tensor on the CPU or on `device` (an op's data device: index tensors of an
+// op on CUDA may stay on the host).
+void CheckIndexTensor(const char* op, const char* name, const Tensor& indices,
+                      Device device = Device::Cpu());
 // As CheckIndexTensor, and also unless every value lies in [0, size); the
-// message names the first bad value, its position and `size`.
+// message names the first bad value, its position and `size`. Indices on a
+// CUDA device are checked there, and the call waits for the result.
 void CheckIndicesInRange(const char* op, const char* name,
-                         const Tensor& indices, int64_t size);
+                         const Tensor& indices, int64_t size,
+                         Device device = Device::Cpu());
+
+// A value of an index tensor and its row-major position.
+struct IndexAt {
+  int64_t position;
+  int64_t value;
+};
+// The first value of `indices` (int64, on the CPU or a CUDA device, checked
+// there) outside [0, size) that is not equal to `ignore_index` (when given),
+// or nullopt when there is none.
+std::optional<IndexAt> FindInvalidIndex(
+    const Tensor& indices, int64_t size,
+    std::optional<int64_t> ignore_index = std::nullopt);
 
 }  // namespace lc
 

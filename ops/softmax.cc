@@ -7,6 +7,7 @@
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
 #include "ops/elementwise_kernel.h"
+#include "ops/softmax_cuda.h"
 
 namespace lc {
 namespace {
@@ -33,9 +34,14 @@ int64_t LineStep(const Tensor& t, int64_t d) {
 // For every line of x along dim d:
 //   softmax:     y = exp(x - max) / sum(exp(x - max))
 //   log-softmax: y = (x - max) - log(sum(exp(x - max)))
-// Returns y, contiguous, of x's shape. Sums accumulate in float64.
+// Returns y, contiguous, of x's shape, on x's device. Sums accumulate in
+// float64 on the CPU; CUDA runs SoftmaxForwardCuda.
 Tensor SoftmaxForward(const char* op, const Tensor& x, int64_t d, bool log) {
-  Tensor y = Empty(x.shape(), x.dtype());
+  Tensor y = Empty(x.shape(), x.dtype(), x.device());
+  if (x.device().is_cuda()) {
+    internal::SoftmaxForwardCuda(x, d, log, y);
+    return y;
+  }
   int64_t length;
   const Shape starts = LineStarts(x.shape(), d, &length);
   const int64_t x_step = LineStep(x, d);
@@ -81,8 +87,12 @@ Tensor SoftmaxForward(const char* op, const Tensor& x, int64_t d, bool log) {
 //   log-softmax: grad_x = g - exp(y) * sum(g)
 Tensor SoftmaxBackward(const char* op, const Tensor& g, const Tensor& y,
                        int64_t d, bool log) {
-  CheckFloatingCpuInputs(op, {g, y});
-  Tensor gx = Empty(y.shape(), y.dtype());
+  CheckFloatingInputs(op, {g, y});
+  Tensor gx = Empty(y.shape(), y.dtype(), y.device());
+  if (y.device().is_cuda()) {
+    internal::SoftmaxBackwardCuda(g, y, d, log, gx);
+    return gx;
+  }
   int64_t length;
   const Shape starts = LineStarts(y.shape(), d, &length);
   const int64_t gx_step = LineStep(gx, d);
@@ -115,8 +125,8 @@ Tensor SoftmaxBackward(const char* op, const Tensor& g, const Tensor& y,
 
 // Softmax or log-softmax with autograd; bfloat16 computes in float32.
 Tensor SoftmaxOp(const char* op, const Tensor& x, int64_t dim, bool log) {
-  CheckFloatingCpuInputs(op, {x});
-  if (x.dtype() == DType::kBFloat16) {
+  CheckFloatingInputs(op, {x});
+  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return SoftmaxOp(op, x32, dim, log); }, x);
   }

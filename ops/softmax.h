@@ -1,7 +1,7 @@
 // Differentiable softmax and log-softmax along one dim, numerically stable
 // (the line's maximum is subtracted before exp), with dedicated backward
 // kernels. Inputs may be float32, float64 or bfloat16 (computed in float32),
-// of any shape and strides.
+// of any shape and strides, on the CPU or a CUDA device.
 #ifndef LONGCTX_OPS_SOFTMAX_H_
 #define LONGCTX_OPS_SOFTMAX_H_
 
