@@ -1,6 +1,9 @@
 #include "tests/op_test_util.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <utility>
 
 #include "gtest/gtest.h"
 
@@ -199,16 +202,57 @@ void ExpectGradientsMatchFiniteDifferences(const OpFn& fn,
   }
 }
 
-Tensor NonContiguousCopy(const Tensor& t) {
+const char* StridedLayoutName(StridedLayout layout) {
+  return layout == StridedLayout::kEveryOther ? "every other element"
+                                              : "transposed";
+}
+
+Tensor NonContiguousCopy(const Tensor& t, StridedLayout layout) {
   LC_CHECK_GE(t.dim(), 1);
-  // Every other column of a buffer twice as wide: same values, strided.
-  Shape wide = t.shape();
-  wide.back() *= 2;
-  Tensor buffer = Zeros(wide, t.dtype(), t.device());
-  Tensor view = buffer.slice(-1, 0, wide.back(), 2);
+  Tensor view;
+  if (layout == StridedLayout::kTransposed && t.dim() >= 2) {
+    // A contiguous block from element 1 of the buffer holding dims 0 and 1
+    // swapped, viewed back in t's order.
+    Shape swapped = t.shape();
+    std::swap(swapped[0], swapped[1]);
+    Tensor buffer = Zeros({t.numel() + 1}, t.dtype(), t.device());
+    view = buffer.slice(0, 1, t.numel() + 1).view(swapped).transpose(0, 1);
+  } else {
+    // Elements 1, 3, 5, ... of a last dim twice as wide plus one.
+    Shape wide = t.shape();
+    wide.back() = 2 * wide.back() + 1;
+    Tensor buffer = Zeros(wide, t.dtype(), t.device());
+    view = buffer.slice(-1, 1, wide.back(), 2);
+  }
   CopyInto(view, t.detach());
-  LC_CHECK(!view.is_contiguous() || t.numel() <= 1);
+  LC_CHECK_EQ(view.offset(), 1);
   return view;
+}
+
+namespace {
+
+// Host memory for "CUDA" buffers (see ScopedHostCudaAllocator).
+class HostAllocator : public Allocator {
+ public:
+  void* Allocate(int64_t bytes, Device) override {
+    return std::malloc(std::max<int64_t>(bytes, 1));
+  }
+  void Deallocate(void* ptr, int64_t, Device) override { std::free(ptr); }
+};
+
+HostAllocator& HostCudaAllocator() {
+  static HostAllocator* allocator = new HostAllocator();  // never freed
+  return *allocator;
+}
+
+}  // namespace
+
+ScopedHostCudaAllocator::ScopedHostCudaAllocator() {
+  SetAllocator(DeviceType::kCuda, &HostCudaAllocator());
+}
+
+ScopedHostCudaAllocator::~ScopedHostCudaAllocator() {
+  SetAllocator(DeviceType::kCuda, nullptr);
 }
 
 }  // namespace testing

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/autograd.h"
+#include "core/memory.h"
 #include "core/random.h"
 #include "gtest/gtest.h"
 #include "tests/torch_oracle.h"
@@ -47,8 +48,14 @@ void ExpectMatchesTorch(const std::string& torch_op, const OpFn& fn,
 
 // Checks the analytic gradients of fn against central finite differences of
 // L = sum_k <g_k, fn(x)_k> for fresh random g, element by element, for
-// every floating input (which must be float64). `eps` is the step; the
-// difference must be within `tol` * max(1, |analytic|).
+// every floating input (which must be float64). `eps` is the step h; the
+// difference must be within `tol` * max(1, |numeric|), numeric being the
+// central difference (L(x + h) - L(x - h)) / 2h. The defaults rest on its
+// error for smooth ops with O(1) values and derivatives in float64:
+// truncation O(h^2 |d^3L/dx^3|) ~ 1e-12, and rounding of the two
+// evaluations ~ eps_64 |L| / h ~ 1e-16 / 1e-6 = 1e-10; tol = 1e-6 leaves
+// four orders of magnitude of headroom for larger sums and derivatives,
+// while a wrong gradient is off by O(1).
 void ExpectGradientsMatchFiniteDifferences(const OpFn& fn,
                                            const Tensors& inputs,
                                            double eps = 1e-6,
@@ -69,9 +76,36 @@ void ExpectError(Fn&& fn, const std::vector<std::string>& pieces) {
   }
 }
 
-// A strided (non-contiguous) tensor with the same values as `t` (every other
-// element of a buffer twice as wide), so tests can feed views to ops.
-Tensor NonContiguousCopy(const Tensor& t);
+// How NonContiguousCopy lays out its view. Both views start at element 1 of
+// their buffer, so ops also see a nonzero offset.
+enum class StridedLayout {
+  // Every other element of the last dim (inner stride 2).
+  kEveryOther,
+  // Dims 0 and 1 swapped in memory: outer strides out of order, the last
+  // dim contiguous. A tensor of one dim gets kEveryOther.
+  kTransposed,
+};
+inline constexpr StridedLayout kStridedLayouts[] = {StridedLayout::kEveryOther,
+                                                    StridedLayout::kTransposed};
+const char* StridedLayoutName(StridedLayout layout);
+
+// A strided (non-contiguous, offset) view with the same values as `t` on
+// t's device, so tests can feed views to ops.
+Tensor NonContiguousCopy(const Tensor& t,
+                         StridedLayout layout = StridedLayout::kEveryOther);
+
+// While alive, CUDA tensors are allocated in host memory, so a test without
+// a GPU can build CUDA tensors (never running a kernel on them) to check the
+// device checks that ops make before any kernel. Restores the default CUDA
+// allocator when destroyed (buffers made meanwhile are still freed to the
+// host: a buffer remembers its allocator).
+class ScopedHostCudaAllocator {
+ public:
+  ScopedHostCudaAllocator();
+  ~ScopedHostCudaAllocator();
+  ScopedHostCudaAllocator(const ScopedHostCudaAllocator&) = delete;
+  ScopedHostCudaAllocator& operator=(const ScopedHostCudaAllocator&) = delete;
+};
 
 }  // namespace testing
 }  // namespace lc

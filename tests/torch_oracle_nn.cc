@@ -1,8 +1,12 @@
 // Oracle ops for the matmul, norm, embedding, loss, rope, shape-op and layer
 // suites. Attributes: "transpose_a"/"transpose_b" (0 or 1), "eps", "dim",
-// "ignore_index" and "base" as numbers, split sizes as the list "sizes".
+// "ignore_index" and "base" as numbers, split sizes as the list "sizes";
+// dropout's "p", "seed" and "offset" as numbers.
 // Optional tensor inputs (norm weight and bias, linear bias) may be
 // undefined.
+#include <vector>
+
+#include "core/random.h"
 #include "tests/torch_oracle_registry.h"
 
 namespace lc {
@@ -89,6 +93,24 @@ LC_REGISTER_TORCH_OP(index_select, [](const TorchTensors& in,
 
 LC_REGISTER_TORCH_OP(linear, [](const TorchTensors& in, const OracleAttrs&) {
   return TorchTensors{torch::linear(in[0], in[1], in[2])};
+});
+
+// Dropout from the same Philox draws as ops/dropout.h: x * mask / (1 - p)
+// with mask[i] = UniformAt(seed, offset, i) >= p for i the row-major index
+// of each element (attributes "p", "seed", "offset").
+LC_REGISTER_TORCH_OP(dropout, [](const TorchTensors& in,
+                                 const OracleAttrs& attrs) {
+  const double p = attrs.number("p");
+  const auto seed = static_cast<uint64_t>(attrs.number("seed"));
+  const auto offset = static_cast<uint64_t>(attrs.number("offset"));
+  const torch::Tensor& x = in[0];
+  std::vector<double> mask(x.numel());
+  for (size_t i = 0; i < mask.size(); ++i) {
+    mask[i] = UniformAt(seed, offset, i) >= p ? 1.0 : 0.0;
+  }
+  const torch::Tensor keep =
+      torch::tensor(mask, torch::kFloat64).reshape(x.sizes());
+  return TorchTensors{x * keep / (1 - p)};
 });
 
 }  // namespace

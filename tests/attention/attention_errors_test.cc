@@ -34,6 +34,20 @@ void ExpectInvalid(const absl::StatusOr<T>& result,
   }
 }
 
+// q, k, v on different devices: an lc::Error naming both, from the input
+// checks before any kernel (the CUDA tensors live in host memory, so no GPU
+// is needed and none is touched).
+TEST(AttentionErrorsTest, AttentionRejectsCpuAndCudaMix) {
+  testing::ScopedHostCudaAllocator host_cuda;
+  const Tensor cpu = Zeros({1, 8, 2, 4});
+  const Tensor cuda = Empty({1, 8, 2, 4}, DType::kFloat32, Device::Cuda(0));
+  const AttentionPattern pattern = DenseHeads(2, 8);
+  ExpectError([&] { Attention(cpu, cuda, cpu, pattern); }, {"cuda:0", "cpu"});
+  ExpectError([&] { Attention(cpu, cpu, cuda, pattern); }, {"cuda:0", "cpu"});
+  ExpectError([&] { Attention(cuda, cpu, cpu, pattern); }, {"cuda:0", "cpu"});
+  ExpectError([&] { Attention(cuda, cuda, cpu, pattern); }, {"cuda:0", "cpu"});
+}
+
 TEST(AttentionErrorsTest, AttentionRejectsBadShapesAndDtypes) {
   const Tensor q = Zeros({2, 16, 3, 4});
   const AttentionPattern pattern = DenseHeads(3, 16);

@@ -23,32 +23,19 @@ namespace {
 
 using testing::AttentionCase;
 using testing::BitwiseEqual;
-using testing::BlockSparseHeads;
+using testing::BlockSparseSpec;
 using testing::DefaultTolerance;
-using testing::DilatedHeads;
+using testing::DilatedSpec;
 using testing::ExpectAllClose;
 using testing::ExpectAttentionMatchesOracle;
+using testing::PatternSpec;
 using testing::Qkv;
 using testing::RandomQkv;
 using testing::TestGenerator;
 
-DilatedOptions Dilated(std::vector<int64_t> w, std::vector<int64_t> r,
-                       HeadLayout layout) {
-  DilatedOptions o;
-  o.segment_lengths = std::move(w);
-  o.dilation_rates = std::move(r);
-  o.head_layout = layout;
-  return o;
-}
-
 AttentionCase Case(std::string name, int64_t n, int64_t heads,
-                   AttentionPattern pattern) {
-  AttentionCase c;
-  c.name = std::move(name);
-  c.n = n;
-  c.heads = heads;
-  c.pattern = std::move(pattern);
-  return c;
+                   PatternSpec spec) {
+  return testing::MakeAttentionCase(std::move(name), n, heads, std::move(spec));
 }
 
 // Whether row (b, h, t) of a [batch, heads, n, n] weight tensor has any
@@ -71,21 +58,21 @@ std::vector<bool> RowsWithKeys(const Tensor& counts) {
 TEST(AttentionFailureModesTest, SeparateSoftmaxesSummed) {
   Generator gen = TestGenerator();
   std::vector<AttentionCase> cases;
-  cases.push_back(Case(
-      "all_heads 3 patterns", 50, 4,
-      DilatedHeads(Dilated({8, 16, 32}, {1, 2, 4}, HeadLayout::kAllHeads), 4)));
+  cases.push_back(
+      Case("all_heads 3 patterns", 50, 4,
+           DilatedSpec({8, 16, 32}, {1, 2, 4}, HeadLayout::kAllHeads)));
   BlockSparseOptions global;
   global.pattern = SparsePattern::kGlobalLocal;
   global.block_size = 6;
   global.global_tokens = 6;
   global.window = 6;
-  cases.push_back(Case("global_local", 50, 2, BlockSparseHeads(global, 2, 50)));
+  cases.push_back(Case("global_local", 50, 2, BlockSparseSpec(global)));
   BlockSparseOptions random;
   random.pattern = SparsePattern::kRandom;
   random.block_size = 5;
   random.density = 0.5;
   random.seed = 5;
-  cases.push_back(Case("random", 50, 2, BlockSparseHeads(random, 2, 50)));
+  cases.push_back(Case("random", 50, 2, BlockSparseSpec(random)));
   for (AttentionCase c : cases) {
     for (bool causal : {false, true}) {
       SCOPED_TRACE(c.name + (causal ? " causal" : ""));
@@ -97,7 +84,7 @@ TEST(AttentionFailureModesTest, SeparateSoftmaxesSummed) {
       const AttentionResult r =
           Attention(in.q, in.k, in.v, c.pattern, c.options);
       const std::vector<bool> has_key =
-          RowsWithKeys(PairCounts(c.pattern, causal, Tensor(), c.batch, c.n));
+          RowsWithKeys(testing::WeightsFor(c, gen).counts);
       const std::vector<double> out = r.out.ToVector();
       int64_t with_key = 0, bad = 0;
       for (int64_t b = 0; b < c.batch; ++b) {
@@ -131,16 +118,15 @@ TEST(AttentionFailureModesTest, CausalDoesNotLeakFutureBlocks) {
   global.block_size = 8;
   global.global_tokens = 8;
   global.window = 8;
-  cases.push_back(Case("global_local", 45, 2, BlockSparseHeads(global, 2, 45)));
+  cases.push_back(Case("global_local", 45, 2, BlockSparseSpec(global)));
   BlockSparseOptions dilated_sparse;
   dilated_sparse.pattern = SparsePattern::kDilatedSparse;
   dilated_sparse.block_size = 4;
   dilated_sparse.stride = 3;
   cases.push_back(
-      Case("dilated_sparse", 45, 2, BlockSparseHeads(dilated_sparse, 2, 45)));
-  cases.push_back(
-      Case("all_heads", 45, 3,
-           DilatedHeads(Dilated({16, 32}, {1, 2}, HeadLayout::kAllHeads), 3)));
+      Case("dilated_sparse", 45, 2, BlockSparseSpec(dilated_sparse)));
+  cases.push_back(Case("all_heads", 45, 3,
+                       DilatedSpec({16, 32}, {1, 2}, HeadLayout::kAllHeads)));
   for (AttentionCase c : cases) {
     c.options.query_tile = 5;
     c.options.key_tile = 7;
@@ -184,7 +170,7 @@ TEST(AttentionFailureModesTest, MaskedKeysGetExactlyZeroWeight) {
   const int64_t n = 16, past = 8;
   for (DType dtype : {DType::kFloat32, DType::kFloat64}) {
     SCOPED_TRACE(DTypeName(dtype));
-    AttentionCase c = Case("dense", n, 1, testing::DenseHeads(1, n));
+    AttentionCase c = Case("dense", n, 1, testing::DenseSpec());
     c.batch = 1;
     c.head_dim = 4;
     c.options.causal = true;
@@ -220,15 +206,14 @@ TEST(AttentionFailureModesTest, MaskedKeysGetExactlyZeroWeight) {
 TEST(AttentionFailureModesTest, PaddingKeysGetNoWeight) {
   Generator gen = TestGenerator();
   std::vector<AttentionCase> cases;
-  cases.push_back(
-      Case("head_groups", 37, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kHeadGroups), 3)));
+  cases.push_back(Case("head_groups", 37, 3,
+                       DilatedSpec({8, 16}, {1, 2}, HeadLayout::kHeadGroups)));
   BlockSparseOptions random;
   random.pattern = SparsePattern::kRandom;
   random.block_size = 6;
   random.density = 0.5;
   random.seed = 2;
-  cases.push_back(Case("random", 37, 2, BlockSparseHeads(random, 2, 37)));
+  cases.push_back(Case("random", 37, 2, BlockSparseSpec(random)));
   for (AttentionCase c : cases) {
     SCOPED_TRACE(c.name);
     std::vector<double> bits = Rand({c.batch, c.n}, gen).ToVector();
@@ -289,7 +274,7 @@ TEST(AttentionFailureModesTest, NoSilentZerosPastSegmentSum) {
     for (bool causal : {false, true}) {
       AttentionCase c =
           Case(layout == HeadLayout::kHeadGroups ? "head_groups" : "all_heads",
-               50, 4, DilatedHeads(Dilated({8, 16}, {1, 2}, layout), 4));
+               50, 4, DilatedSpec({8, 16}, {1, 2}, layout));
       c.options.causal = causal;
       SCOPED_TRACE(c.name + (causal ? " causal" : ""));
       const Qkv in = RandomQkv(c, DType::kFloat64, gen);
@@ -297,13 +282,15 @@ TEST(AttentionFailureModesTest, NoSilentZerosPastSegmentSum) {
           Attention(in.q, in.k, in.v, c.pattern, c.options);
       const std::vector<double> lse = r.lse.ToVector();
       const std::vector<double> out = r.out.ToVector();
+      const std::vector<std::vector<testing::SpecPattern>> patterns =
+          testing::SpecHeadPatterns(c.spec, c.heads, c.n);
       int64_t selected_past_sum = 0;
       for (int64_t b = 0; b < c.batch; ++b) {
         for (int64_t h = 0; h < c.heads; ++h) {
           for (int64_t t = 0; t < c.n; ++t) {
             bool selected = false;
-            for (const DilatedPattern& p : c.pattern.head_patterns[h]) {
-              selected = selected || p.Selects(t);
+            for (const testing::SpecPattern& p : patterns[h]) {
+              selected = selected || (t % p.w) % p.r == p.o;
             }
             const double l = lse[(b * c.heads + h) * c.n + t];
             if (!selected) {
@@ -340,9 +327,8 @@ TEST(AttentionFailureModesTest, NoSilentZerosPastSegmentSum) {
 TEST(AttentionFailureModesTest, DropoutAppliedOnce) {
   Generator gen = TestGenerator();
   const double p = 0.3;
-  AttentionCase c =
-      Case("all_heads", 40, 2,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kAllHeads), 2));
+  AttentionCase c = Case("all_heads", 40, 2,
+                         DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads));
   c.batch = 1;
   c.head_dim = 4;
   c.options.causal = true;
@@ -354,11 +340,9 @@ TEST(AttentionFailureModesTest, DropoutAppliedOnce) {
     Generator dropout_gen(gen.NextOffset());
     c.options.dropout = p;
     c.options.generator = &dropout_gen;
-    const Tensor keep =
-        DropoutKeepWeights(c.pattern, true, Tensor(), c.batch, c.n, p,
-                           dropout_gen.seed(), dropout_gen.offset());
-    const Tensor counts = PairCounts(c.pattern, true, Tensor(), 1, c.n);
-    const std::vector<double> kv = keep.ToVector(), cv = counts.ToVector();
+    const testing::OracleWeights weights = testing::WeightsFor(c, dropout_gen);
+    const std::vector<double> kv = weights.keep.ToVector(),
+                              cv = weights.counts.ToVector();
     int64_t dropped = 0, kept_twice = 0;
     for (size_t i = 0; i < kv.size(); ++i) {
       // keep / (1 / (1 - p)) counts the patterns whose draw kept the pair.
@@ -409,8 +393,9 @@ TEST(AttentionFailureModesTest, DropoutAppliedOnce) {
 // (f) 5 heads in 3 groups: sizes 2, 2, 1 with (w_g, r_g, g mod r_g), and
 // head 4 (the group of one) computes its own pattern: equal to the oracle.
 TEST(AttentionFailureModesTest, UnequalHeadGroups) {
-  const DilatedOptions options =
-      Dilated({6, 12, 24}, {1, 2, 4}, HeadLayout::kHeadGroups);
+  const PatternSpec spec =
+      DilatedSpec({6, 12, 24}, {1, 2, 4}, HeadLayout::kHeadGroups);
+  const DilatedOptions& options = *spec.dilated;
   auto heads = DilatedHeadPatterns(options, 5);
   ASSERT_TRUE(heads.ok()) << heads.status();
   const std::vector<std::vector<int64_t>> want = {
@@ -439,7 +424,7 @@ TEST(AttentionFailureModesTest, UnequalHeadGroups) {
   EXPECT_EQ(segments, (std::vector<int64_t>{6, 6, 6, 12, 12, 24, 24}));
 
   Generator gen = TestGenerator();
-  AttentionCase c = Case("head_groups 5/3", 53, 5, DilatedHeads(options, 5));
+  AttentionCase c = Case("head_groups 5/3", 53, 5, spec);
   c.options.causal = true;
   const Qkv in = RandomQkv(c, DType::kFloat64, gen);
   ExpectAttentionMatchesOracle(c, in);

@@ -1,8 +1,11 @@
 // lc::Attention against the torch oracle and ReferenceAttention for every
 // pattern type (dense, dilated head groups and all heads, block-sparse, their
 // intersection), causal and not, with small and default tiles; float32 and
-// bfloat16 against float64; finite differences; key padding; dropout; tile
-// order.
+// bfloat16 against float64; float32 with scores near 500; finite
+// differences; key padding; dropout; tile order. The oracle's pair counts
+// come from the test's own reading of the options (attention_test_util.h).
+// Also: hand-written block masks and head patterns, and the overflow-safe
+// merge of two partial results.
 #include "attention/attention.h"
 
 #include <algorithm>
@@ -14,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "attention/partial_attention.h"
 #include "attention/reference_attention.h"
 #include "attention/tile_plan.h"
 #include "core/autograd.h"
@@ -27,16 +32,17 @@ namespace {
 
 using testing::AttentionCase;
 using testing::BitwiseEqual;
-using testing::BlockSparseHeads;
+using testing::BlockSparseSpec;
 using testing::DefaultTolerance;
-using testing::DenseHeads;
-using testing::DilatedHeads;
+using testing::DenseSpec;
+using testing::DilatedSpec;
 using testing::DropoutGeneratorState;
 using testing::ExpectAllClose;
 using testing::ExpectAttentionMatchesOracle;
 using testing::ExpectGradientsMatchFiniteDifferences;
 using testing::ExpectLseClose;
 using testing::OpFn;
+using testing::PatternSpec;
 using testing::Qkv;
 using testing::RandomQkv;
 using testing::TestGenerator;
@@ -55,22 +61,8 @@ Tolerance ScaledTolerance(const Tensor& expected, DType dtype) {
 }
 
 AttentionCase Case(std::string name, int64_t n, int64_t heads,
-                   AttentionPattern pattern) {
-  AttentionCase c;
-  c.name = std::move(name);
-  c.n = n;
-  c.heads = heads;
-  c.pattern = std::move(pattern);
-  return c;
-}
-
-DilatedOptions Dilated(std::vector<int64_t> w, std::vector<int64_t> r,
-                       HeadLayout layout) {
-  DilatedOptions o;
-  o.segment_lengths = std::move(w);
-  o.dilation_rates = std::move(r);
-  o.head_layout = layout;
-  return o;
+                   PatternSpec spec) {
+  return testing::MakeAttentionCase(std::move(name), n, heads, std::move(spec));
 }
 
 BlockSparseOptions Sparse(SparsePattern pattern, int64_t block_size) {
@@ -99,60 +91,54 @@ std::vector<uint8_t> RandomExplicitMask(int64_t blocks, Generator& gen) {
 // block size and mostly not of the segment lengths.
 std::vector<AttentionCase> PatternCases(Generator& gen) {
   std::vector<AttentionCase> cases;
-  cases.push_back(Case("dense", 37, 3, DenseHeads(3, 37)));
+  cases.push_back(Case("dense", 37, 3, DenseSpec()));
   // Head groups: n divisible by every segment length.
-  cases.push_back(
-      Case("head_groups w{8,16} r{1,2} n48", 48, 4,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kHeadGroups), 4)));
+  cases.push_back(Case("head_groups w{8,16} r{1,2} n48", 48, 4,
+                       DilatedSpec({8, 16}, {1, 2}, HeadLayout::kHeadGroups)));
   // Head groups: last segments short (53 = 5*10+3 = 2*24+5), r up to 3.
-  cases.push_back(Case(
-      "head_groups w{10,24} r{2,3} n53", 53, 4,
-      DilatedHeads(Dilated({10, 24}, {2, 3}, HeadLayout::kHeadGroups), 4)));
+  cases.push_back(Case("head_groups w{10,24} r{2,3} n53", 53, 4,
+                       DilatedSpec({10, 24}, {2, 3}, HeadLayout::kHeadGroups)));
   // 5 heads in 3 groups (sizes 2, 2, 1), offsets g mod r = 0, 1, 2.
   cases.push_back(
       Case("head_groups 5 heads 3 groups n41", 41, 5,
-           DilatedHeads(
-               Dilated({6, 12, 20}, {1, 2, 4}, HeadLayout::kHeadGroups), 5)));
+           DilatedSpec({6, 12, 20}, {1, 2, 4}, HeadLayout::kHeadGroups)));
   // Fewer heads than groups: the last group is empty.
   cases.push_back(
       Case("head_groups 2 heads 3 groups n45", 45, 2,
-           DilatedHeads(
-               Dilated({8, 16, 32}, {1, 2, 4}, HeadLayout::kHeadGroups), 2)));
-  cases.push_back(
-      Case("all_heads w{8,16} r{1,2} n40", 40, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kAllHeads), 3)));
+           DilatedSpec({8, 16, 32}, {1, 2, 4}, HeadLayout::kHeadGroups)));
+  cases.push_back(Case("all_heads w{8,16} r{1,2} n40", 40, 3,
+                       DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads)));
   // All heads, offsets j mod r over 5 heads, last segments short.
-  cases.push_back(Case(
-      "all_heads w{7,15,31} r{1,3,5} n45", 45, 5,
-      DilatedHeads(Dilated({7, 15, 31}, {1, 3, 5}, HeadLayout::kAllHeads), 5)));
+  cases.push_back(
+      Case("all_heads w{7,15,31} r{1,3,5} n45", 45, 5,
+           DilatedSpec({7, 15, 31}, {1, 3, 5}, HeadLayout::kAllHeads)));
   // Block-sparse, block size 8 over n = 45 (6 blocks, the last of 5).
   const int64_t n = 45;
   BlockSparseOptions local = Sparse(SparsePattern::kLocalWindow, 8);
   local.window = 8;
-  cases.push_back(Case("local_window", n, 2, BlockSparseHeads(local, 2, n)));
+  cases.push_back(Case("local_window", n, 2, BlockSparseSpec(local)));
   BlockSparseOptions dilated = Sparse(SparsePattern::kDilatedSparse, 8);
   dilated.stride = 2;
-  cases.push_back(
-      Case("dilated_sparse", n, 2, BlockSparseHeads(dilated, 2, n)));
+  cases.push_back(Case("dilated_sparse", n, 2, BlockSparseSpec(dilated)));
   BlockSparseOptions global = Sparse(SparsePattern::kGlobalLocal, 8);
   global.global_tokens = 8;
   global.window = 0;
-  cases.push_back(Case("global_local", n, 2, BlockSparseHeads(global, 2, n)));
+  cases.push_back(Case("global_local", n, 2, BlockSparseSpec(global)));
   BlockSparseOptions random = Sparse(SparsePattern::kRandom, 8);
   random.seed = 7;
   random.density = 0.3;
-  cases.push_back(Case("random", n, 2, BlockSparseHeads(random, 2, n)));
+  cases.push_back(Case("random", n, 2, BlockSparseSpec(random)));
   BlockSparseOptions explicit_mask = Sparse(SparsePattern::kExplicit, 8);
   explicit_mask.explicit_mask = RandomExplicitMask(6, gen);
-  cases.push_back(
-      Case("explicit", n, 2, BlockSparseHeads(explicit_mask, 2, n)));
+  cases.push_back(Case("explicit", n, 2, BlockSparseSpec(explicit_mask)));
   // A dilated pattern intersected with a block mask (block 6, n = 50).
-  AttentionPattern both =
-      DilatedHeads(Dilated({16, 32}, {1, 2}, HeadLayout::kAllHeads), 2);
   BlockSparseOptions window6 = Sparse(SparsePattern::kLocalWindow, 6);
   window6.window = 6;
-  both.block_mask = BlockSparseHeads(window6, 2, 50).block_mask;
-  cases.push_back(Case("dilated x local_window", 50, 2, both));
+  cases.push_back(
+      Case("dilated x local_window", 50, 2,
+           BlockSparseSpec(
+               window6,
+               DilatedSpec({16, 32}, {1, 2}, HeadLayout::kAllHeads).dilated)));
   return cases;
 }
 
@@ -211,9 +197,8 @@ TEST(AttentionTest, Float32MatchesFloat64Reference) {
 // bfloat16 tolerance (8 significant bits: 1e-2 relative).
 TEST(AttentionTest, BFloat16MatchesTorch) {
   Generator gen = TestGenerator();
-  AttentionCase c =
-      Case("all_heads bf16", 40, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kAllHeads), 3));
+  AttentionCase c = Case("all_heads bf16", 40, 3,
+                         DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads));
   c.options.causal = true;
   c.options.query_tile = 5;
   c.options.key_tile = 7;
@@ -230,8 +215,8 @@ TEST(AttentionTest, BFloat16MatchesTorch) {
 TEST(AttentionTest, DilatedCausalGradientsMatchFiniteDifferences) {
   Generator gen = TestGenerator();
   const int64_t n = 16, heads = 2, head_dim = 4;
-  AttentionPattern pattern =
-      DilatedHeads(Dilated({4, 8}, {1, 2}, HeadLayout::kAllHeads), heads);
+  const AttentionPattern pattern = testing::DilatedHeads(
+      *DilatedSpec({4, 8}, {1, 2}, HeadLayout::kAllHeads).dilated, heads);
   AttentionOptions options;
   options.causal = true;
   options.query_tile = 3;
@@ -269,14 +254,13 @@ Tensor PaddingMask(int64_t batch, int64_t n, Generator& gen) {
 TEST(AttentionTest, KeyPaddingMaskMatchesTorch) {
   Generator gen = TestGenerator();
   std::vector<AttentionCase> cases;
-  cases.push_back(Case("dense", 33, 2, DenseHeads(2, 33)));
-  cases.push_back(
-      Case("all_heads", 41, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kAllHeads), 3)));
+  cases.push_back(Case("dense", 33, 2, DenseSpec()));
+  cases.push_back(Case("all_heads", 41, 3,
+                       DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads)));
   BlockSparseOptions global = Sparse(SparsePattern::kGlobalLocal, 6);
   global.global_tokens = 4;
   global.window = 6;
-  cases.push_back(Case("global_local", 39, 2, BlockSparseHeads(global, 2, 39)));
+  cases.push_back(Case("global_local", 39, 2, BlockSparseSpec(global)));
   for (AttentionCase c : cases) {
     c.batch = 3;
     c.options.key_padding_mask = PaddingMask(c.batch, c.n, gen);
@@ -293,9 +277,8 @@ TEST(AttentionTest, KeyPaddingMaskMatchesTorch) {
 // gradients (zero for its q row) even with random gradients on out and lse.
 TEST(AttentionTest, AllPaddingRowGivesZeroOutNegInfLseAndNoNaN) {
   Generator gen = TestGenerator();
-  AttentionCase c =
-      Case("all_heads", 24, 2,
-           DilatedHeads(Dilated({8, 12}, {1, 2}, HeadLayout::kAllHeads), 2));
+  AttentionCase c = Case("all_heads", 24, 2,
+                         DilatedSpec({8, 12}, {1, 2}, HeadLayout::kAllHeads));
   c.options.key_padding_mask = PaddingMask(c.batch, c.n, gen);  // batch 1
   for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
     SCOPED_TRACE(DTypeName(dtype));
@@ -327,13 +310,12 @@ TEST(AttentionTest, AllPaddingRowGivesZeroOutNegInfLseAndNoNaN) {
 TEST(AttentionTest, DropoutMatchesTorchWithKeepWeights) {
   Generator gen = TestGenerator();
   std::vector<AttentionCase> cases;
-  cases.push_back(
-      Case("all_heads", 40, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kAllHeads), 3)));
+  cases.push_back(Case("all_heads", 40, 3,
+                       DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads)));
   BlockSparseOptions random = Sparse(SparsePattern::kRandom, 8);
   random.density = 0.4;
   random.seed = 3;
-  cases.push_back(Case("random", 43, 2, BlockSparseHeads(random, 2, 43)));
+  cases.push_back(Case("random", 43, 2, BlockSparseSpec(random)));
   for (AttentionCase c : cases) {
     Generator dropout_gen(gen.NextOffset() * 7919 + 11);
     dropout_gen.set_offset(5);
@@ -354,7 +336,7 @@ TEST(AttentionTest, DropoutMatchesTorchWithKeepWeights) {
 // With no generator in the options, dropout draws from DefaultGenerator().
 TEST(AttentionTest, DropoutUsesDefaultGeneratorWhenNoneGiven) {
   Generator gen = TestGenerator();
-  AttentionCase c = Case("dense", 30, 2, DenseHeads(2, 30));
+  AttentionCase c = Case("dense", 30, 2, DenseSpec());
   c.options.dropout = 0.25;
   const Generator saved = DefaultGenerator();
   DefaultGenerator() = Generator(gen.NextOffset() + 1234);
@@ -368,9 +350,9 @@ TEST(AttentionTest, DropoutUsesDefaultGeneratorWhenNoneGiven) {
 // different offset gives a different result (so the comparison can fail).
 TEST(AttentionTest, DropoutIsDeterministicForAGeneratorState) {
   Generator gen = TestGenerator();
-  AttentionCase c = Case(
-      "all_heads", 45, 3,
-      DilatedHeads(Dilated({8, 16, 32}, {1, 2, 4}, HeadLayout::kAllHeads), 3));
+  AttentionCase c =
+      Case("all_heads", 45, 3,
+           DilatedSpec({8, 16, 32}, {1, 2, 4}, HeadLayout::kAllHeads));
   c.options.dropout = 0.3;
   c.options.causal = true;
   const Qkv in = RandomQkv(c, DType::kFloat32, gen);
@@ -410,19 +392,18 @@ TEST(AttentionTest, HilbertAndRowMajorTileOrdersAgree) {
   const int64_t n = 61;
   BlockSparseOptions local = Sparse(SparsePattern::kLocalWindow, 4);
   local.window = 12;
-  cases.push_back(Case("local_window", n, 2, BlockSparseHeads(local, 2, n)));
+  cases.push_back(Case("local_window", n, 2, BlockSparseSpec(local)));
   BlockSparseOptions global = Sparse(SparsePattern::kGlobalLocal, 4);
   global.global_tokens = 5;
   global.window = 4;
-  cases.push_back(Case("global_local", n, 2, BlockSparseHeads(global, 2, n)));
+  cases.push_back(Case("global_local", n, 2, BlockSparseSpec(global)));
   BlockSparseOptions random = Sparse(SparsePattern::kRandom, 4);
   random.density = 0.5;
   random.seed = 11;
-  cases.push_back(Case("random", n, 2, BlockSparseHeads(random, 2, n)));
+  cases.push_back(Case("random", n, 2, BlockSparseSpec(random)));
   cases.push_back(
       Case("all_heads", n, 3,
-           DilatedHeads(Dilated({16, 32, 64}, {1, 2, 4}, HeadLayout::kAllHeads),
-                        3)));
+           DilatedSpec({16, 32, 64}, {1, 2, 4}, HeadLayout::kAllHeads)));
   for (AttentionCase c : cases) {
     for (bool causal : {false, true}) {
       SCOPED_TRACE(c.name + (causal ? " causal" : ""));
@@ -521,23 +502,354 @@ TEST(AttentionTest, HilbertCellVisitsEveryCellOnceAlongAdjacentSteps) {
 // contiguous copies.
 TEST(AttentionTest, NonContiguousInputsMatchTorch) {
   Generator gen = TestGenerator();
-  AttentionCase c =
-      Case("head_groups", 29, 3,
-           DilatedHeads(Dilated({8, 16}, {1, 2}, HeadLayout::kHeadGroups), 3));
+  AttentionCase c = Case("head_groups", 29, 3,
+                         DilatedSpec({8, 16}, {1, 2}, HeadLayout::kHeadGroups));
   c.options.causal = true;
-  Qkv in = RandomQkv(c, DType::kFloat64, gen);
-  in.q = testing::NonContiguousCopy(in.q);
-  in.k = testing::NonContiguousCopy(in.k);
-  in.v = testing::NonContiguousCopy(in.v);
-  ExpectAttentionMatchesOracle(c, in);
+  for (testing::StridedLayout layout : testing::kStridedLayouts) {
+    SCOPED_TRACE(testing::StridedLayoutName(layout));
+    Qkv in = RandomQkv(c, DType::kFloat64, gen);
+    in.q = testing::NonContiguousCopy(in.q, layout);
+    in.k = testing::NonContiguousCopy(in.k, layout);
+    in.v = testing::NonContiguousCopy(in.v, layout);
+    ExpectAttentionMatchesOracle(c, in);
+  }
 }
 
 // An explicit scale replaces 1 / sqrt(head_dim).
 TEST(AttentionTest, ExplicitScaleMatchesTorch) {
   Generator gen = TestGenerator();
-  AttentionCase c = Case("dense", 21, 2, DenseHeads(2, 21));
+  AttentionCase c = Case("dense", 21, 2, DenseSpec());
   c.options.scale = 0.71;
   ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
+}
+
+// The mask MakeBlockMask builds for `options` over n tokens, one string of
+// '0'/'1' per query block.
+std::vector<std::string> MaskRows(const BlockSparseOptions& options,
+                                  int64_t n) {
+  absl::StatusOr<BlockMask> mask = MakeBlockMask(options, n);
+  EXPECT_TRUE(mask.ok()) << mask.status();
+  std::vector<std::string> rows;
+  if (!mask.ok()) return rows;
+  for (int64_t q = 0; q < mask->num_blocks(); ++q) {
+    std::string row;
+    for (int64_t k = 0; k < mask->num_blocks(); ++k) {
+      row += mask->on(q, k) ? '1' : '0';
+    }
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+// Hand-written masks for n = 45 in blocks of 8: 6 blocks, the last of 5
+// tokens. A window of w tokens reaches the blocks that hold a token within w
+// tokens of the query block: none beyond the diagonal for w = 0, the
+// neighbours for 1 <= w <= 8, two blocks each way for 9 <= w <= 16.
+TEST(BlockMaskTest, LocalWindowRoundsTokensOutToBlocks) {
+  BlockSparseOptions o = Sparse(SparsePattern::kLocalWindow, 8);
+  o.window = 0;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"100000", "010000", "001000", "000100",
+                                      "000010", "000001"}));
+  o.window = 8;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"110000", "111000", "011100", "001110",
+                                      "000111", "000011"}));
+  o.window = 9;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"111000", "111100", "111110", "011111",
+                                      "001111", "000111"}));
+}
+
+TEST(BlockMaskTest, DilatedSparseKeepsBlocksAtMultiplesOfTheStride) {
+  BlockSparseOptions o = Sparse(SparsePattern::kDilatedSparse, 8);
+  o.stride = 2;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"101010", "010101", "101010", "010101",
+                                      "101010", "010101"}));
+  o.stride = 3;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"100100", "010010", "001001", "100100",
+                                      "010010", "001001"}));
+}
+
+// global_tokens = 9: token 8 lies in block 1, so blocks 0 and 1 are global
+// (whole rows and columns on), plus the window of 8 tokens (neighbours).
+TEST(BlockMaskTest, GlobalLocalRoundsGlobalTokensOutToBlocks) {
+  BlockSparseOptions o = Sparse(SparsePattern::kGlobalLocal, 8);
+  o.global_tokens = 9;
+  o.window = 8;
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"111111", "111111", "111100", "111110",
+                                      "110111", "110011"}));
+  o.window = 0;
+  o.global_tokens = 8;  // block 0 only
+  EXPECT_EQ(MaskRows(o, 45),
+            (std::vector<std::string>{"111111", "110000", "101000", "100100",
+                                      "100010", "100001"}));
+}
+
+// Random masks: the same seed gives the same mask, another seed another;
+// the diagonal is always on; the off-diagonal density is within 6 standard
+// deviations of the target (binomial: 64 blocks, 4032 off-diagonal pairs,
+// sd = sqrt(p (1 - p) / 4032) ~ 0.0072 at p = 0.3); density 0 and 1 give
+// the diagonal only and everything.
+TEST(BlockMaskTest, RandomMaskIsSeededWithTheTargetDensity) {
+  const int64_t n = 64 * 8 - 3;  // 64 blocks, the last short
+  BlockSparseOptions o = Sparse(SparsePattern::kRandom, 8);
+  o.density = 0.3;
+  o.seed = 41;
+  const std::vector<std::string> a = MaskRows(o, n), b = MaskRows(o, n);
+  ASSERT_EQ(a.size(), 64u);
+  EXPECT_EQ(a, b);
+  o.seed = 42;
+  EXPECT_NE(MaskRows(o, n), a);
+  int64_t on = 0;
+  for (int64_t q = 0; q < 64; ++q) {
+    EXPECT_EQ(a[q][q], '1') << "diagonal block " << q;
+    for (int64_t k = 0; k < 64; ++k) on += k != q && a[q][k] == '1';
+  }
+  const double pairs = 64 * 63;
+  const double sd = std::sqrt(0.3 * 0.7 / pairs);
+  EXPECT_NEAR(on / pairs, 0.3, 6 * sd);
+  o.density = 0;
+  for (int64_t q = 0; q < 64; ++q) {
+    std::string diagonal(64, '0');
+    diagonal[q] = '1';
+    EXPECT_EQ(MaskRows(o, n)[q], diagonal);
+  }
+  o.density = 1;
+  for (const std::string& row : MaskRows(o, n)) {
+    EXPECT_EQ(row, std::string(64, '1'));
+  }
+}
+
+// An explicit mask passes unchanged, even with diagonal blocks off.
+TEST(BlockMaskTest, ExplicitMaskPassesUnchanged) {
+  BlockSparseOptions o = Sparse(SparsePattern::kExplicit, 8);
+  const std::vector<std::string> rows = {"010000", "000000", "111111",
+                                         "100001", "001100", "000010"};
+  for (const std::string& row : rows) {
+    for (char c : row) o.explicit_mask.push_back(c == '1');
+  }
+  EXPECT_EQ(MaskRows(o, 45), rows);
+}
+
+// The test's transcription (SpecBlockMask) agrees with every hand-written
+// mask above by construction of the same rules; here it is checked against
+// MakeBlockMask over a sweep of options, so the oracle and the code under
+// test cannot drift apart unnoticed.
+TEST(BlockMaskTest, MakeBlockMaskEqualsTheSpecTranscription) {
+  for (int64_t n : {1, 7, 8, 45, 64}) {
+    for (int64_t block : {1, 3, 8}) {
+      for (SparsePattern pattern :
+           {SparsePattern::kLocalWindow, SparsePattern::kGlobalLocal,
+            SparsePattern::kDilatedSparse, SparsePattern::kRandom}) {
+        for (int64_t knob : {0, 1, 5, 9, 17}) {
+          BlockSparseOptions o = Sparse(pattern, block);
+          o.window = knob;
+          o.global_tokens = knob;
+          o.stride = knob + 1;
+          o.density = knob / 20.0;
+          o.seed = knob;
+          SCOPED_TRACE(absl::StrCat("n ", n, " block ", block, " pattern ",
+                                    static_cast<int>(pattern), " knob ", knob));
+          absl::StatusOr<BlockMask> mask = MakeBlockMask(o, n);
+          ASSERT_TRUE(mask.ok()) << mask.status();
+          EXPECT_EQ(mask->bits(), testing::SpecBlockMask(o, n));
+        }
+      }
+    }
+  }
+}
+
+// All heads: 5 heads over w {8, 16, 32}, r {1, 2, 4}: head j has (8, 1, 0),
+// (16, 2, j mod 2), (32, 4, j mod 4).
+TEST(DilatedHeadPatternsTest, AllHeadsOffsetsAreHeadModRate) {
+  DilatedOptions o =
+      *DilatedSpec({8, 16, 32}, {1, 2, 4}, HeadLayout::kAllHeads).dilated;
+  absl::StatusOr<std::vector<std::vector<DilatedPattern>>> heads =
+      DilatedHeadPatterns(o, 5);
+  ASSERT_TRUE(heads.ok()) << heads.status();
+  const std::vector<std::vector<std::vector<int64_t>>> want = {
+      {{8, 1, 0}, {16, 2, 0}, {32, 4, 0}},
+      {{8, 1, 0}, {16, 2, 1}, {32, 4, 1}},
+      {{8, 1, 0}, {16, 2, 0}, {32, 4, 2}},
+      {{8, 1, 0}, {16, 2, 1}, {32, 4, 3}},
+      {{8, 1, 0}, {16, 2, 0}, {32, 4, 0}}};
+  ASSERT_EQ(heads->size(), want.size());
+  for (size_t j = 0; j < want.size(); ++j) {
+    std::vector<std::vector<int64_t>> got;
+    for (const DilatedPattern& p : (*heads)[j]) {
+      got.push_back({p.segment_length, p.dilation_rate, p.offset});
+    }
+    EXPECT_EQ(got, want[j]) << "head " << j;
+  }
+}
+
+// ReferenceAttention's PairCounts (attention/) equals the test's own counts
+// from the options for every pattern case, causal and not: the readable
+// reference and the oracle agree on which pairs are allowed how often.
+TEST(AttentionTest, PairCountsEqualTheSpecTranscription) {
+  Generator gen = TestGenerator();
+  for (AttentionCase c : PatternCases(gen)) {
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(c.name + (causal ? " causal" : ""));
+      c.options.causal = causal;
+      const Tensor counts =
+          PairCounts(c.pattern, causal, Tensor(), c.batch, c.n);
+      EXPECT_TRUE(BitwiseEqual(counts, testing::WeightsFor(c, gen).counts));
+    }
+  }
+}
+
+// The joint softmax of two partial results in float64, from their lse:
+// lse = log(e^lse1 + e^lse2), out = (e^lse1 o1 + e^lse2 o2) / e^lse, with
+// exponents shifted by the larger lse so nothing overflows.
+void JointSoftmax(const std::vector<double>& o1, double lse1,
+                  const std::vector<double>& o2, double lse2,
+                  std::vector<double>* out, double* lse) {
+  const double m = std::max(lse1, lse2);
+  const double w1 = std::exp(lse1 - m), w2 = std::exp(lse2 - m);
+  *lse = m + std::log(w1 + w2);
+  out->resize(o1.size());
+  for (size_t c = 0; c < o1.size(); ++c) {
+    (*out)[c] = (w1 * o1[c] + w2 * o2[c]) / (w1 + w2);
+  }
+}
+
+// float32 merges whose exponentials overflow float32 (e^100 > 3.4e38) stay
+// finite and equal the float64 joint softmax to float32 rounding, in both
+// orders; equal lse averages the outputs and adds log 2.
+TEST(MergeAttentionRowTest, Float32MergeDoesNotOverflow) {
+  const std::vector<double> o1 = {1.5, -2.0, 0.25}, o2 = {-0.5, 3.0, 8.0};
+  for (auto [lse1, lse2] : {std::pair<double, double>{80, 100},
+                            {100, 80},
+                            {-100, -80},
+                            {50, 50},
+                            {3e4, 3e4 + 1}}) {
+    SCOPED_TRACE(absl::StrCat("lse1 ", lse1, " lse2 ", lse2));
+    std::vector<float> out(o1.begin(), o1.end());
+    const std::vector<float> other(o2.begin(), o2.end());
+    float lse = static_cast<float>(lse1);
+    MergeAttentionRow<float>(out.data(), &lse, other.data(),
+                             static_cast<float>(lse2), 3);
+    std::vector<double> want;
+    double want_lse = 0;
+    JointSoftmax(o1, lse1, o2, lse2, &want, &want_lse);
+    EXPECT_NEAR(lse, want_lse, 1e-6 * std::abs(want_lse) + 1e-6);
+    for (int c = 0; c < 3; ++c) {
+      ASSERT_TRUE(std::isfinite(out[c]));
+      EXPECT_NEAR(out[c], want[c], 1e-6 * 8) << "element " << c;
+    }
+    if (lse1 == lse2) {
+      EXPECT_NEAR(lse, lse1 + std::log(2.0), 1e-5);
+      for (int c = 0; c < 3; ++c) {
+        EXPECT_NEAR(out[c], (o1[c] + o2[c]) / 2, 1e-6);
+      }
+    }
+  }
+}
+
+// An empty side (lse = -inf, out = 0) leaves the other side as it is; two
+// empty sides stay empty (-inf, zeros), with no NaN.
+TEST(MergeAttentionRowTest, EmptySidesMergeExactly) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> values = {1.5f, -2.0f, 0.25f};
+  const std::vector<float> zeros = {0, 0, 0};
+  {
+    std::vector<float> out = values;
+    float lse = 7;
+    MergeAttentionRow<float>(out.data(), &lse, zeros.data(), -inf, 3);
+    EXPECT_EQ(lse, 7);
+    EXPECT_EQ(out, values);
+  }
+  {
+    std::vector<float> out = zeros;
+    float lse = -inf;
+    MergeAttentionRow<float>(out.data(), &lse, values.data(), 7, 3);
+    EXPECT_EQ(lse, 7);
+    EXPECT_EQ(out, values);
+  }
+  for (bool float64 : {false, true}) {
+    SCOPED_TRACE(float64 ? "float64" : "float32");
+    if (float64) {
+      std::vector<double> out = {0, 0, 0};
+      const std::vector<double> other = {0, 0, 0};
+      double lse = -std::numeric_limits<double>::infinity();
+      MergeAttentionRow<double>(out.data(), &lse, other.data(), lse, 3);
+      EXPECT_TRUE(std::isinf(lse) && lse < 0) << lse;
+      EXPECT_EQ(out, other);
+    } else {
+      std::vector<float> out = zeros;
+      float lse = -inf;
+      MergeAttentionRow<float>(out.data(), &lse, zeros.data(), -inf, 3);
+      EXPECT_TRUE(std::isinf(lse) && lse < 0) << lse;
+      EXPECT_EQ(out, zeros);
+    }
+  }
+}
+
+// float32 attention with scores of size ~500 (q, k ~ N(0, 500), so
+// s = q.k / sqrt(d) has standard deviation 500 and e^s overflows float32 by
+// far): out, lse and every gradient are finite and match the float64 torch
+// oracle on the same (float32-representable) inputs. Tolerance: the float32
+// scores carry rounding ~6e-8 x sum |q_i k_i| / sqrt(d) ~ 1e-4 absolute,
+// which becomes ~1e-4 relative error in each probability, so outputs and
+// gradients get 1e-3 relative to the largest entry of each tensor (gradient
+// entries are sums of terms of that size that may cancel) and lse (~500)
+// 1e-3 absolute.
+TEST(AttentionTest, Float32WithScoresNear500MatchesFloat64) {
+  Generator gen = TestGenerator();
+  AttentionCase c = Case("all_heads", 40, 3,
+                         DilatedSpec({8, 16}, {1, 2}, HeadLayout::kAllHeads));
+  c.options.causal = true;
+  c.options.query_tile = 5;
+  c.options.key_tile = 7;
+  const double sd = std::sqrt(500.0);
+  const Shape shape = {c.batch, c.n, c.heads, c.head_dim};
+  auto scaled = [&](double factor) {
+    std::vector<double> x = Randn(shape, gen, DType::kFloat64).ToVector();
+    for (double& e : x) e *= factor;
+    Tensor t = FromVector(x, shape, DType::kFloat32);
+    t.set_requires_grad(true);
+    return t;
+  };
+  const Tensor q = scaled(sd), k = scaled(sd), v = scaled(1);
+  const AttentionResult r = Attention(q, k, v, c.pattern, c.options);
+  double largest_score = 0;
+  for (double l : r.lse.ToVector()) {
+    ASSERT_TRUE(std::isfinite(l))
+        << "pattern (8, 1, 0) gives every query a key";
+    largest_score = std::max(largest_score, std::abs(l));
+  }
+  EXPECT_GT(largest_score, 500);
+  const Tensor grad_out = Randn(r.out.shape(), gen);
+  const Tensor grad_lse = Randn(r.lse.shape(), gen);
+  Backward({r.out, r.lse}, {grad_out, grad_lse});
+
+  const testing::OracleWeights w = testing::WeightsFor(c, gen);
+  testing::OracleAttrs attrs;
+  attrs.numbers["scale"] = 1 / std::sqrt(static_cast<double>(c.head_dim));
+  const testing::OracleResult want =
+      testing::RunTorchOp("masked_attention", {q, k, v, w.counts, w.keep},
+                          attrs, {grad_out, grad_lse});
+  const Tensors got = {r.out, q.grad(), k.grad(), v.grad()};
+  const Tensors expected = {want.outputs[0], want.input_grads[0],
+                            want.input_grads[1], want.input_grads[2]};
+  const char* names[] = {"out", "dq", "dk", "dv"};
+  for (int i = 0; i < 4; ++i) {
+    for (double x : got[i].ToVector()) {
+      ASSERT_TRUE(std::isfinite(x)) << names[i];
+    }
+    double largest = 0;
+    for (double x : expected[i].ToVector()) {
+      largest = std::max(largest, std::abs(x));
+    }
+    ExpectAllClose(got[i], expected[i], Tolerance{1e-3, 1e-3 * largest},
+                   names[i]);
+  }
+  ExpectAllClose(r.lse, want.outputs[1], Tolerance{0, 1e-3}, "lse");
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "tests/attention/attention_test_util.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -12,6 +13,28 @@
 
 namespace lc {
 namespace testing {
+
+PatternSpec DenseSpec() { return {}; }
+
+PatternSpec DilatedSpec(std::vector<int64_t> segment_lengths,
+                        std::vector<int64_t> dilation_rates,
+                        HeadLayout layout) {
+  DilatedOptions o;
+  o.segment_lengths = std::move(segment_lengths);
+  o.dilation_rates = std::move(dilation_rates);
+  o.head_layout = layout;
+  PatternSpec spec;
+  spec.dilated = std::move(o);
+  return spec;
+}
+
+PatternSpec BlockSparseSpec(const BlockSparseOptions& options,
+                            std::optional<DilatedOptions> dilated) {
+  PatternSpec spec;
+  spec.dilated = std::move(dilated);
+  spec.block_sparse = options;
+  return spec;
+}
 
 AttentionPattern DenseHeads(int64_t heads, int64_t n) {
   AttentionPattern pattern;
@@ -34,6 +57,153 @@ AttentionPattern BlockSparseHeads(const BlockSparseOptions& options,
   AttentionPattern pattern = DenseHeads(heads, n);
   pattern.block_mask = std::make_shared<const BlockMask>(*std::move(mask));
   return pattern;
+}
+
+AttentionCase MakeAttentionCase(std::string name, int64_t n, int64_t heads,
+                                PatternSpec spec) {
+  AttentionCase c;
+  c.name = std::move(name);
+  c.n = n;
+  c.heads = heads;
+  c.pattern = spec.dilated.has_value() ? DilatedHeads(*spec.dilated, heads)
+                                       : DenseHeads(heads, n);
+  if (spec.block_sparse.has_value()) {
+    c.pattern.block_mask =
+        BlockSparseHeads(*spec.block_sparse, heads, n).block_mask;
+  }
+  c.spec = std::move(spec);
+  return c;
+}
+
+std::vector<std::vector<SpecPattern>> SpecHeadPatterns(const PatternSpec& spec,
+                                                       int64_t heads,
+                                                       int64_t n) {
+  std::vector<std::vector<SpecPattern>> patterns(heads);
+  if (!spec.dilated.has_value()) {
+    for (auto& head : patterns) head.push_back({n, 1, 0});
+    return patterns;
+  }
+  const std::vector<int64_t>& w = spec.dilated->segment_lengths;
+  const std::vector<int64_t>& r = spec.dilated->dilation_rates;
+  const int64_t groups = static_cast<int64_t>(w.size());
+  if (spec.dilated->head_layout == HeadLayout::kAllHeads) {
+    for (int64_t j = 0; j < heads; ++j) {
+      for (int64_t i = 0; i < groups; ++i) {
+        patterns[j].push_back({w[i], r[i], j % r[i]});
+      }
+    }
+    return patterns;
+  }
+  // Head groups: walk the heads, moving to the next group when this one is
+  // full (sizes heads / G, the first heads mod G one larger).
+  int64_t group = 0, used = 0;
+  for (int64_t j = 0; j < heads; ++j) {
+    const int64_t size = heads / groups + (group < heads % groups ? 1 : 0);
+    if (used == size) {
+      ++group;
+      used = 0;
+    }
+    patterns[j].push_back({w[group], r[group], group % r[group]});
+    ++used;
+  }
+  return patterns;
+}
+
+std::vector<uint8_t> SpecBlockMask(const BlockSparseOptions& options,
+                                   int64_t n) {
+  const int64_t bs = options.block_size;
+  const int64_t blocks = (n + bs - 1) / bs;
+  // Token range [first, last] of block b.
+  auto first = [&](int64_t b) { return b * bs; };
+  auto last = [&](int64_t b) { return std::min(n, (b + 1) * bs) - 1; };
+  // The smallest |t - u| over t in block a and u in block b.
+  auto gap = [&](int64_t a, int64_t b) -> int64_t {
+    if (a == b) return 0;
+    return a < b ? first(b) - last(a) : first(a) - last(b);
+  };
+  auto global = [&](int64_t b) { return first(b) < options.global_tokens; };
+  std::vector<uint8_t> mask(blocks * blocks, 0);
+  for (int64_t q = 0; q < blocks; ++q) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      bool on = false;
+      switch (options.pattern) {
+        case SparsePattern::kLocalWindow:
+          on = gap(q, k) <= options.window;
+          break;
+        case SparsePattern::kGlobalLocal:
+          on = gap(q, k) <= options.window || global(q) || global(k);
+          break;
+        case SparsePattern::kDilatedSparse:
+          on = (q > k ? q - k : k - q) % options.stride == 0;
+          break;
+        case SparsePattern::kRandom:
+          on = q == k ||
+               UniformAt(options.seed, 0, q * blocks + k) < options.density;
+          break;
+        case SparsePattern::kExplicit:
+          on = options.explicit_mask[q * blocks + k] != 0;
+          break;
+      }
+      mask[q * blocks + k] = on ? 1 : 0;
+    }
+  }
+  return mask;
+}
+
+OracleWeights WeightsFor(const AttentionCase& c, const Generator& gen) {
+  const int64_t n = c.n, heads = c.heads;
+  const std::vector<std::vector<SpecPattern>> patterns =
+      SpecHeadPatterns(c.spec, heads, n);
+  std::vector<uint8_t> block_mask;
+  int64_t block_size = 1, blocks = n;
+  if (c.spec.block_sparse.has_value()) {
+    block_mask = SpecBlockMask(*c.spec.block_sparse, n);
+    block_size = c.spec.block_sparse->block_size;
+    blocks = (n + block_size - 1) / block_size;
+  }
+  const std::vector<double> padding =
+      c.options.key_padding_mask.defined()
+          ? c.options.key_padding_mask.ToVector()
+          : std::vector<double>();
+  size_t max_patterns = 1;
+  for (const auto& head : patterns) {
+    max_patterns = std::max(max_patterns, head.size());
+  }
+  const double p = c.options.dropout;
+  std::vector<double> counts(c.batch * heads * n * n, 0.0);
+  std::vector<double> keep(counts.size(), 0.0);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (size_t i = 0; i < patterns[h].size(); ++i) {
+        const SpecPattern& d = patterns[h][i];
+        auto selected = [&](int64_t pos) { return (pos % d.w) % d.r == d.o; };
+        const uint64_t stream = (b * heads + h) * max_patterns + i;
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t u = 0; u < n; ++u) {
+            if (!selected(t) || !selected(u) || t / d.w != u / d.w) continue;
+            if (!block_mask.empty() &&
+                block_mask[(t / block_size) * blocks + u / block_size] == 0) {
+              continue;
+            }
+            if (c.options.causal && u > t) continue;
+            if (!padding.empty() && padding[b * n + u] != 0) continue;
+            const size_t at = ((b * heads + h) * n + t) * n + u;
+            counts[at] += 1;
+            if (p > 0) {
+              const uint64_t index = (stream * n + t) * n + u;
+              const bool kept = UniformAt(gen.seed(), gen.offset(), index) >= p;
+              keep[at] += kept ? 1 / (1 - p) : 0;
+            }
+          }
+        }
+      }
+    }
+  }
+  const Shape shape = {c.batch, heads, n, n};
+  OracleWeights w;
+  w.counts = FromVector(counts, shape, DType::kFloat64);
+  w.keep = p > 0 ? FromVector(keep, shape, DType::kFloat64) : w.counts;
+  return w;
 }
 
 Qkv RandomQkv(const AttentionCase& c, DType dtype, Generator& gen) {
@@ -84,18 +254,6 @@ Generator DropoutGeneratorState(const AttentionOptions& options) {
   return options.generator != nullptr ? *options.generator : DefaultGenerator();
 }
 
-OracleWeights WeightsFor(const AttentionCase& c, const Generator& gen) {
-  OracleWeights w;
-  w.counts = PairCounts(c.pattern, c.options.causal, c.options.key_padding_mask,
-                        c.batch, c.n);
-  w.keep = c.options.dropout > 0
-               ? DropoutKeepWeights(c.pattern, c.options.causal,
-                                    c.options.key_padding_mask, c.batch, c.n,
-                                    c.options.dropout, gen.seed(), gen.offset())
-               : w.counts;
-  return w;
-}
-
 void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
                                   const Tolerance* tol) {
   SCOPED_TRACE(c.name + (c.options.causal ? " causal" : " non-causal") +
@@ -131,7 +289,7 @@ void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
   ExpectLseClose(
       raw.lse, FromVector(empty_rows, {c.batch, c.heads, c.n}, DType::kFloat64),
       Tolerance{0, std::numeric_limits<double>::infinity()},
-      "-inf rows of lse vs all-zero rows of PairCounts");
+      "-inf rows of lse vs all-zero rows of the counts");
 
   // ReferenceAttention, drawing its dropout from the same generator state.
   Generator reference_gen = before;

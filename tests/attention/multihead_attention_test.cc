@@ -1,6 +1,10 @@
 #include "attention/multihead_attention.h"
 
+#include <algorithm>
 #include <cmath>
+#include <map>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
@@ -9,7 +13,10 @@
 #include "ops/elementwise.h"
 #include "ops/linear.h"
 #include "ops/matmul.h"
+#include "ops/norm.h"
+#include "ops/rope.h"
 #include "ops/softmax.h"
+#include "tests/attention/attention_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace lc {
@@ -241,6 +248,219 @@ TEST(MultiheadAttentionTest, DropoutOnlyWhileTraining) {
   EXPECT_EQ(eval1, eval2);
   (*mha)->Train();
   EXPECT_NE((*mha)->Forward(x).ToVector(), eval1);
+}
+
+// The pattern the module's config describes for `heads` heads over n
+// tokens, built from the options through the test's PatternSpec (for
+// block-sparse types a non-empty segment list intersects the block mask).
+AttentionPattern PatternOf(const AttentionConfig& config, int64_t heads,
+                           int64_t n) {
+  testing::PatternSpec spec;
+  if (config.type == AttentionType::kDilated) spec.dilated = config.dilated;
+  if (config.type == AttentionType::kBlockSparse) {
+    spec.block_sparse = config.block_sparse;
+    if (!config.dilated.segment_lengths.empty()) spec.dilated = config.dilated;
+  }
+  return testing::MakeAttentionCase("module", n, heads, spec).pattern;
+}
+
+// The module's forward written out with ops from its state dict (separate
+// projections only): q, k, v projections (with bias when the module has
+// one), heads split, rotary positions when given, Attention under the
+// config's pattern with the padding mask, the sub-layer norm when the module
+// has one, and the output projection.
+Tensor ManualForward(const MultiheadDilatedAttention& mha, const Tensor& x,
+                     const Tensor& key_padding_mask = Tensor(),
+                     const Tensor& positions = Tensor()) {
+  const MultiheadAttentionOptions& o = mha.options();
+  const std::map<std::string, Tensor> state = mha.StateDict();
+  auto param = [&](const std::string& name) {
+    auto it = state.find(name);
+    return it == state.end() ? Tensor() : it->second;
+  };
+  auto linear = [&](const Tensor& in, const std::string& name) {
+    return Linear(in, param(name + ".weight"), param(name + ".bias"));
+  };
+  const int64_t b = x.size(0), n = x.size(1), e = o.embed_dim, h = o.num_heads;
+  const Shape heads_shape = {b, n, h, e / h};
+  Tensor q = linear(x, "q_proj").reshape(heads_shape);
+  Tensor k = linear(x, "k_proj").reshape(heads_shape);
+  const Tensor v = linear(x, "v_proj").reshape(heads_shape);
+  if (positions.defined()) {
+    q = ApplyRotary(q, positions, o.rope_base);
+    k = ApplyRotary(k, positions, o.rope_base);
+  }
+  AttentionOptions options;
+  options.causal = o.attention.causal;
+  options.scale = o.attention.scale;
+  options.key_padding_mask = key_padding_mask;
+  Tensor out = Attention(q, k, v, PatternOf(o.attention, h, n), options)
+                   .out.reshape({b, n, e});
+  if (o.sub_layer_norm) {
+    out = LayerNorm(out, param("sub_norm.weight"), param("sub_norm.bias"));
+  }
+  return linear(out, "out_proj");
+}
+
+// Overwrites every parameter of `mha` with fresh normal values (so biases
+// and the sub-layer norm are not at their 0 / 1 init).
+void RandomizeParameters(const MultiheadDilatedAttention& mha, Generator& gen) {
+  NoGradGuard no_grad;
+  for (const auto& [name, p] : mha.NamedParameters()) {
+    CopyInto(p, Randn(p.shape(), gen, p.dtype()));
+  }
+}
+
+// Every type that runs on one rank without a context, with and without
+// biases and the sub-layer norm, causal and not: the module equals the
+// manual projections -> Attention -> (LayerNorm) -> out projection.
+TEST(MultiheadAttentionTest, ForwardEqualsManualProjectionsAndAttention) {
+  for (const char* type : {"dense", "dilated", "block_sparse"}) {
+    for (bool bias : {true, false}) {
+      for (bool sub_layer_norm : {false, true}) {
+        for (bool causal : {false, true}) {
+          SCOPED_TRACE(absl::StrCat(type, bias ? " bias" : " no bias",
+                                    sub_layer_norm ? " sub-LN" : "",
+                                    causal ? " causal" : ""));
+          Generator gen = testing::TestGenerator();
+          MultiheadAttentionOptions options = SmallOptions();
+          options.bias = bias;
+          options.sub_layer_norm = sub_layer_norm;
+          options.attention.causal = causal;
+          auto mha = CreateMultiheadAttention(type, options, gen);
+          ASSERT_TRUE(mha.ok()) << mha.status();
+          RandomizeParameters(**mha, gen);
+          EXPECT_EQ((*mha)->StateDict().count("q_proj.bias"), bias ? 1u : 0u);
+          const Tensor x = Randn({2, 21, 16}, gen, DType::kFloat64);
+          testing::ExpectAllClose((*mha)->Forward(x), ManualForward(**mha, x),
+                                  testing::DefaultTolerance(DType::kFloat64),
+                                  "module vs manual");
+        }
+      }
+    }
+  }
+}
+
+// sub_layer_norm: the output is out_proj(LayerNorm(o)) for the attention
+// output o. With the output projection set to the identity and the norm to
+// weight 1, bias 0, every output row is normalized: mean 0 and (biased)
+// variance var / (var + eps) ~ 1, which no output without the norm would
+// give; and the module equals the manual forward.
+TEST(MultiheadAttentionTest, SubLayerNormNormalizesBeforeTheOutProjection) {
+  Generator gen = testing::TestGenerator();
+  MultiheadAttentionOptions options = SmallOptions();
+  options.sub_layer_norm = true;
+  auto mha = CreateMultiheadAttention("dilated", options, gen);
+  ASSERT_TRUE(mha.ok()) << mha.status();
+  RandomizeParameters(**mha, gen);
+  std::map<std::string, Tensor> state = (*mha)->StateDict();
+  {
+    NoGradGuard no_grad;
+    std::vector<double> identity(16 * 16, 0.0);
+    for (int i = 0; i < 16; ++i) identity[i * 16 + i] = 1;
+    CopyInto(state.at("out_proj.weight"),
+             FromVector(identity, {16, 16}, DType::kFloat64));
+    CopyInto(state.at("out_proj.bias"), Zeros({16}, DType::kFloat64));
+    CopyInto(state.at("sub_norm.weight"), Ones({16}, DType::kFloat64));
+    CopyInto(state.at("sub_norm.bias"), Zeros({16}, DType::kFloat64));
+  }
+  const Tensor x = Randn({2, 13, 16}, gen, DType::kFloat64);
+  const std::vector<double> y = (*mha)->Forward(x).ToVector();
+  // Each row of 16: mean 0, biased variance 1 - eps / (var + eps).
+  for (size_t row = 0; row < y.size() / 16; ++row) {
+    double mean = 0, var = 0;
+    for (int c = 0; c < 16; ++c) mean += y[row * 16 + c] / 16;
+    for (int c = 0; c < 16; ++c) {
+      var += (y[row * 16 + c] - mean) * (y[row * 16 + c] - mean) / 16;
+    }
+    EXPECT_NEAR(mean, 0, 1e-12) << "row " << row;
+    EXPECT_NEAR(var, 1, 1e-3) << "row " << row;  // eps 1e-5 / var
+  }
+  testing::ExpectAllClose((*mha)->Forward(x), ManualForward(**mha, x),
+                          testing::DefaultTolerance(DType::kFloat64),
+                          "module vs manual");
+}
+
+// A key padding mask passed to Forward reaches Attention: the module equals
+// the manual forward with the mask; changing the input at padded positions
+// leaves every other row unchanged; without the mask the change is visible.
+TEST(MultiheadAttentionTest, KeyPaddingMaskThroughForward) {
+  for (const char* type : {"dense", "dilated", "block_sparse"}) {
+    SCOPED_TRACE(type);
+    Generator gen = testing::TestGenerator();
+    auto mha = CreateMultiheadAttention(type, SmallOptions(), gen);
+    ASSERT_TRUE(mha.ok()) << mha.status();
+    RandomizeParameters(**mha, gen);
+    const int64_t b = 2, n = 19;
+    std::vector<double> bits = Rand({b, n}, gen).ToVector();
+    for (double& bit : bits) bit = bit < 0.3 ? 1 : 0;
+    bits[0] = 0;  // key 0 is real in both sequences
+    bits[n] = 0;
+    bits[1] = 1;  // and key 1 padding
+    const Tensor mask = FromVector(bits, {b, n}, DType::kUInt8);
+    const Tensor x = Randn({b, n, 16}, gen, DType::kFloat64);
+    const Tensor y = (*mha)->Forward(x, mask);
+    testing::ExpectAllClose(y, ManualForward(**mha, x, mask),
+                            testing::DefaultTolerance(DType::kFloat64),
+                            "module vs manual with mask");
+    std::vector<double> changed = x.ToVector();
+    for (int64_t i = 0; i < b * n; ++i) {
+      if (bits[i] == 0) continue;
+      for (int c = 0; c < 16; ++c) changed[i * 16 + c] += 3.0 + c;
+    }
+    const Tensor x2 = FromVector(changed, x.shape(), DType::kFloat64);
+    const std::vector<double> y1 = y.ToVector();
+    const std::vector<double> y2 = (*mha)->Forward(x2, mask).ToVector();
+    const std::vector<double> unmasked1 = (*mha)->Forward(x).ToVector();
+    const std::vector<double> unmasked2 = (*mha)->Forward(x2).ToVector();
+    double unmasked_change = 0;
+    for (int64_t i = 0; i < b * n; ++i) {
+      if (bits[i] != 0) continue;  // a padded query's own row may change
+      for (int c = 0; c < 16; ++c) {
+        EXPECT_NEAR(y1[i * 16 + c], y2[i * 16 + c], 1e-12)
+            << "row " << i << " sees a padded token";
+        unmasked_change =
+            std::max(unmasked_change,
+                     std::abs(unmasked1[i * 16 + c] - unmasked2[i * 16 + c]));
+      }
+    }
+    EXPECT_GT(unmasked_change, 1e-3)
+        << "without the mask the change must be visible";
+  }
+}
+
+// Rotary positions given to Forward rotate q and k after the projections:
+// the module equals the manual forward with ApplyRotary, positions that are
+// not a constant shift change the output, and a constant shift does not
+// (rotary attention depends on t - u only).
+TEST(MultiheadAttentionTest, RotaryPositionsAtModuleLevel) {
+  Generator gen = testing::TestGenerator();
+  MultiheadAttentionOptions options = SmallOptions();
+  options.attention.causal = true;
+  auto mha = CreateMultiheadAttention("dilated", options, gen);
+  ASSERT_TRUE(mha.ok()) << mha.status();
+  RandomizeParameters(**mha, gen);
+  const int64_t n = 21;
+  const Tensor x = Randn({2, n, 16}, gen, DType::kFloat64);
+  const Tensor positions = Arange(0, n, 1, DType::kInt64);
+  const Tensor shifted = Arange(1000, 1000 + n, 1, DType::kInt64);
+  const Tensor spread = Arange(0, 3 * n, 3, DType::kInt64);
+  const testing::Tolerance tol = testing::DefaultTolerance(DType::kFloat64);
+  const Tensor y = (*mha)->Forward(x, Tensor(), nullptr, positions);
+  testing::ExpectAllClose(y, ManualForward(**mha, x, Tensor(), positions), tol,
+                          "module vs manual with positions");
+  testing::ExpectAllClose((*mha)->Forward(x, Tensor(), nullptr, spread),
+                          ManualForward(**mha, x, Tensor(), spread), tol,
+                          "module vs manual with spread positions");
+  // Shifted by 1000: the same scores up to rounding of the angles.
+  testing::ExpectAllClose((*mha)->Forward(x, Tensor(), nullptr, shifted), y,
+                          {1e-9, 1e-9}, "constant shift");
+  double differs = 0;
+  const std::vector<double> a = y.ToVector(), c = (*mha)->Forward(x).ToVector();
+  for (size_t i = 0; i < a.size(); ++i) {
+    differs = std::max(differs, std::abs(a[i] - c[i]));
+  }
+  EXPECT_GT(differs, 1e-3) << "positions must change the output";
 }
 
 }  // namespace

@@ -16,8 +16,11 @@ namespace {
 using testing::ExpectError;
 using testing::ExpectGradientsMatchFiniteDifferences;
 using testing::ExpectMatchesTorch;
+using testing::kStridedLayouts;
 using testing::NonContiguousCopy;
 using testing::OracleAttrs;
+using testing::StridedLayout;
+using testing::StridedLayoutName;
 using testing::TestGenerator;
 
 struct ActivationCase {
@@ -55,9 +58,12 @@ TEST(ActivationTest, MatchesTorch) {
         ExpectMatchesTorch(op.torch_op, fn, {Randn(shape, gen, dtype) * 3.0},
                            op.attrs);
       }
-      ExpectMatchesTorch(op.torch_op, fn,
-                         {NonContiguousCopy(Randn({4, 3}, gen, dtype))},
-                         op.attrs);
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            op.torch_op, fn,
+            {NonContiguousCopy(Randn({4, 3}, gen, dtype), layout)}, op.attrs);
+      }
     }
   }
 }

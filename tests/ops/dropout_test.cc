@@ -13,7 +13,12 @@ namespace lc {
 namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
+using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
+using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -44,6 +49,41 @@ TEST(DropoutTest, ReproducesUniformAtElementByElement) {
   for (size_t i = 0; i < in.size(); ++i) {
     const bool keep = UniformAt(77, 11, i) >= p;
     EXPECT_DOUBLE_EQ(out[i], keep ? in[i] / (1 - p) : 0.0) << "element " << i;
+  }
+}
+
+// Forward and gradient against libtorch computing x * mask / (1 - p) from
+// the same Philox draws, for contiguous and strided inputs (the mask follows
+// the row-major index, not memory order).
+TEST(DropoutTest, MatchesTorch) {
+  Generator values = TestGenerator();
+  for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
+    for (const Shape& shape : {Shape{7}, Shape{3, 4, 5}}) {
+      for (double p : {0.2, 0.5}) {
+        SCOPED_TRACE(DTypeName(dtype) + " " + ShapeToString(shape) + " p " +
+                     std::to_string(p));
+        const uint64_t seed = 1000 + static_cast<uint64_t>(10 * p);
+        const uint64_t offset = shape.size();
+        // A fresh generator at the same state per call.
+        const auto fn = [&](const Tensors& in) -> Tensors {
+          Generator gen(seed);
+          gen.set_offset(offset);
+          return {Dropout(in[0], p, /*training=*/true, &gen)};
+        };
+        const OracleAttrs attrs{{{"p", p},
+                                 {"seed", static_cast<double>(seed)},
+                                 {"offset", static_cast<double>(offset)}},
+                                {},
+                                {}};
+        const Tensor x = Randn(shape, values, dtype);
+        ExpectMatchesTorch("dropout", fn, {x}, attrs);
+        for (StridedLayout layout : kStridedLayouts) {
+          SCOPED_TRACE(StridedLayoutName(layout));
+          ExpectMatchesTorch("dropout", fn, {NonContiguousCopy(x, layout)},
+                             attrs);
+        }
+      }
+    }
   }
 }
 

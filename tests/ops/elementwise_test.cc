@@ -19,8 +19,11 @@ using testing::ExpectAllClose;
 using testing::ExpectError;
 using testing::ExpectGradientsMatchFiniteDifferences;
 using testing::ExpectMatchesTorch;
+using testing::kStridedLayouts;
 using testing::NonContiguousCopy;
 using testing::OracleAttrs;
+using testing::StridedLayout;
+using testing::StridedLayoutName;
 using testing::TestGenerator;
 
 // Fresh random values of `shape`: standard normal, or uniform in [0.5, 1.5)
@@ -75,15 +78,18 @@ TEST(ElementwiseTest, BinaryOpsMatchTorchOnNonContiguousInputs) {
       const auto fn = [&](const Tensors& in) -> Tensors {
         return {op.fn(in[0], in[1])};
       };
-      const Tensor a =
-          NonContiguousCopy(RandomInput({3, 5}, gen, dtype, false));
-      const Tensor b =
-          NonContiguousCopy(RandomInput({3, 5}, gen, dtype, op.positive_b));
-      ExpectMatchesTorch(op.torch_op, fn, {a, b});
-      // Strided and broadcast at once.
-      const Tensor row =
-          NonContiguousCopy(RandomInput({1, 5}, gen, dtype, op.positive_b));
-      ExpectMatchesTorch(op.torch_op, fn, {a, row});
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        const Tensor a =
+            NonContiguousCopy(RandomInput({3, 5}, gen, dtype, false), layout);
+        const Tensor b = NonContiguousCopy(
+            RandomInput({3, 5}, gen, dtype, op.positive_b), layout);
+        ExpectMatchesTorch(op.torch_op, fn, {a, b});
+        // Strided and broadcast at once.
+        const Tensor row = NonContiguousCopy(
+            RandomInput({1, 5}, gen, dtype, op.positive_b), layout);
+        ExpectMatchesTorch(op.torch_op, fn, {a, row});
+      }
     }
   }
 }
@@ -169,10 +175,14 @@ TEST(ElementwiseTest, ScalarOpsMatchTorch) {
       ExpectMatchesTorch(op.torch_op, fn,
                          {RandomInput({2, 3, 4}, gen, dtype, op.positive)},
                          attrs);
-      ExpectMatchesTorch(
-          op.torch_op, fn,
-          {NonContiguousCopy(RandomInput({4, 3}, gen, dtype, op.positive))},
-          attrs);
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            op.torch_op, fn,
+            {NonContiguousCopy(RandomInput({4, 3}, gen, dtype, op.positive),
+                               layout)},
+            attrs);
+      }
       ExpectMatchesTorch(op.torch_op, fn,
                          {RandomInput({}, gen, dtype, op.positive)}, attrs);
     }

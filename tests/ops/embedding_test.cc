@@ -13,7 +13,10 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -49,8 +52,11 @@ TEST(EmbeddingTest, MatchesTorch) {
                    " indices " + ShapeToString(c.indices.shape()));
       const Tensor weight = Randn(c.weight, gen, dtype);
       ExpectMatchesTorch("embedding", EmbeddingOp, {weight, c.indices});
-      ExpectMatchesTorch("embedding", EmbeddingOp,
-                         {NonContiguousCopy(weight), c.indices});
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("embedding", EmbeddingOp,
+                           {NonContiguousCopy(weight, layout), c.indices});
+      }
     }
   }
 }

@@ -19,7 +19,10 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::ElementsAre;
@@ -76,9 +79,13 @@ TEST(LinearTest, MatchesTorch) {
       ExpectMatchesTorch("linear", LinearOp, {x, w, b});
       ExpectMatchesTorch("linear", LinearOp, {x, w, Tensor()});
       if (dtype == DType::kBFloat16) continue;
-      ExpectMatchesTorch(
-          "linear", LinearOp,
-          {NonContiguousCopy(x), NonContiguousCopy(w), NonContiguousCopy(b)});
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            "linear", LinearOp,
+            {NonContiguousCopy(x, layout), NonContiguousCopy(w, layout),
+             NonContiguousCopy(b, layout)});
+      }
     }
   }
 }

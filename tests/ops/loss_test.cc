@@ -13,9 +13,12 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
 using ::lc::testing::OpFn;
 using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -64,9 +67,12 @@ TEST(CrossEntropyTest, MatchesTorch) {
       const Tensor logits = Randn(shape, gen, dtype);
       ExpectMatchesTorch("cross_entropy", CrossEntropyFn(c.ignore_index),
                          {logits, c.targets}, IgnoreAttrs(c.ignore_index));
-      ExpectMatchesTorch("cross_entropy", CrossEntropyFn(c.ignore_index),
-                         {NonContiguousCopy(logits), c.targets},
-                         IgnoreAttrs(c.ignore_index));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("cross_entropy", CrossEntropyFn(c.ignore_index),
+                           {NonContiguousCopy(logits, layout), c.targets},
+                           IgnoreAttrs(c.ignore_index));
+      }
     }
   }
 }

@@ -13,9 +13,12 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
 using ::lc::testing::OpFn;
 using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -81,11 +84,15 @@ TEST(MatmulTest, MatchesTorchOnNonContiguousInputs) {
     for (const MatmulCase& c : Cases()) {
       SCOPED_TRACE(DTypeName(dtype) + " " + Describe(c));
       // Every other column of a wider buffer: no unit stride in either of
-      // the last two dims, so the kernel copies.
-      ExpectMatchesTorch("matmul", MatmulFn(c.transpose_a, c.transpose_b),
-                         {NonContiguousCopy(Randn(c.a, gen, dtype)),
-                          NonContiguousCopy(Randn(c.b, gen, dtype))},
-                         TransposeAttrs(c.transpose_a, c.transpose_b));
+      // the last two dims, so the kernel copies; transposed: the batch or
+      // row dim strided out of order.
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("matmul", MatmulFn(c.transpose_a, c.transpose_b),
+                           {NonContiguousCopy(Randn(c.a, gen, dtype), layout),
+                            NonContiguousCopy(Randn(c.b, gen, dtype), layout)},
+                           TransposeAttrs(c.transpose_a, c.transpose_b));
+      }
     }
   }
 }

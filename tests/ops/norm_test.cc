@@ -13,9 +13,12 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
 using ::lc::testing::OpFn;
 using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -79,11 +82,15 @@ TEST(LayerNormTest, MatchesTorchOnNonContiguousInputs) {
     for (const Shape& shape : Shapes()) {
       SCOPED_TRACE(DTypeName(dtype) + " " + ShapeToString(shape));
       const Shape param = {shape.back()};
-      ExpectMatchesTorch("layer_norm", LayerNormFn(1e-5),
-                         {NonContiguousCopy(RandomRows(shape, gen, dtype)),
-                          NonContiguousCopy(Randn(param, gen, dtype)),
-                          NonContiguousCopy(Randn(param, gen, dtype))},
-                         EpsAttrs(1e-5));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            "layer_norm", LayerNormFn(1e-5),
+            {NonContiguousCopy(RandomRows(shape, gen, dtype), layout),
+             NonContiguousCopy(Randn(param, gen, dtype), layout),
+             NonContiguousCopy(Randn(param, gen, dtype), layout)},
+            EpsAttrs(1e-5));
+      }
     }
   }
 }
@@ -146,10 +153,14 @@ TEST(RmsNormTest, MatchesTorchOnNonContiguousInputs) {
   for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
     for (const Shape& shape : Shapes()) {
       SCOPED_TRACE(DTypeName(dtype) + " " + ShapeToString(shape));
-      ExpectMatchesTorch("rms_norm", RmsNormFn(1e-6),
-                         {NonContiguousCopy(RandomRows(shape, gen, dtype)),
-                          NonContiguousCopy(Randn({shape.back()}, gen, dtype))},
-                         EpsAttrs(1e-6));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            "rms_norm", RmsNormFn(1e-6),
+            {NonContiguousCopy(RandomRows(shape, gen, dtype), layout),
+             NonContiguousCopy(Randn({shape.back()}, gen, dtype), layout)},
+            EpsAttrs(1e-6));
+      }
     }
   }
 }

@@ -16,8 +16,11 @@ namespace {
 using testing::ExpectError;
 using testing::ExpectGradientsMatchFiniteDifferences;
 using testing::ExpectMatchesTorch;
+using testing::kStridedLayouts;
 using testing::NonContiguousCopy;
 using testing::OracleAttrs;
+using testing::StridedLayout;
+using testing::StridedLayoutName;
 using testing::TestGenerator;
 
 struct DimsCase {
@@ -48,8 +51,10 @@ TEST(ReduceTest, SumAndMeanOverDimsMatchTorch) {
     for (const DimsCase& c : DimsCases()) {
       SCOPED_TRACE(std::string(DTypeName(dtype)) + " " + Describe(c));
       const Tensor x = Randn({2, 3, 4}, gen, dtype);
-      const Tensor strided = NonContiguousCopy(Randn({2, 3, 4}, gen, dtype));
-      for (const Tensor& input : {x, strided}) {
+      for (const Tensor& input :
+           {x, NonContiguousCopy(Randn({2, 3, 4}, gen, dtype)),
+            NonContiguousCopy(Randn({2, 3, 4}, gen, dtype),
+                              StridedLayout::kTransposed)}) {
         ExpectMatchesTorch(
             "sum",
             [&](const Tensors& in) -> Tensors {
@@ -72,7 +77,9 @@ TEST(ReduceTest, SumAndMeanOfAllElementsMatchTorch) {
   for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
     SCOPED_TRACE(DTypeName(dtype));
     for (const Tensor& x : {Randn({2, 3, 4}, gen, dtype), Randn({}, gen, dtype),
-                            NonContiguousCopy(Randn({5, 3}, gen, dtype))}) {
+                            NonContiguousCopy(Randn({5, 3}, gen, dtype)),
+                            NonContiguousCopy(Randn({5, 3}, gen, dtype),
+                                              StridedLayout::kTransposed)}) {
       EXPECT_EQ(Sum(x).shape(), Shape{});
       ExpectMatchesTorch(
           "sum", [](const Tensors& in) -> Tensors { return {Sum(in[0])}; },
@@ -145,9 +152,12 @@ TEST(ReduceTest, MaxMatchesTorch) {
         const OracleAttrs attrs{
             {{"dim", static_cast<double>(dim)}, {"keepdim", keepdim}}, {}, {}};
         ExpectMatchesTorch("max", fn, {Randn({3, 4, 5}, gen, dtype)}, attrs);
-        ExpectMatchesTorch("max", fn,
-                           {NonContiguousCopy(Randn({3, 4, 5}, gen, dtype))},
-                           attrs);
+        for (StridedLayout layout : kStridedLayouts) {
+          SCOPED_TRACE(StridedLayoutName(layout));
+          ExpectMatchesTorch(
+              "max", fn,
+              {NonContiguousCopy(Randn({3, 4, 5}, gen, dtype), layout)}, attrs);
+        }
       }
     }
   }
@@ -208,8 +218,12 @@ TEST(ReduceTest, SumToShapeMatchesTorch) {
       const OracleAttrs attrs{{}, {{"shape", c.to}}, {}};
       ExpectMatchesTorch("sum_to_shape", fn, {Randn(c.from, gen, dtype)},
                          attrs);
-      ExpectMatchesTorch("sum_to_shape", fn,
-                         {NonContiguousCopy(Randn(c.from, gen, dtype))}, attrs);
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch(
+            "sum_to_shape", fn,
+            {NonContiguousCopy(Randn(c.from, gen, dtype), layout)}, attrs);
+      }
       if (dtype == DType::kFloat64) {
         ExpectGradientsMatchFiniteDifferences(fn, {Randn(c.from, gen, dtype)});
       }

@@ -14,9 +14,12 @@ namespace {
 using ::lc::testing::ExpectAllClose;
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
 using ::lc::testing::OpFn;
 using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -63,9 +66,12 @@ TEST(RotaryTest, MatchesTorch) {
       const Tensor x = Randn(c.x, gen, dtype);
       ExpectMatchesTorch("rope", RotaryFn(c.base), {x, c.positions},
                          BaseAttrs(c.base));
-      ExpectMatchesTorch("rope", RotaryFn(c.base),
-                         {NonContiguousCopy(x), c.positions},
-                         BaseAttrs(c.base));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("rope", RotaryFn(c.base),
+                           {NonContiguousCopy(x, layout), c.positions},
+                           BaseAttrs(c.base));
+      }
       // [batch, heads, n, head_dim] memory seen as [batch, n, heads, ...].
       const Shape heads_first = {c.x[0], c.x[2], c.x[1], c.x[3]};
       ExpectMatchesTorch(

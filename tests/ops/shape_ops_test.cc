@@ -13,9 +13,12 @@ namespace {
 
 using ::lc::testing::ExpectGradientsMatchFiniteDifferences;
 using ::lc::testing::ExpectMatchesTorch;
+using ::lc::testing::kStridedLayouts;
 using ::lc::testing::NonContiguousCopy;
 using ::lc::testing::OpFn;
 using ::lc::testing::OracleAttrs;
+using ::lc::testing::StridedLayout;
+using ::lc::testing::StridedLayoutName;
 using ::lc::testing::TestGenerator;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
@@ -56,13 +59,19 @@ TEST(ConcatTest, MatchesTorch) {
   for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
     for (const ConcatCase& c : ConcatCases()) {
       SCOPED_TRACE(DTypeName(dtype) + " dim " + std::to_string(c.dim));
-      Tensors dense, strided;
+      Tensors dense;
       for (const Shape& shape : c.shapes) {
         dense.push_back(Randn(shape, gen, dtype));
-        strided.push_back(NonContiguousCopy(dense.back()));
       }
       ExpectMatchesTorch("concat", ConcatFn(c.dim), dense, DimAttrs(c.dim));
-      ExpectMatchesTorch("concat", ConcatFn(c.dim), strided, DimAttrs(c.dim));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        Tensors strided;
+        for (const Tensor& t : dense) {
+          strided.push_back(NonContiguousCopy(t, layout));
+        }
+        ExpectMatchesTorch("concat", ConcatFn(c.dim), strided, DimAttrs(c.dim));
+      }
     }
   }
 }
@@ -147,8 +156,12 @@ TEST(SplitTest, MatchesTorch) {
       const Tensor x = Randn(c.shape, gen, dtype);
       ExpectMatchesTorch("split", SplitFn(c.sizes, c.dim), {x},
                          SplitAttrs(c.sizes, c.dim));
-      ExpectMatchesTorch("split", SplitFn(c.sizes, c.dim),
-                         {NonContiguousCopy(x)}, SplitAttrs(c.sizes, c.dim));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("split", SplitFn(c.sizes, c.dim),
+                           {NonContiguousCopy(x, layout)},
+                           SplitAttrs(c.sizes, c.dim));
+      }
     }
   }
 }
@@ -224,8 +237,12 @@ TEST(IndexSelectTest, MatchesTorch) {
       const Tensor x = Randn(c.shape, gen, dtype);
       ExpectMatchesTorch("index_select", IndexSelectFn(c.dim), {x, c.indices},
                          DimAttrs(c.dim));
-      ExpectMatchesTorch("index_select", IndexSelectFn(c.dim),
-                         {NonContiguousCopy(x), c.indices}, DimAttrs(c.dim));
+      for (StridedLayout layout : kStridedLayouts) {
+        SCOPED_TRACE(StridedLayoutName(layout));
+        ExpectMatchesTorch("index_select", IndexSelectFn(c.dim),
+                           {NonContiguousCopy(x, layout), c.indices},
+                           DimAttrs(c.dim));
+      }
     }
   }
 }

@@ -18,8 +18,11 @@ using testing::ExpectAllClose;
 using testing::ExpectError;
 using testing::ExpectGradientsMatchFiniteDifferences;
 using testing::ExpectMatchesTorch;
+using testing::kStridedLayouts;
 using testing::NonContiguousCopy;
 using testing::OracleAttrs;
+using testing::StridedLayout;
+using testing::StridedLayoutName;
 using testing::TestGenerator;
 
 struct SoftmaxCase {
@@ -47,9 +50,13 @@ TEST(SoftmaxTest, MatchesTorch) {
         };
         ExpectMatchesTorch(op.torch_op, fn, {Randn({3, 4, 5}, gen, dtype)},
                            DimAttrs(dim));
-        ExpectMatchesTorch(op.torch_op, fn,
-                           {NonContiguousCopy(Randn({4, 3, 6}, gen, dtype))},
-                           DimAttrs(dim));
+        for (StridedLayout layout : kStridedLayouts) {
+          SCOPED_TRACE(StridedLayoutName(layout));
+          ExpectMatchesTorch(
+              op.torch_op, fn,
+              {NonContiguousCopy(Randn({4, 3, 6}, gen, dtype), layout)},
+              DimAttrs(dim));
+        }
       }
       SCOPED_TRACE(op.torch_op + " " + DTypeName(dtype) + " 1-D and scalar");
       const auto last = [&](const Tensors& in) -> Tensors {

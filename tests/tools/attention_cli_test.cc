@@ -85,7 +85,7 @@ void AppendLittleEndian(Value value, std::string* out) {
   }
 }
 
-// Writes `tensors` (float32 or float64) the way Python's
+// Writes `tensors` (float32, float64 or int64) the way Python's
 // safetensors.torch.save_file does, without using core/safetensors: the
 // header length as 8 little-endian bytes; a compact JSON header with
 // {"format":"pt"} metadata and, per tensor in name order, dtype, shape and
@@ -96,21 +96,25 @@ void WritePythonStyleSafetensors(const std::string& path,
   std::string header = "{\"__metadata__\":{\"format\":\"pt\"}";
   std::string data;
   for (const auto& [name, tensor] : tensors) {
-    ASSERT_TRUE(tensor.dtype() == DType::kFloat32 ||
-                tensor.dtype() == DType::kFloat64);
-    const bool f32 = tensor.dtype() == DType::kFloat32;
+    const DType dtype = tensor.dtype();
+    ASSERT_TRUE(dtype == DType::kFloat32 || dtype == DType::kFloat64 ||
+                dtype == DType::kInt64);
     const size_t begin = data.size();
     for (double value : tensor.ToVector()) {
-      if (f32) {
+      if (dtype == DType::kFloat32) {
         AppendLittleEndian<uint32_t>(static_cast<float>(value), &data);
-      } else {
+      } else if (dtype == DType::kFloat64) {
         AppendLittleEndian<uint64_t>(value, &data);
+      } else {
+        AppendLittleEndian<uint64_t>(static_cast<int64_t>(value), &data);
       }
     }
-    absl::StrAppend(&header, ",\"", name, "\":{\"dtype\":\"",
-                    f32 ? "F32" : "F64", "\",\"shape\":[",
-                    absl::StrJoin(tensor.shape(), ","), "],\"data_offsets\":[",
-                    begin, ",", data.size(), "]}");
+    const char* type = dtype == DType::kFloat32   ? "F32"
+                       : dtype == DType::kFloat64 ? "F64"
+                                                  : "I64";
+    absl::StrAppend(&header, ",\"", name, "\":{\"dtype\":\"", type,
+                    "\",\"shape\":[", absl::StrJoin(tensor.shape(), ","),
+                    "],\"data_offsets\":[", begin, ",", data.size(), "]}");
   }
   header += "}";
   header.append((8 - header.size() % 8) % 8, ' ');
@@ -158,15 +162,19 @@ std::map<std::string, Tensor> ExpectedOutputs(
   return expected;
 }
 
-// lse may hold -inf (queries with no key): there both must be -inf; the
-// other entries must be within `tol`.
+// Whether x is -inf (the lse of a query with no key).
+bool IsNegInf(double x) { return std::isinf(x) && x < 0; }
+
+// lse may hold -inf (queries with no key): there both must be -inf (not
+// +inf, not NaN); the other entries must be finite and within `tol`.
 void ExpectLseClose(const Tensor& actual, const Tensor& expected,
                     Tolerance tol) {
   ASSERT_EQ(actual.shape(), expected.shape());
   std::vector<double> a = actual.ToVector(), e = expected.ToVector();
   for (size_t i = 0; i < e.size(); ++i) {
-    if (std::isinf(e[i])) {
-      EXPECT_EQ(a[i], e[i]) << "lse at flat index " << i;
+    ASSERT_TRUE(IsNegInf(e[i]) || std::isfinite(e[i])) << e[i];
+    if (IsNegInf(e[i])) {
+      EXPECT_TRUE(IsNegInf(a[i])) << "lse at flat index " << i << ": " << a[i];
       a[i] = e[i] = 0;
     }
   }
@@ -248,7 +256,8 @@ TEST(AttentionCliTest, DilatedHeadGroupsCausalMatchesInProcess) {
   EXPECT_EQ(written.count("block_mask"), 0u);
   // Head 2 has pattern (32, 2, 1): its even positions select no key.
   ASSERT_EQ(written.count("lse"), 1u);
-  EXPECT_TRUE(std::isinf(written.at("lse").at({0, 2, 0})));
+  EXPECT_TRUE(IsNegInf(written.at("lse").at({0, 2, 0})))
+      << written.at("lse").at({0, 2, 0});
 }
 
 TEST(AttentionCliTest, DilatedAllHeadsScaleHilbertMatchesInProcess) {
@@ -354,6 +363,39 @@ TEST(AttentionCliTest, BlockSparseRandomIntersectedWithDilatedMatches) {
   ExpectBlockMask(written, config);
 }
 
+TEST(AttentionCliTest, BlockSparseLocalWindowMatchesInProcess) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kBlockSparse;
+  config.block_sparse.pattern = SparsePattern::kLocalWindow;
+  config.block_sparse.block_size = 8;
+  config.block_sparse.window = 9;  // two blocks each way
+  config.causal = true;
+  const auto written =
+      RunOnInputs("block_sparse_local_window", inputs,
+                  {"--pattern=block_sparse", "--sparse_pattern=local_window",
+                   "--block_size=8", "--window=9", "--causal"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  ExpectBlockMask(written, config);
+}
+
+TEST(AttentionCliTest, BlockSparseDilatedSparseOnCpuMatchesInProcess) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kBlockSparse;
+  config.block_sparse.pattern = SparsePattern::kDilatedSparse;
+  config.block_sparse.block_size = 4;
+  config.block_sparse.stride = 3;
+  const auto written =
+      RunOnInputs("block_sparse_dilated_sparse", inputs,
+                  {"--pattern=block_sparse", "--sparse_pattern=dilated_sparse",
+                   "--block_size=4", "--stride=3", "--device=cpu"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  ExpectBlockMask(written, config);
+}
+
 TEST(AttentionCliTest, DenseWithoutGradOutWritesOutAndLseOnly) {
   auto inputs = RandomInputs(DType::kFloat32);
   inputs.erase("grad_out");
@@ -376,6 +418,44 @@ TEST(AttentionCliTest, Float64FileComputedInFloat64) {
       {"--segment_lengths=16,32", "--dilation_rates=1,2", "--dtype=float64"});
   ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat64),
                      DefaultTolerance(DType::kFloat64));
+}
+
+// A float64 file computed in float32: the inputs are rounded to float32 and
+// every output is float32.
+TEST(AttentionCliTest, Float64FileComputedInFloat32) {
+  const auto inputs = RandomInputs(DType::kFloat64);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  const auto written = RunOnInputs(
+      "float64_as_float32", inputs,
+      {"--segment_lengths=16,32", "--dilation_rates=1,2", "--dtype=float32"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  for (const auto& [name, tensor] : written) {
+    EXPECT_EQ(tensor.dtype(), DType::kFloat32) << name;
+  }
+}
+
+// A float32 file computed in float64: every output is float64, to float64
+// tolerance of the computation on the float32 values.
+TEST(AttentionCliTest, Float32FileComputedInFloat64) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  config.causal = true;
+  const auto written =
+      RunOnInputs("float32_as_float64", inputs,
+                  {"--segment_lengths=16,32", "--dilation_rates=1,2",
+                   "--causal", "--dtype=float64"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat64),
+                     DefaultTolerance(DType::kFloat64));
+  for (const auto& [name, tensor] : written) {
+    EXPECT_EQ(tensor.dtype(), DType::kFloat64) << name;
+  }
 }
 
 TEST(AttentionCliTest, BFloat16ComputeWritesFloat32Outputs) {
@@ -523,6 +603,34 @@ TEST(AttentionCliTest, BadFlagValues) {
   ExpectCliError({input, "--layout=diagonal"}, {"--layout", "\"diagonal\""});
   ExpectCliError({input, "--device=tpu"}, {"--device=tpu", "cpu or cuda"});
   ExpectCliError({input, "stray"}, {"unexpected argument \"stray\""});
+}
+
+// A misspelled flag is reported by the flag parser: one line, exit 1.
+TEST(AttentionCliTest, MisspelledFlag) {
+  const std::string input = InputFlag("typo", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--windw=8"}, {"windw"});
+}
+
+TEST(AttentionCliTest, BadNumbersInFlags) {
+  const std::string input = InputFlag("numbers", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--ranks=0"}, {"ranks 0", ">= 1"});
+  ExpectCliError({input, "--segment_lengths=0,16", "--dilation_rates=1,2"},
+                 {"segment length 0", ">= 1"});
+  ExpectCliError({input, "--segment_lengths=8,16", "--dilation_rates=1,0"},
+                 {"dilation rate 0", ">= 1"});
+  ExpectCliError({input, "--pattern=block_sparse", "--sparse_pattern=random",
+                  "--density=1.5"},
+                 {"density 1.5", "[0, 1]"});
+  ExpectCliError({input, "--scale=nan"}, {"--scale=nan", "finite"});
+  ExpectCliError({input, "--scale=inf"}, {"--scale=inf", "finite"});
+}
+
+// An int64 tensor among the inputs is named with its dtype.
+TEST(AttentionCliTest, Int64Tensor) {
+  auto inputs = RandomInputs(DType::kFloat32);
+  inputs["v"] = Zeros(kShape, DType::kInt64);
+  ExpectCliError({InputFlag("int64", inputs)},
+                 {"tensor v is int64", "float32 or float64"});
 }
 
 TEST(AttentionCliTest, SeveralRanksNeedARingType) {
