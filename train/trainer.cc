@@ -32,6 +32,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The dropout generators' offset. Each rank draws from its own generator
+// (DropoutSeed), but every rank runs the same model code, so every rank
+// advances its generator by the same number of offsets (one per Dropout call)
+// each step and all offsets stay equal: rank 0's restores every rank's stream
+// (TrainerTest checks a 2-rank resume with dropout bit for bit).
 constexpr char kDropoutOffsetKey[] = "rng.dropout.offset";
 constexpr char kDataPositionKey[] = "data.position";
 constexpr int kMaxBuckets = 4;
