@@ -9,6 +9,65 @@
 #include "core/status.h"
 
 namespace lc {
+namespace {
+
+// The dtype the CUDA drivers write out and the gradients in: bfloat16
+// directly for bfloat16 inputs with one pattern per head (each row written
+// once: no float32 accumulators, no conversion), else the accumulator dtype.
+DType CudaOutputDType(const AttentionProblem& p, DType dtype) {
+  return dtype == DType::kBFloat16 && p.max_patterns == 1
+             ? dtype
+             : CudaAccumulatorDType(dtype);
+}
+
+// Attention on a CUDA device: the kernels compute bfloat16 natively (float32
+// arithmetic; with several patterns per head, float32 accumulators
+// converted at the end), float32 and float64 in their own precision. out has
+// q's dtype, lse the accumulator dtype (float32, float64 for float64 inputs).
+AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                              const AttentionPattern& pattern,
+                              const AttentionOptions& options) {
+  const int64_t n = q.size(1);
+  std::shared_ptr<const AttentionProblem> p =
+      MakeAttentionProblem(q, k, v, n, pattern, options);
+  const TokenLayout all = TokenLayoutOf({PositionSpan{0, n}});
+  const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const Device device = q.device();
+  const DType dtype = q.dtype();
+  const DType acc = CudaAccumulatorDType(dtype);
+  const DType written = CudaOutputDType(*p, dtype);
+  Tensor out = Zeros(q.shape(), written, device);
+  Tensor lse = Full({p->batch, p->heads, n},
+                    -std::numeric_limits<double>::infinity(), acc, device);
+  AttentionForwardTilesCuda(*p, all, qc, all, kc, vc, out, lse);
+  if (written != dtype) out = out.to(dtype);
+  if (NeedsGrad({qc, kc, vc})) {
+    RecordOp(
+        "Attention", {qc, kc, vc}, {&out, &lse},
+        [p, all, q = qc.detach(), k = kc.detach(), v = vc.detach(),
+         out = out.detach(), lse = lse.detach()](const Tensors& g) -> Tensors {
+          const Tensor grad_out = g[0].contiguous();
+          const Tensor grad_lse = g[1].contiguous();
+          const Device device = q.device();
+          const DType dtype = q.dtype();
+          const DType acc = CudaAccumulatorDType(dtype);
+          const DType written = CudaOutputDType(*p, dtype);
+          Tensor delta = Empty({p->batch, p->heads, p->n}, acc, device);
+          RowDeltaCuda(*p, p->n, out, grad_out, delta);
+          Tensor dq = Zeros(q.shape(), written, device);
+          Tensor dk = Zeros(k.shape(), written, device);
+          Tensor dv = Zeros(v.shape(), written, device);
+          AttentionBackwardTilesCuda(*p, all, q, all, k, v, grad_out, lse,
+                                     delta, grad_lse, dq, dk, dv);
+          if (written == dtype) return {dq, dk, dv};
+          delta = Tensor();  // freed before the conversions allocate
+          return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+        });
+  }
+  return {out, lse};
+}
+
+}  // namespace
 
 AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionPattern& pattern,
@@ -16,6 +75,7 @@ AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
   LC_REQUIRE(q.defined() && q.dim() == 4, "Attention: q has shape ",
              q.defined() ? ShapeToString(q.shape()) : "undefined",
              " (expected [batch, n, heads, head_dim])");
+  if (q.device().is_cuda()) return AttentionCuda(q, k, v, pattern, options);
   if (q.dtype() == DType::kBFloat16 && k.defined() && v.defined() &&
       k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
     AttentionResult r = Attention(q.to(DType::kFloat32), k.to(DType::kFloat32),

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numeric>
 
+#include "attention/attention_cuda.h"
+#include "attention/attention_cuda_plan.h"
 #include "attention/partial_attention.h"
 #include "core/status.h"
 
@@ -28,8 +30,8 @@ PositionRange Intersect(PositionRange a, int64_t begin, int64_t end) {
   return {std::max(a.begin, begin), std::min(a.end, end)};
 }
 
-bool Touches(const TokenLayout& layout, PositionRange range) {
-  for (const LocalSpan& s : layout.spans) {
+bool Touches(const std::vector<LocalSpan>& spans, PositionRange range) {
+  for (const LocalSpan& s : spans) {
     const PositionRange r = Intersect(range, s.begin, s.end);
     if (r.begin < r.end) return true;
   }
@@ -52,7 +54,9 @@ std::vector<WorkUnit> WorkUnits(const AttentionProblem& p,
     }
     for (int64_t begin = 0; begin < p.n; begin += span) {
       const PositionRange range{begin, std::min(begin + span, p.n)};
-      if (!Touches(ql, range) || !Touches(kl, range)) continue;
+      if (!Touches(ql.SpansOf(h), range) || !Touches(kl.SpansOf(h), range)) {
+        continue;
+      }
       double cost = 0;
       for (const DilatedPattern& d : patterns) {
         // Selected queries times the selected keys of their segment.
@@ -101,13 +105,19 @@ void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
       const uint8_t* padding =
           p.key_padding.defined() ? p.key_padding.data<uint8_t>() + unit.b * p.n
                                   : nullptr;
-      for (const LocalSpan& qs : ql.spans) {
+      const std::vector<DilatedPattern>& patterns =
+          p.pattern.head_patterns[unit.h];
+      for (const LocalSpan& qs : ql.SpansOf(unit.h)) {
         const PositionRange q_range = Intersect(unit.range, qs.begin, qs.end);
         if (q_range.begin >= q_range.end) continue;
-        for (const LocalSpan& ks : kl.spans) {
+        for (const LocalSpan& ks : kl.SpansOf(unit.h)) {
           const PositionRange k_range = Intersect(unit.range, ks.begin, ks.end);
           if (k_range.begin >= k_range.end) continue;
-          ForEachTile(p.pattern.head_patterns[unit.h], p.n, q_range, k_range,
+          // A span of one pattern's keys is visited by that pattern alone.
+          const int first = std::max(ks.pattern, 0);
+          std::vector<DilatedPattern> one;
+          if (ks.pattern >= 0) one.push_back(patterns[ks.pattern]);
+          ForEachTile(ks.pattern >= 0 ? one : patterns, p.n, q_range, k_range,
                       p.plan, [&](const Tile& tile) {
                         TileMask mask;
                         mask.causal = p.plan.causal;
@@ -120,7 +130,7 @@ void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
                         mask.dropout_seed = p.dropout_seed;
                         mask.dropout_offset = p.dropout_offset;
                         mask.dropout_stream =
-                            bh * p.max_patterns + tile.pattern;
+                            bh * p.max_patterns + first + tile.pattern;
                         mask.sequence_length = p.n;
                         fn(TileContext{unit.b, unit.h, tile, mask, qs, ks,
                                        scratch.get()});
@@ -132,29 +142,35 @@ void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
 }
 
 // Element offset of the row holding global position `position` (inside
-// `span`) of head h of batch b, in a [batch, rows, heads, head_dim] buffer.
-int64_t RowOffset(const AttentionProblem& p, int64_t rows,
+// `span`) of head h of batch b, in a buffer of `layout`.
+int64_t RowOffset(const AttentionProblem& p, const TokenLayout& layout,
                   const LocalSpan& span, int64_t b, int64_t h,
                   int64_t position) {
-  return ((b * rows + span.row + position - span.begin) * p.heads + h) *
-         p.head_dim;
+  return layout.Offset(p.heads, p.head_dim, b, h, span.RowOf(position));
 }
 
-// Offset of the same row in a [batch, heads, rows] statistics buffer.
+// Elements between the rows of consecutive positions of `tile` (a run
+// inside `span`) in a buffer of `layout`.
+int64_t RowStep(const AttentionProblem& p, const TokenLayout& layout,
+                const LocalSpan& span, const TileRows& tile) {
+  return tile.step / span.step * layout.RowStride(p.heads, p.head_dim);
+}
+
+// Offset of the same row in a [batch, heads, rows] statistics buffer of a
+// shared layout.
 int64_t StatOffset(const AttentionProblem& p, int64_t rows,
                    const LocalSpan& span, int64_t b, int64_t h,
                    int64_t position) {
-  return (b * p.heads + h) * rows + span.row + position - span.begin;
+  return (b * p.heads + h) * rows + span.RowOf(position);
 }
 
 template <typename T>
 RowSet<const T> TileRowSet(const T* data, const AttentionProblem& p,
-                           int64_t rows, const LocalSpan& span, int64_t b,
-                           int64_t h, const TileRows& tile) {
-  const int64_t token = p.heads * p.head_dim;
-  return RowSet<const T>{data + RowOffset(p, rows, span, b, h, tile.position),
-                         tile.step * token, tile.count, tile.position,
-                         tile.step};
+                           const TokenLayout& layout, const LocalSpan& span,
+                           int64_t b, int64_t h, const TileRows& tile) {
+  return RowSet<const T>{data + RowOffset(p, layout, span, b, h, tile.position),
+                         RowStep(p, layout, span, tile), tile.count,
+                         tile.position, tile.step};
 }
 
 }  // namespace
@@ -184,14 +200,25 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
              "Attention: q, k, v dtypes ", DTypeName(q.dtype()), ", ",
              DTypeName(k.dtype()), ", ", DTypeName(v.dtype()),
              " (expected one dtype)");
-  // bfloat16 was converted to float32 by the caller.
-  LC_REQUIRE(q.dtype() == DType::kFloat32 || q.dtype() == DType::kFloat64,
+  LC_REQUIRE(k.device() == q.device() && v.device() == q.device(),
+             "Attention: q on ", q.device().ToString(), ", k on ",
+             k.device().ToString(), ", v on ", v.device().ToString(),
+             " (expected one device)");
+  const bool cuda = q.device().is_cuda();
+  // On the CPU, bfloat16 was converted to float32 by the caller.
+  LC_REQUIRE(q.dtype() == DType::kFloat32 || q.dtype() == DType::kFloat64 ||
+                 (cuda && q.dtype() == DType::kBFloat16),
              "Attention: dtype ", DTypeName(q.dtype()),
              " (expected float32, float64 or bfloat16)");
-  for (const Tensor* t : {&q, &k, &v}) {
-    LC_REQUIRE(t->device().is_cpu(), "Attention: tensors on ",
-               t->device().ToString(),
-               " (this path runs on the CPU; expected cpu)");
+  if (cuda) {
+    LC_REQUIRE(q.size(3) >= 1 && q.size(3) <= kCudaMaxHeadDim,
+               "Attention: head_dim ", q.size(3), " on ", q.device().ToString(),
+               " (expected 1 to ", kCudaMaxHeadDim, ")");
+    LC_REQUIRE(q.size(0) <= 65535, "Attention: batch ", q.size(0), " on ",
+               q.device().ToString(), " (expected at most 65535)");
+    LC_REQUIRE(n < (int64_t{1} << 31) && q.size(1) < (int64_t{1} << 31),
+               "Attention: n = ", n, " on ", q.device().ToString(),
+               " (expected fewer than 2^31 tokens)");
   }
   const int64_t heads = q.size(2);
   LC_REQUIRE(static_cast<int64_t>(pattern.head_patterns.size()) == heads,
@@ -224,11 +251,10 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
              options.key_tile, " (expected >= 1)");
   if (options.key_padding_mask.defined()) {
     const Tensor& m = options.key_padding_mask;
-    LC_REQUIRE(m.dtype() == DType::kUInt8 && m.device().is_cpu() &&
-                   m.shape() == Shape({q.size(0), n}),
+    LC_REQUIRE(m.dtype() == DType::kUInt8 && m.shape() == Shape({q.size(0), n}),
                "Attention: key_padding_mask is ", DTypeName(m.dtype()), " ",
-               ShapeToString(m.shape()), " on ", m.device().ToString(),
-               " (expected uint8 [", q.size(0), ", ", n, "] on cpu)");
+               ShapeToString(m.shape()), " (expected uint8 [", q.size(0), ", ",
+               n, "])");
   }
 
   auto p = std::make_shared<AttentionProblem>();
@@ -255,44 +281,25 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
     p->dropout_offset = gen.NextOffset();
   }
   if (options.key_padding_mask.defined()) {
-    p->key_padding = options.key_padding_mask.contiguous();
+    p->key_padding = options.key_padding_mask.to(q.device()).contiguous();
   }
+  if (cuda) p->cuda_plans = std::make_shared<CudaPlanCache>();
   return p;
-}
-
-bool HasTiles(const AttentionProblem& p, const TokenLayout& q,
-              const TokenLayout& k) {
-  TilePlanOptions coarse = p.plan;
-  coarse.query_tile = coarse.key_tile = std::max<int64_t>(p.n, 1);
-  coarse.order = TileOrder::kRowMajor;
-  bool any = false;
-  for (int64_t h = 0; h < p.heads && !any; ++h) {
-    for (const LocalSpan& qs : q.spans) {
-      for (const LocalSpan& ks : k.spans) {
-        if (any) break;
-        ForEachTile(p.pattern.head_patterns[h], p.n, {qs.begin, qs.end},
-                    {ks.begin, ks.end}, coarse,
-                    [&any](const Tile&) { any = true; });
-      }
-    }
-  }
-  return any;
 }
 
 template <typename T>
 void AttentionForwardTiles(const AttentionProblem& p, const TokenLayout& ql,
                            const T* q, const TokenLayout& kl, const T* k,
                            const T* v, T* out, T* lse) {
-  const int64_t token = p.heads * p.head_dim;
   ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
     const TileRows& tq = c.tile.q;
     PartialAttentionForward<T>(
-        TileRowSet(q, p, ql.rows, c.q_span, c.b, c.h, tq),
-        TileRowSet(k, p, kl.rows, c.k_span, c.b, c.h, c.tile.k),
-        TileRowSet(v, p, kl.rows, c.k_span, c.b, c.h, c.tile.k), p.head_dim,
+        TileRowSet(q, p, ql, c.q_span, c.b, c.h, tq),
+        TileRowSet(k, p, kl, c.k_span, c.b, c.h, c.tile.k),
+        TileRowSet(v, p, kl, c.k_span, c.b, c.h, c.tile.k), p.head_dim,
         static_cast<T>(p.scale), c.mask,
-        out + RowOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position),
-        tq.step * token,
+        out + RowOffset(p, ql, c.q_span, c.b, c.h, tq.position),
+        RowStep(p, ql, c.q_span, tq),
         lse + StatOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position), tq.step,
         c.scratch);
   });
@@ -304,21 +311,21 @@ void AttentionBackwardTiles(const AttentionProblem& p, const TokenLayout& ql,
                             const T* v, const T* grad_out, const T* lse,
                             const T* delta, const T* grad_lse, T* dq, T* dk,
                             T* dv) {
-  const int64_t token = p.heads * p.head_dim;
   ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
     const TileRows& tq = c.tile.q;
     const TileRows& tk = c.tile.k;
     const int64_t stat =
         StatOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position);
-    const int64_t q_at = RowOffset(p, ql.rows, c.q_span, c.b, c.h, tq.position);
-    const int64_t k_at = RowOffset(p, kl.rows, c.k_span, c.b, c.h, tk.position);
+    const int64_t q_at = RowOffset(p, ql, c.q_span, c.b, c.h, tq.position);
+    const int64_t q_step = RowStep(p, ql, c.q_span, tq);
+    const int64_t k_at = RowOffset(p, kl, c.k_span, c.b, c.h, tk.position);
     PartialAttentionBackward<T>(
-        TileRowSet(q, p, ql.rows, c.q_span, c.b, c.h, tq),
-        TileRowSet(k, p, kl.rows, c.k_span, c.b, c.h, tk),
-        TileRowSet(v, p, kl.rows, c.k_span, c.b, c.h, tk), p.head_dim,
-        static_cast<T>(p.scale), c.mask, grad_out + q_at, tq.step * token,
-        lse + stat, delta + stat, grad_lse + stat, tq.step, dq + q_at,
-        tq.step * token, dk + k_at, dv + k_at, tk.step * token, c.scratch);
+        TileRowSet(q, p, ql, c.q_span, c.b, c.h, tq),
+        TileRowSet(k, p, kl, c.k_span, c.b, c.h, tk),
+        TileRowSet(v, p, kl, c.k_span, c.b, c.h, tk), p.head_dim,
+        static_cast<T>(p.scale), c.mask, grad_out + q_at, q_step, lse + stat,
+        delta + stat, grad_lse + stat, tq.step, dq + q_at, q_step, dk + k_at,
+        dv + k_at, RowStep(p, kl, c.k_span, tk), c.scratch);
   });
 }
 
@@ -352,5 +359,144 @@ void RowDelta(const AttentionProblem& p, int64_t rows, const T* out,
 
 LC_INSTANTIATE_ATTENTION_KERNEL(float)
 LC_INSTANTIATE_ATTENTION_KERNEL(double)
+
+namespace {
+
+// The shape of a buffer of `layout`: [batch, rows, heads, head_dim], or
+// [batch, rows, head_dim] packed; with per_row, the statistics shape
+// [batch, heads, rows] of a shared layout.
+Shape BufferShape(const AttentionProblem& p, const TokenLayout& layout,
+                  bool per_row) {
+  if (per_row) return {p.batch, p.heads, layout.rows};
+  if (layout.packed()) return {p.batch, layout.rows, p.head_dim};
+  return {p.batch, layout.rows, p.heads, p.head_dim};
+}
+
+// Checks that t is a contiguous buffer of `layout` (BufferShape) of `dtype`
+// on `device`. Internal invariant of the drivers' callers.
+void CheckBuffer(const AttentionProblem& p, const Tensor& t, DType dtype,
+                 Device device, const TokenLayout& layout, bool per_row,
+                 const char* what) {
+  const Shape expected = BufferShape(p, layout, per_row);
+  LC_CHECK(t.defined() && t.device() == device && t.dtype() == dtype &&
+           t.shape() == expected && t.is_contiguous())
+      << what << ": " << (t.defined() ? t.ToString() : "undefined")
+      << " (expected contiguous " << DTypeName(dtype) << " "
+      << ShapeToString(expected) << " on " << device.ToString() << ")";
+}
+
+// The dtype of the drivers' outputs (out, or dq, dk, dv) for inputs of
+// `dtype`: the accumulator dtype, or bfloat16 written once (see
+// CudaAttentionArgs::out_dtype) when `out` is bfloat16.
+DType OutputDType(const AttentionProblem& p, DType dtype, const Tensor& out) {
+  if (dtype == DType::kBFloat16 && out.defined() &&
+      out.dtype() == DType::kBFloat16) {
+    LC_CHECK_EQ(p.max_patterns, 1)
+        << "bfloat16 outputs are written once: one pattern per head";
+    return DType::kBFloat16;
+  }
+  return CudaAccumulatorDType(dtype);
+}
+
+CudaAttentionArgs ArgsOf(const AttentionProblem& p, const Tensor& q,
+                         const TokenLayout& ql, const TokenLayout& kl,
+                         DType out_dtype) {
+  LC_CHECK(p.cuda_plans != nullptr) << "a CUDA driver on a CPU problem";
+  CudaAttentionArgs args;
+  args.dtype = q.dtype();
+  args.out_dtype = out_dtype;
+  args.device = q.device().index;
+  args.batch = p.batch;
+  args.n = p.n;
+  args.heads = p.heads;
+  args.head_dim = p.head_dim;
+  LC_CHECK(!ql.packed()) << "queries come in a shared layout";
+  args.q_rows = ql.rows;
+  args.q_batch_stride = ql.rows * p.heads * p.head_dim;
+  args.q_row_stride = p.heads * p.head_dim;
+  args.k_batch_stride = kl.rows * kl.RowStride(p.heads, p.head_dim);
+  args.k_row_stride = kl.RowStride(p.heads, p.head_dim);
+  args.k_head_stride = kl.packed() ? 0 : p.head_dim;
+  args.max_patterns = p.max_patterns;
+  args.scale = p.scale;
+  args.causal = p.plan.causal;
+  args.key_padding =
+      p.key_padding.defined() ? p.key_padding.data<uint8_t>() : nullptr;
+  args.dropout = p.dropout;
+  args.dropout_seed = p.dropout_seed;
+  args.dropout_offset = p.dropout_offset;
+  return args;
+}
+
+}  // namespace
+
+DType CudaAccumulatorDType(DType dtype) {
+  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
+void AttentionForwardTilesCuda(const AttentionProblem& p, const TokenLayout& ql,
+                               const Tensor& q, const TokenLayout& kl,
+                               const Tensor& k, const Tensor& v,
+                               const Tensor& out_acc, const Tensor& lse) {
+  const Device device = q.device();
+  const DType acc = CudaAccumulatorDType(q.dtype());
+  const DType out_dtype = OutputDType(p, q.dtype(), out_acc);
+  CheckBuffer(p, q, q.dtype(), device, ql, false, "q");
+  CheckBuffer(p, k, q.dtype(), device, kl, false, "k");
+  CheckBuffer(p, v, q.dtype(), device, kl, false, "v");
+  CheckBuffer(p, out_acc, out_dtype, device, ql, false, "out_acc");
+  CheckBuffer(p, lse, acc, device, ql, true, "lse");
+  if (ql.rows == 0 || kl.rows == 0) return;
+  const CudaWorkList& queries =
+      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kQueryItems, device);
+  LaunchAttentionForward(ArgsOf(p, q, ql, kl, out_dtype), queries, q.raw_data(),
+                         k.raw_data(), v.raw_data(), out_acc.raw_data(),
+                         lse.raw_data());
+}
+
+void AttentionBackwardTilesCuda(const AttentionProblem& p,
+                                const TokenLayout& ql, const Tensor& q,
+                                const TokenLayout& kl, const Tensor& k,
+                                const Tensor& v, const Tensor& grad_out,
+                                const Tensor& lse, const Tensor& delta,
+                                const Tensor& grad_lse, const Tensor& dq_acc,
+                                const Tensor& dk_acc, const Tensor& dv_acc) {
+  const Device device = q.device();
+  const DType acc = CudaAccumulatorDType(q.dtype());
+  CheckBuffer(p, q, q.dtype(), device, ql, false, "q");
+  CheckBuffer(p, k, q.dtype(), device, kl, false, "k");
+  CheckBuffer(p, v, q.dtype(), device, kl, false, "v");
+  CheckBuffer(p, grad_out, q.dtype(), device, ql, false, "grad_out");
+  CheckBuffer(p, lse, acc, device, ql, true, "lse");
+  CheckBuffer(p, delta, acc, device, ql, true, "delta");
+  CheckBuffer(p, grad_lse, acc, device, ql, true, "grad_lse");
+  const DType out_dtype = OutputDType(p, q.dtype(), dq_acc);
+  CheckBuffer(p, dq_acc, out_dtype, device, ql, false, "dq_acc");
+  CheckBuffer(p, dk_acc, out_dtype, device, kl, false, "dk_acc");
+  CheckBuffer(p, dv_acc, out_dtype, device, kl, false, "dv_acc");
+  if (ql.rows == 0 || kl.rows == 0) return;
+  const CudaWorkList& queries =
+      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kQueryItems, device);
+  const CudaWorkList& keys =
+      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kKeyItems, device);
+  LaunchAttentionBackward(ArgsOf(p, q, ql, kl, out_dtype), queries, keys,
+                          q.raw_data(), k.raw_data(), v.raw_data(),
+                          grad_out.raw_data(), lse.raw_data(), delta.raw_data(),
+                          grad_lse.raw_data(), dq_acc.raw_data(),
+                          dk_acc.raw_data(), dv_acc.raw_data());
+}
+
+void RowDeltaCuda(const AttentionProblem& p, int64_t rows, const Tensor& out,
+                  const Tensor& grad_out, const Tensor& delta) {
+  const Device device = out.device();
+  TokenLayout layout;
+  layout.rows = rows;
+  CheckBuffer(p, out, out.dtype(), device, layout, false, "out");
+  CheckBuffer(p, grad_out, out.dtype(), device, layout, false, "grad_out");
+  CheckBuffer(p, delta, CudaAccumulatorDType(out.dtype()), device, layout, true,
+              "delta");
+  LaunchRowDelta(out.dtype(), device.index, p.batch, rows, p.heads, p.head_dim,
+                 out.raw_data(), grad_out.raw_data(), delta.raw_data());
+}
 
 }  // namespace lc

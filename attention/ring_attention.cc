@@ -1,55 +1,210 @@
 #include "attention/ring_attention.h"
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "attention/attention_kernel.h"
 #include "core/autograd.h"
 #include "core/status.h"
+#include "distributed/ring_exchange.h"
 
 namespace lc {
 namespace {
 
-// Message tags: each kind of payload has its own queue per pair of ranks, so
-// K, V and their gradients never share a receive buffer.
+// Message tags: each kind of payload has its own exchange and tags, so K, V
+// and their gradients never share a receive buffer.
 enum Tag : int {
-  kKeyTag = 1,
-  kValueTag,
-  kGradKeyTag,
-  kGradValueTag,
-  kHomeGradKeyTag,
-  kHomeGradValueTag,
+  kKeyValueTags = 1,  // K, V
+  kGradTags = 3,      // dK, dV on to the next holder
+  kHomeTags = 5,      // dK, dV back to the chunk's owner
 };
 
-// Which chunk pairs have work, known identically on every rank, so that
-// senders and receivers agree on every transfer without asking each other.
+// Position ranges [begin, end), sorted and disjoint.
+using Ranges = std::vector<PositionRange>;
+
+// The keys of one chunk that one rank's queries attend, per head and per
+// pattern of the head: every key of that pattern in the ranges is attended
+// by some query (keys of a pattern that lie in a range but that the pattern
+// does not select are not counted).
+using UsedKeys = std::vector<std::vector<Ranges>>;  // [head][pattern]
+
+bool SamePatterns(const std::vector<DilatedPattern>& a,
+                  const std::vector<DilatedPattern>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                    [](const DilatedPattern& x, const DilatedPattern& y) {
+                      return x.segment_length == y.segment_length &&
+                             x.dilation_rate == y.dilation_rate &&
+                             x.offset == y.offset;
+                    });
+}
+
+// Sorts ranges and merges those that overlap or touch.
+Ranges Merged(Ranges ranges) {
+  std::sort(ranges.begin(), ranges.end(),
+            [](const PositionRange& a, const PositionRange& b) {
+              return a.begin < b.begin;
+            });
+  Ranges merged;
+  for (const PositionRange& r : ranges) {
+    if (!merged.empty() && r.begin <= merged.back().end) {
+      merged.back().end = std::max(merged.back().end, r.end);
+    } else {
+      merged.push_back(r);
+    }
+  }
+  return merged;
+}
+
+// The keys of `keys` that queries of `queries` attend under the problem's
+// patterns, block mask and causality (key padding aside: padded keys still
+// travel). One tile per segment and block pair: its keys up to the last
+// query (causal) are all attended by some query of the tile.
+UsedKeys FindUsedKeys(const AttentionProblem& p, const TokenLayout& queries,
+                      const TokenLayout& keys) {
+  TilePlanOptions coarse = p.plan;
+  coarse.query_tile = coarse.key_tile = std::max<int64_t>(p.n, 1);
+  coarse.order = TileOrder::kRowMajor;
+  UsedKeys used(p.heads);
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const std::vector<DilatedPattern>& patterns = p.pattern.head_patterns[h];
+    // Heads with the same patterns use the same keys.
+    bool copied = false;
+    for (int64_t g = 0; g < h && !copied; ++g) {
+      if (SamePatterns(p.pattern.head_patterns[g], patterns)) {
+        used[h] = used[g];
+        copied = true;
+      }
+    }
+    if (copied) continue;
+    used[h].resize(patterns.size());
+    for (const LocalSpan& qs : queries.spans) {
+      for (const LocalSpan& ks : keys.spans) {
+        ForEachTile(
+            patterns, p.n, {qs.begin, qs.end}, {ks.begin, ks.end}, coarse,
+            [&](const Tile& t) {
+              int64_t last = t.k.last();
+              if (p.plan.causal && last > t.q.last()) {
+                last = t.k.position +
+                       (t.q.last() - t.k.position) / t.k.step * t.k.step;
+              }
+              const int64_t w = patterns[t.pattern].segment_length;
+              const int64_t segment_end =
+                  std::min(p.n, (t.k.position / w + 1) * w);
+              used[h][t.pattern].push_back(
+                  {t.k.position, std::min(last + t.k.step, segment_end)});
+            });
+      }
+    }
+    for (Ranges& ranges : used[h]) ranges = Merged(std::move(ranges));
+  }
+  return used;
+}
+
+bool AnyKey(const UsedKeys& used) {
+  for (const auto& head : used) {
+    for (const Ranges& ranges : head) {
+      if (!ranges.empty()) return true;
+    }
+  }
+  return false;
+}
+
+// Which keys every rank uses of every chunk, known identically on every
+// rank, so that senders and receivers agree on every transfer (and its
+// size) without asking each other.
 struct RingPlan {
   int size = 1, rank = 0;
-  std::vector<TokenLayout> layouts;      // per rank: its tokens' global spans
-  std::vector<std::vector<bool>> needs;  // needs[holder][origin]
-  int last_step = 0;                     // the last ring step any rank computes
+  std::vector<TokenLayout> layouts;         // per rank: its tokens
+  std::vector<std::vector<UsedKeys>> used;  // used[holder][origin]
+  std::vector<int> final_step;  // per origin: the last step that uses it
+  int last_step = 0;            // the last ring step any rank computes
+  // trip[origin][step], step 0 .. final_step[origin]: the layout in which
+  // the chunk travels into that step and its holder computes (TripLayout;
+  // at step 0 the owner's tokens).
+  std::vector<std::vector<TokenLayout>> trip;
+  // Backward, per origin and step >= 1: whether the holder's dK/dV
+  // accumulators go on to the next holder, and whether they go home. They
+  // exist from the first holder that uses the chunk; they go on while the
+  // chunk keeps its layout, and home when it changes (the next holders use
+  // fewer keys and start new accumulators) or the trip ends.
+  std::vector<std::vector<bool>> grads_on, grads_home;
 
   int Origin(int holder, int step) const {
     return ((holder - step) % size + size) % size;
   }
-  // Whether the chunk of `origin`, held at `step` by origin + step, must go
-  // on to the next rank: some later holder up to last_step needs it.
-  bool Forwarded(int origin, int step) const {
-    for (int s = step + 1; s <= last_step; ++s) {
-      if (needs[(origin + s) % size][origin]) return true;
-    }
-    return false;
+  int Holder(int origin, int step) const { return (origin + step) % size; }
+  bool Needs(int holder, int origin) const {
+    return AnyKey(used[holder][origin]);
   }
-  // The last step at which the chunk of `origin` is held by some rank.
-  int FinalStep(int origin) const {
-    int s = 0;
-    while (s < last_step && Forwarded(origin, s)) ++s;
-    return s;
+  // Whether the chunk of `origin`, held at `step`, goes on to the next
+  // rank: a later holder uses it.
+  bool Forwarded(int origin, int step) const {
+    return step < final_step[origin];
   }
 };
+
+// Whether `later`, a layout of a chunk's trip at a later step than
+// `earlier` (so a subset of its keys), holds the same keys.
+bool SameKeys(const TokenLayout& earlier, const TokenLayout& later) {
+  return earlier.packed() == later.packed() && earlier.rows == later.rows;
+}
+
+// The layout in which the chunk of `origin` travels into `step` (1 <= step
+// <= its final step) and in which its holders from then on compute: per
+// head, only the keys that holders at steps step .. final use, packed; or
+// the whole chunk when that is no more data. A later step's layout holds a
+// subset of an earlier one's keys.
+TokenLayout TripLayout(const AttentionProblem& p, const RingPlan& plan,
+                       int origin, int step) {
+  const TokenLayout& whole = plan.layouts[origin];
+  TokenLayout packed;
+  packed.head_spans.resize(p.heads);
+  packed.head_row.resize(p.heads);
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const std::vector<DilatedPattern>& patterns = p.pattern.head_patterns[h];
+    packed.head_row[h] = packed.rows;
+    int64_t row = 0;
+    for (size_t i = 0; i < patterns.size(); ++i) {
+      Ranges all;
+      for (int s = step; s <= plan.final_step[origin]; ++s) {
+        const Ranges& r = plan.used[plan.Holder(origin, s)][origin][h][i];
+        all.insert(all.end(), r.begin(), r.end());
+      }
+      const DilatedPattern& d = patterns[i];
+      const int64_t w = d.segment_length, rate = d.dilation_rate;
+      // One strided span per range, segment and span of the chunk.
+      for (const PositionRange& range : Merged(std::move(all))) {
+        for (const LocalSpan& chunk : whole.spans) {
+          const int64_t lo = std::max(range.begin, chunk.begin);
+          const int64_t hi = std::min(range.end, chunk.end);
+          for (int64_t seg = lo / w; lo < hi && seg * w < hi; ++seg) {
+            const int64_t selected = seg * w + d.offset;
+            const int64_t from = std::max(lo, seg * w);
+            const int64_t end = std::min(hi, std::min(p.n, seg * w + w));
+            const int64_t first =
+                from <= selected
+                    ? selected
+                    : selected + (from - selected + rate - 1) / rate * rate;
+            if (first >= end) continue;
+            packed.head_spans[h].push_back(
+                LocalSpan{first, end, row, rate, static_cast<int>(i)});
+            row += (end - first + rate - 1) / rate;
+          }
+        }
+      }
+    }
+    packed.rows += row;
+  }
+  if (packed.rows >= whole.rows * p.heads) return whole;
+  return packed;
+}
 
 RingPlan MakePlan(const AttentionProblem& p, int size, int rank,
                   SequenceLayout layout) {
@@ -59,82 +214,153 @@ RingPlan MakePlan(const AttentionProblem& p, int size, int rank,
   for (int r = 0; r < size; ++r) {
     plan.layouts.push_back(TokenLayoutOf(RankSpans(p.n, size, r, layout)));
   }
-  plan.needs.assign(size, std::vector<bool>(size, false));
+  plan.used.assign(size, std::vector<UsedKeys>(size));
+  plan.final_step.assign(size, 0);
   for (int holder = 0; holder < size; ++holder) {
     for (int origin = 0; origin < size; ++origin) {
-      plan.needs[holder][origin] =
-          HasTiles(p, plan.layouts[holder], plan.layouts[origin]);
-      if (plan.needs[holder][origin]) {
+      plan.used[holder][origin] =
+          FindUsedKeys(p, plan.layouts[holder], plan.layouts[origin]);
+      if (plan.Needs(holder, origin)) {
         const int step = ((holder - origin) % size + size) % size;
+        plan.final_step[origin] = std::max(plan.final_step[origin], step);
         plan.last_step = std::max(plan.last_step, step);
       }
+    }
+  }
+  plan.trip.resize(size);
+  plan.grads_on.resize(size);
+  plan.grads_home.resize(size);
+  for (int origin = 0; origin < size; ++origin) {
+    const int last = plan.final_step[origin];
+    plan.trip[origin].push_back(plan.layouts[origin]);
+    for (int s = 1; s <= last; ++s) {
+      plan.trip[origin].push_back(TripLayout(p, plan, origin, s));
+    }
+    plan.grads_on[origin].assign(last + 1, false);
+    plan.grads_home[origin].assign(last + 1, false);
+    for (int s = 1; s <= last; ++s) {
+      const bool live = plan.grads_on[origin][s - 1] ||
+                        plan.Needs(plan.Holder(origin, s), origin);
+      plan.grads_on[origin][s] =
+          live && s < last &&
+          SameKeys(plan.trip[origin][s], plan.trip[origin][s + 1]);
+      plan.grads_home[origin][s] = live && !plan.grads_on[origin][s];
     }
   }
   return plan;
 }
 
-// A [batch, rows, heads, head_dim] view at the front of a flat buffer.
-Tensor ChunkView(const Tensor& flat, const AttentionProblem& p, int64_t rows) {
-  return flat.slice(0, 0, p.batch * rows * p.heads * p.head_dim)
-      .view({p.batch, rows, p.heads, p.head_dim});
+// The shape of a K/V chunk (or gradient) buffer of `layout`.
+Shape ChunkShape(const AttentionProblem& p, const TokenLayout& layout) {
+  if (layout.packed()) return {p.batch, layout.rows, p.head_dim};
+  return {p.batch, layout.rows, p.heads, p.head_dim};
 }
 
-// Posts transfers and waits for them, turning failures into lc::Error after
-// aborting the group (so the other ranks stop waiting at once).
-class Transfers {
- public:
-  Transfers(Communicator& comm, RingStats* stats)
-      : comm_(comm), stats_(stats) {}
+std::vector<TensorSpec> ChunkSpecs(const AttentionProblem& p,
+                                   const TokenLayout& layout, DType dtype) {
+  return std::vector<TensorSpec>(2, TensorSpec{ChunkShape(p, layout), dtype});
+}
 
-  // Posts between Start() and Finish() form one batch (see
-  // Communicator::StartBatch).
-  void Start() { Check(comm_.StartBatch()); }
-  void Finish() { Check(comm_.EndBatch()); }
-
-  void Send(const Tensor& t, int dst, int tag) {
-    Post(comm_.Send(t, dst, tag));
-    if (stats_ != nullptr) {
-      stats_->bytes_sent += t.numel() * DTypeSize(t.dtype());
-      ++stats_->transfers;
+// Calls fn(sub_offset, super_offset) for every (batch, head, key) row of
+// `sub`, with the element offsets of that row in a buffer of `sub` and in
+// one of `super`, which holds every key of `sub` (an earlier layout of the
+// same chunk's trip, or the chunk's whole tokens).
+template <typename Fn>
+void ForEachRowPair(const AttentionProblem& p, const TokenLayout& sub,
+                    const TokenLayout& super, Fn&& fn) {
+  for (int64_t h = 0; h < p.heads; ++h) {
+    for (const LocalSpan& d : sub.SpansOf(h)) {
+      const int64_t count = (d.end - d.begin + d.step - 1) / d.step;
+      if (count == 0) continue;
+      const int64_t last = d.begin + (count - 1) * d.step;
+      const LocalSpan* from = nullptr;
+      for (const LocalSpan& s : super.SpansOf(h)) {
+        if ((s.pattern < 0 || s.pattern == d.pattern) && s.begin <= d.begin &&
+            last < s.end && (d.begin - s.begin) % s.step == 0 &&
+            d.step % s.step == 0) {
+          from = &s;
+          break;
+        }
+      }
+      LC_CHECK(from != nullptr) << "no span holds keys " << d.begin << ".."
+                                << last << " of head " << h;
+      for (int64_t b = 0; b < p.batch; ++b) {
+        for (int64_t j = 0; j < count; ++j) {
+          fn(sub.Offset(p.heads, p.head_dim, b, h, d.row + j),
+             super.Offset(p.heads, p.head_dim, b, h,
+                          from->RowOf(d.begin + j * d.step)));
+        }
+      }
     }
   }
-  void Recv(const Tensor& t, int src, int tag) {
-    Post(comm_.Recv(t, src, tag));
-  }
-  void WaitAll() {
-    absl::Status first;
-    for (auto& work : pending_) {
-      absl::Status s = work->Wait();
-      if (first.ok() && !s.ok()) first = s;
-    }
-    pending_.clear();
-    if (!first.ok()) Fail(first);
-  }
+}
 
- private:
-  void Check(const absl::Status& status) {
-    if (!status.ok()) Fail(status);
+// The K/V pair of a chunk held in `from`, cut down to the keys of `to` (a
+// later layout of its trip): the tensors themselves when those are the same
+// keys, else new packed copies.
+template <typename T>
+std::vector<Tensor> Carry(const AttentionProblem& p, const TokenLayout& from,
+                          const std::vector<Tensor>& tensors,
+                          const TokenLayout& to) {
+  if (SameKeys(from, to)) return tensors;
+  std::vector<Tensor> packed;
+  for (const Tensor& t : tensors) {
+    Tensor c = Empty(ChunkShape(p, to), t.dtype());
+    const T* src = t.data<T>();
+    T* dst = c.data<T>();
+    ForEachRowPair(p, to, from, [&](int64_t to_at, int64_t from_at) {
+      std::memcpy(dst + to_at, src + from_at, p.head_dim * sizeof(T));
+    });
+    packed.push_back(c);
   }
-  void Post(absl::StatusOr<std::unique_ptr<Work>> work) {
-    Check(work.status());
-    pending_.push_back(*std::move(work));
-  }
-  [[noreturn]] void Fail(const absl::Status& status) {
-    comm_.Abort(status);
+  return packed;
+}
+
+// dst (a buffer of `whole`, this rank's tokens) += src (one of `part`).
+template <typename T>
+void AddRows(const AttentionProblem& p, const TokenLayout& part,
+             const Tensor& src, const TokenLayout& whole, const Tensor& dst) {
+  const T* s = src.data<T>();
+  T* d = dst.data<T>();
+  ForEachRowPair(p, part, whole, [&](int64_t part_at, int64_t whole_at) {
+    for (int64_t c = 0; c < p.head_dim; ++c) d[whole_at + c] += s[part_at + c];
+  });
+}
+
+// Throws a failed communication as lc::Error naming the rank (the exchange
+// has already aborted the group, so the other ranks stop waiting).
+void Check(const Communicator& comm, const absl::Status& status) {
+  if (!status.ok()) {
     throw Error(absl::Status(
-        status.code(), absl::StrCat("RingAttention on rank ", comm_.rank(),
-                                    ": ", status.message())));
+        status.code(), absl::StrCat("RingAttention on rank ", comm.rank(), ": ",
+                                    status.message())));
   }
+}
 
-  Communicator& comm_;
-  RingStats* stats_;
-  std::vector<std::unique_ptr<Work>> pending_;
+template <typename V>
+V Check(const Communicator& comm, absl::StatusOr<V> value) {
+  Check(comm, value.status());
+  return *std::move(value);
+}
+
+// The chunk a rank holds at one step: whose, in which layout, and its
+// tensors (K and V; in backward dK and dV too).
+struct HeldChunk {
+  int origin = 0;
+  TokenLayout layout;
+  std::vector<Tensor> kv;
+  std::vector<Tensor> grads;
 };
 
-int64_t MaxRows(const RingPlan& plan) {
-  int64_t rows = 0;
-  for (const TokenLayout& l : plan.layouts) rows = std::max(rows, l.rows);
-  return rows;
+void AddStats(RingStats* stats, const RingExchange& exchange) {
+  if (stats == nullptr) return;
+  stats->bytes_sent += exchange.bytes_sent();
+  stats->transfers += exchange.tensors_sent();
+}
+
+void CountStep(RingStats* stats, bool computed) {
+  if (stats == nullptr) return;
+  ++(computed ? stats->steps_computed : stats->steps_skipped);
 }
 
 template <typename T>
@@ -142,50 +368,40 @@ void RingForward(Communicator& comm, const AttentionProblem& p,
                  const RingPlan& plan, const Tensor& q, const Tensor& k,
                  const Tensor& v, const Tensor& out, const Tensor& lse,
                  RingStats* stats) {
-  const int r = plan.rank, size = plan.size;
-  const int next = (r + 1) % size, prev = (r + size - 1) % size;
-  const int64_t chunk = p.batch * MaxRows(plan) * p.heads * p.head_dim;
-  // Two receive buffers per payload, alternating: step s computes on one
-  // while step s+1's chunk arrives in the other.
-  Tensor key_buffers[2], value_buffers[2];
-  Tensor cur_k = k, cur_v = v;
-  Transfers transfers(comm, stats);
+  const int r = plan.rank, prev = (r + plan.size - 1) % plan.size;
+  const TokenLayout& mine = plan.layouts[r];
+  RingExchange kv(comm, 2, kKeyValueTags);
+  HeldChunk cur{r, mine, {k, v}, {}};
   for (int s = 0; s <= plan.last_step; ++s) {
-    const int origin = plan.Origin(r, s);
-    Tensor next_k, next_v;
-    transfers.Start();
-    if (s < plan.last_step) {
-      if (plan.Forwarded(origin, s)) {
-        transfers.Send(cur_k, next, kKeyTag);
-        transfers.Send(cur_v, next, kValueTag);
-      }
-      const int incoming = plan.Origin(prev, s);
-      if (plan.Forwarded(incoming, s)) {
-        Tensor& kb = key_buffers[s % 2];
-        Tensor& vb = value_buffers[s % 2];
-        if (!kb.defined()) kb = Empty({chunk}, q.dtype());
-        if (!vb.defined()) vb = Empty({chunk}, q.dtype());
-        next_k = ChunkView(kb, p, plan.layouts[incoming].rows);
-        next_v = ChunkView(vb, p, plan.layouts[incoming].rows);
-        transfers.Recv(next_k, prev, kKeyTag);
-        transfers.Recv(next_v, prev, kValueTag);
-      }
+    // The next chunk moves while this one is computed on.
+    std::vector<Tensor> send;
+    if (plan.Forwarded(cur.origin, s)) {
+      send = Carry<T>(p, cur.layout, cur.kv, plan.trip[cur.origin][s + 1]);
     }
-    transfers.Finish();
-    if (plan.needs[r][origin]) {
-      AttentionForwardTiles<T>(p, plan.layouts[r], q.data<T>(),
-                               plan.layouts[origin], cur_k.data<T>(),
-                               cur_v.data<T>(), out.data<T>(), lse.data<T>());
-      if (stats != nullptr) ++stats->steps_computed;
-    } else if (stats != nullptr) {
-      ++stats->steps_skipped;
+    HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
+    std::vector<TensorSpec> receive;
+    if (plan.Forwarded(next.origin, s)) {
+      next.layout = plan.trip[next.origin][s + 1];
+      receive = ChunkSpecs(p, next.layout, q.dtype());
     }
-    transfers.WaitAll();
-    cur_k = next_k;
-    cur_v = next_v;
+    next.kv = Check(comm, kv.Post(send, receive));
+    const bool computed = plan.Needs(r, cur.origin);
+    if (computed) {
+      AttentionForwardTiles<T>(p, mine, q.data<T>(), cur.layout,
+                               cur.kv[0].data<T>(), cur.kv[1].data<T>(),
+                               out.data<T>(), lse.data<T>());
+    }
+    CountStep(stats, computed);
+    Check(comm, kv.Wait());
+    cur = std::move(next);
   }
+  AddStats(stats, kv);
 }
 
+// Backward: K and V travel again as in forward. A holder adds the
+// gradients of its step into dK/dV accumulators in the chunk's layout,
+// which travel as RingPlan::grads_on and grads_home say. The owner keeps
+// its own step's gradients and adds every accumulator that comes home.
 template <typename T>
 Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
                      const RingPlan& plan, const Tensor& q, const Tensor& k,
@@ -193,121 +409,254 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
                      const Tensor& grad_out, const Tensor& grad_lse,
                      RingStats* stats) {
   const int r = plan.rank, size = plan.size;
-  const int next = (r + 1) % size, prev = (r + size - 1) % size;
+  const int prev = (r + size - 1) % size;
   const TokenLayout& mine = plan.layouts[r];
-  const int64_t chunk = p.batch * MaxRows(plan) * p.heads * p.head_dim;
   std::vector<T> delta(p.batch * p.heads * mine.rows);
   RowDelta<T>(p, mine.rows, out.data<T>(), grad_out.data<T>(), delta.data());
 
-  Tensor dq = ZerosLike(q);
-  // The accumulators of the chunk this rank holds; they start as ours.
-  Tensor cur_k = k, cur_v = v, cur_dk = ZerosLike(k), cur_dv = ZerosLike(v);
-  Tensor buffers[4][2];  // k, v, dk, dv receive buffers, alternating
-  Transfers transfers(comm, stats);
-
-  // A chunk's gradients go home from the rank where its trip ends, in the
-  // same step (so no rank keeps more than the chunk it holds); ours arrive
-  // at step final_step from the last rank that holds our chunk.
-  const int final_step = plan.FinalStep(r);
-  Tensor own_dk = cur_dk, own_dv = cur_dv;
-  Tensor home_dk, home_dv;
+  Tensor dq = ZerosLike(q), dk = ZerosLike(k), dv = ZerosLike(v);
+  RingExchange kv(comm, 2, kKeyValueTags), grads(comm, 2, kGradTags),
+      home(comm, 2, kHomeTags);
+  // A flag of the plan for a chunk at `step` (false past its trip).
+  const auto at = [](const std::vector<bool>& flags, int step) {
+    return step < static_cast<int>(flags.size()) && flags[step];
+  };
+  HeldChunk cur{r, mine, {k, v}, {dk, dv}};
   for (int s = 0; s <= plan.last_step; ++s) {
-    const int origin = plan.Origin(r, s);
-    const bool forward_chunk = s < plan.last_step && plan.Forwarded(origin, s);
-    const int incoming = plan.Origin(prev, s);
-    const bool receive_chunk =
-        s < plan.last_step && plan.Forwarded(incoming, s);
-    Tensor next_chunk[4];
-    if (receive_chunk) {
-      for (int i = 0; i < 4; ++i) {
-        if (!buffers[i][s % 2].defined()) {
-          buffers[i][s % 2] = Empty({chunk}, q.dtype());
-        }
-        next_chunk[i] =
-            ChunkView(buffers[i][s % 2], p, plan.layouts[incoming].rows);
-      }
+    std::vector<Tensor> send;
+    if (plan.Forwarded(cur.origin, s)) {
+      send = Carry<T>(p, cur.layout, cur.kv, plan.trip[cur.origin][s + 1]);
     }
-    // K and V move while this step computes.
-    transfers.Start();
-    if (forward_chunk) {
-      transfers.Send(cur_k, next, kKeyTag);
-      transfers.Send(cur_v, next, kValueTag);
+    HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
+    std::vector<TensorSpec> receive;
+    if (plan.Forwarded(next.origin, s)) {
+      next.layout = plan.trip[next.origin][s + 1];
+      receive = ChunkSpecs(p, next.layout, q.dtype());
     }
-    if (receive_chunk) {
-      transfers.Recv(next_chunk[0], prev, kKeyTag);
-      transfers.Recv(next_chunk[1], prev, kValueTag);
+    next.kv = Check(comm, kv.Post(send, receive));
+    const bool computed = plan.Needs(r, cur.origin);
+    if (computed) {
+      AttentionBackwardTiles<T>(p, mine, q.data<T>(), cur.layout,
+                                cur.kv[0].data<T>(), cur.kv[1].data<T>(),
+                                grad_out.data<T>(), lse.data<T>(), delta.data(),
+                                grad_lse.data<T>(), dq.data<T>(),
+                                cur.grads[0].data<T>(), cur.grads[1].data<T>());
     }
-    transfers.Finish();
-    if (plan.needs[r][origin]) {
-      AttentionBackwardTiles<T>(
-          p, mine, q.data<T>(), plan.layouts[origin], cur_k.data<T>(),
-          cur_v.data<T>(), grad_out.data<T>(), lse.data<T>(), delta.data(),
-          grad_lse.data<T>(), dq.data<T>(), cur_dk.data<T>(), cur_dv.data<T>());
-      if (stats != nullptr) ++stats->steps_computed;
-    } else if (stats != nullptr) {
-      ++stats->steps_skipped;
+    CountStep(stats, computed);
+
+    // The accumulators leave only after this step added to them: on to the
+    // next holder, or home; ours come home from the rank holding our chunk
+    // now when they end there.
+    const bool receive_grads = at(plan.grads_on[next.origin], s);
+    next.grads = Check(
+        comm,
+        grads.Post(at(plan.grads_on[cur.origin], s) ? cur.grads
+                                                    : std::vector<Tensor>(),
+                   receive_grads ? ChunkSpecs(p, next.layout, q.dtype())
+                                 : std::vector<TensorSpec>()));
+    const bool ours_come_home = at(plan.grads_home[r], s);
+    const TokenLayout& ours = ours_come_home ? plan.trip[r][s] : mine;
+    const std::vector<Tensor> came_home = Check(
+        comm, home.PostPeers(at(plan.grads_home[cur.origin], s)
+                                 ? cur.grads
+                                 : std::vector<Tensor>(),
+                             cur.origin,
+                             ours_come_home ? ChunkSpecs(p, ours, q.dtype())
+                                            : std::vector<TensorSpec>(),
+                             plan.Holder(r, s)));
+    Check(comm, kv.Wait());
+    Check(comm, grads.Wait());
+    Check(comm, home.Wait());
+    if (ours_come_home) {
+      AddRows<T>(p, ours, came_home[0], mine, dk);
+      AddRows<T>(p, ours, came_home[1], mine, dv);
     }
-    // The gradient accumulators leave only after this step added to them.
-    const bool holding = s == 0 || plan.Forwarded(origin, s - 1);
-    transfers.Start();
-    if (forward_chunk) {
-      transfers.Send(cur_dk, next, kGradKeyTag);
-      transfers.Send(cur_dv, next, kGradValueTag);
-    } else if (holding && origin != r) {
-      transfers.Send(cur_dk, origin, kHomeGradKeyTag);
-      transfers.Send(cur_dv, origin, kHomeGradValueTag);
+    // A holder that uses the chunk and got no accumulators starts its own.
+    if (!receive_grads && plan.Needs(r, next.origin)) {
+      next.grads = {Zeros(ChunkShape(p, next.layout), q.dtype()),
+                    Zeros(ChunkShape(p, next.layout), q.dtype())};
     }
-    if (final_step > 0 && s == final_step) {
-      home_dk = Empty(k.shape(), k.dtype());
-      home_dv = Empty(v.shape(), v.dtype());
-      transfers.Recv(home_dk, (r + final_step) % size, kHomeGradKeyTag);
-      transfers.Recv(home_dv, (r + final_step) % size, kHomeGradValueTag);
-    }
-    if (receive_chunk) {
-      transfers.Recv(next_chunk[2], prev, kGradKeyTag);
-      transfers.Recv(next_chunk[3], prev, kGradValueTag);
-    }
-    transfers.Finish();
-    transfers.WaitAll();
-    cur_k = next_chunk[0];
-    cur_v = next_chunk[1];
-    cur_dk = next_chunk[2];
-    cur_dv = next_chunk[3];
+    cur = std::move(next);
   }
-  if (final_step > 0) return {dq, home_dk, home_dv};
-  return {dq, own_dk, own_dv};
+  AddStats(stats, kv);
+  AddStats(stats, grads);
+  AddStats(stats, home);
+  return {dq, dk, dv};
 }
 
-}  // namespace
+// ---- Agreement across ranks ----
 
-AttentionResult RingAttention(Communicator& comm, const Tensor& q,
-                              const Tensor& k, const Tensor& v, int64_t n,
-                              const AttentionPattern& pattern,
-                              const AttentionOptions& options,
-                              const RingOptions& ring) {
-  const int size = comm.size(), rank = comm.rank();
-  LC_REQUIRE(q.defined() && q.dim() == 4, "RingAttention: q has shape ",
-             q.defined() ? ShapeToString(q.shape()) : "undefined",
-             " (expected [batch, n_local, heads, head_dim])");
-  const int64_t local = RankTokenCount(n, size, rank, ring.layout);
-  LC_REQUIRE(q.size(1) == local, "RingAttention: rank ", rank, " of ", size,
-             " holds ", q.size(1), " tokens but the ",
-             SequenceLayoutName(ring.layout), " layout of n = ", n,
-             " gives it ", local);
-  if (q.dtype() == DType::kBFloat16 && k.defined() && v.defined() &&
-      k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
-    AttentionResult r =
-        RingAttention(comm, q.to(DType::kFloat32), k.to(DType::kFloat32),
-                      v.to(DType::kFloat32), n, pattern, options, ring);
-    return {r.out.to(DType::kBFloat16), r.lse};
+// 64-bit FNV-1a of a sequence of integers and bytes.
+class Fingerprint {
+ public:
+  void Add(int64_t x) {
+    for (int i = 0; i < 8; ++i) AddByte(static_cast<uint8_t>(x >> (8 * i)));
   }
+  void AddBytes(const uint8_t* data, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) AddByte(data[i]);
+  }
+  int64_t value() const { return static_cast<int64_t>(hash_); }
+
+ private:
+  void AddByte(uint8_t byte) { hash_ = (hash_ ^ byte) * 1099511628211ull; }
+  uint64_t hash_ = 14695981039346656037ull;
+};
+
+int64_t PatternFingerprint(const AttentionPattern& pattern) {
+  Fingerprint f;
+  f.Add(static_cast<int64_t>(pattern.head_patterns.size()));
+  for (const std::vector<DilatedPattern>& head : pattern.head_patterns) {
+    f.Add(static_cast<int64_t>(head.size()));
+    for (const DilatedPattern& d : head) {
+      f.Add(d.segment_length);
+      f.Add(d.dilation_rate);
+      f.Add(d.offset);
+    }
+  }
+  return f.value();
+}
+
+int64_t BlockMaskFingerprint(const BlockMask* mask) {
+  Fingerprint f;
+  f.Add(mask != nullptr);
+  if (mask != nullptr) {
+    f.Add(mask->block_size());
+    f.Add(mask->num_blocks());
+    f.AddBytes(mask->bits().data(), static_cast<int64_t>(mask->bits().size()));
+  }
+  return f.value();
+}
+
+int64_t PaddingFingerprint(const Tensor& padding) {
+  Fingerprint f;
+  f.Add(padding.defined());
+  if (padding.defined()) f.AddBytes(padding.data<uint8_t>(), padding.numel());
+  return f.value();
+}
+
+int64_t DoubleBits(double x) {
+  int64_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+enum class FieldKind { kInteger, kDType, kLayout, kBool, kReal, kFingerprint };
+
+// One value of a call that every rank must pass alike.
+struct Field {
+  const char* name;
+  FieldKind kind;
+  int64_t value;
+};
+
+std::string DescribeField(FieldKind kind, int64_t value) {
+  switch (kind) {
+    case FieldKind::kDType:
+      return DTypeName(static_cast<DType>(value));
+    case FieldKind::kLayout:
+      return SequenceLayoutName(static_cast<SequenceLayout>(value));
+    case FieldKind::kBool:
+      return value != 0 ? "true" : "false";
+    case FieldKind::kReal: {
+      double x;
+      std::memcpy(&x, &value, sizeof(x));
+      return absl::StrCat(x);
+    }
+    case FieldKind::kFingerprint:
+      return absl::StrCat("fingerprint ", absl::Hex(value, absl::kZeroPad16));
+    case FieldKind::kInteger:
+      break;
+  }
+  return absl::StrCat(value);
+}
+
+std::vector<Field> CallFields(const AttentionProblem& p, DType dtype,
+                              SequenceLayout layout) {
+  return {
+      {"batch", FieldKind::kInteger, p.batch},
+      {"heads", FieldKind::kInteger, p.heads},
+      {"head_dim", FieldKind::kInteger, p.head_dim},
+      {"dtype", FieldKind::kDType, static_cast<int64_t>(dtype)},
+      {"n", FieldKind::kInteger, p.n},
+      {"layout", FieldKind::kLayout, static_cast<int64_t>(layout)},
+      {"causal", FieldKind::kBool, p.plan.causal},
+      {"pattern", FieldKind::kFingerprint, PatternFingerprint(p.pattern)},
+      {"block mask", FieldKind::kFingerprint,
+       BlockMaskFingerprint(p.pattern.block_mask.get())},
+      {"scale", FieldKind::kReal, DoubleBits(p.scale)},
+      {"dropout", FieldKind::kReal, DoubleBits(p.dropout)},
+      {"dropout seed", FieldKind::kInteger,
+       static_cast<int64_t>(p.dropout_seed)},
+      {"dropout offset", FieldKind::kInteger,
+       static_cast<int64_t>(p.dropout_offset)},
+      {"key_padding_mask", FieldKind::kFingerprint,
+       PaddingFingerprint(p.key_padding)},
+  };
+}
+
+// Gathers every rank's `fields` and throws lc::Error (InvalidArgument, on
+// every rank alike) naming the first field on which the ranks disagree and
+// each rank's value; a failed gather aborts the group and throws.
+void CheckRanksAgree(Communicator& comm, const std::vector<Field>& fields,
+                     Device device) {
+  const int size = comm.size();
+  const auto count = static_cast<int64_t>(fields.size());
+  Tensor mine = Empty({count}, DType::kInt64);
+  for (int64_t i = 0; i < count; ++i) {
+    mine.data<int64_t>()[i] = fields[i].value;
+  }
+  const Tensor all = Empty({size, count}, DType::kInt64, device);
+  const absl::Status gathered = comm.AllGather(mine.to(device), all);
+  if (!gathered.ok()) comm.Abort(gathered);
+  Check(comm, gathered);
+  const Tensor host = all.to(Device::Cpu());
+  const int64_t* values = host.data<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    // Ranks grouped by their value, in order of first appearance.
+    std::vector<std::pair<int64_t, std::vector<int>>> groups;
+    for (int r = 0; r < size; ++r) {
+      const int64_t value = values[r * count + i];
+      auto it = std::find_if(groups.begin(), groups.end(),
+                             [&](const auto& g) { return g.first == value; });
+      if (it == groups.end()) {
+        groups.push_back({value, {r}});
+      } else {
+        it->second.push_back(r);
+      }
+    }
+    if (groups.size() == 1) continue;
+    std::string detail;
+    for (const auto& [value, ranks] : groups) {
+      absl::StrAppend(&detail, detail.empty() ? "" : "; ",
+                      DescribeField(fields[i].kind, value), " on rank",
+                      ranks.size() > 1 ? "s " : " ",
+                      absl::StrJoin(ranks, ", "));
+    }
+    throw Error(absl::InvalidArgumentError(absl::StrCat(
+        "RingAttention on rank ", comm.rank(), ": the ranks disagree on ",
+        fields[i].name, " (", detail,
+        "); every rank must pass the same shapes (but for its own tokens), "
+        "dtype, n, layout, pattern and options")));
+  }
+}
+
+// RingAttention on float32 or float64 inputs; `dtype` is the caller's.
+AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
+                                const Tensor& k, const Tensor& v, int64_t n,
+                                const AttentionPattern& pattern,
+                                const AttentionOptions& options,
+                                const RingOptions& ring, DType dtype) {
+  const int size = comm.size(), rank = comm.rank();
   std::shared_ptr<const AttentionProblem> p =
       MakeAttentionProblem(q, k, v, n, pattern, options);
+  if (size > 1) {
+    CheckRanksAgree(comm, CallFields(*p, dtype, ring.layout), q.device());
+  }
   auto plan =
       std::make_shared<const RingPlan>(MakePlan(*p, size, rank, ring.layout));
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   Tensor out = Zeros(q.shape(), q.dtype());
-  Tensor lse = Full({p->batch, p->heads, local},
+  Tensor lse = Full({p->batch, p->heads, q.size(1)},
                     -std::numeric_limits<double>::infinity(), q.dtype());
   if (q.dtype() == DType::kFloat32) {
     RingForward<float>(comm, *p, *plan, qc, kc, vc, out, lse, ring.stats);
@@ -332,6 +681,37 @@ AttentionResult RingAttention(Communicator& comm, const Tensor& q,
              });
   }
   return {out, lse};
+}
+
+}  // namespace
+
+AttentionResult RingAttention(Communicator& comm, const Tensor& q,
+                              const Tensor& k, const Tensor& v, int64_t n,
+                              const AttentionPattern& pattern,
+                              const AttentionOptions& options,
+                              const RingOptions& ring) {
+  const int size = comm.size(), rank = comm.rank();
+  LC_REQUIRE(q.defined() && q.dim() == 4, "RingAttention: q has shape ",
+             q.defined() ? ShapeToString(q.shape()) : "undefined",
+             " (expected [batch, n_local, heads, head_dim])");
+  for (const Tensor* t : {&q, &k, &v}) {
+    LC_REQUIRE(!t->defined() || t->device().is_cpu(),
+               "RingAttention: a tensor on ", t->device().ToString(),
+               " (ring attention runs on CPU tensors; expected cpu)");
+  }
+  const int64_t local = RankTokenCount(n, size, rank, ring.layout);
+  LC_REQUIRE(q.size(1) == local, "RingAttention: rank ", rank, " of ", size,
+             " holds ", q.size(1), " tokens but the ",
+             SequenceLayoutName(ring.layout), " layout of n = ", n,
+             " gives it ", local);
+  if (q.dtype() == DType::kBFloat16 && k.defined() && v.defined() &&
+      k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
+    AttentionResult r = RingAttentionOf(
+        comm, q.to(DType::kFloat32), k.to(DType::kFloat32),
+        v.to(DType::kFloat32), n, pattern, options, ring, q.dtype());
+    return {r.out.to(DType::kBFloat16), r.lse};
+  }
+  return RingAttentionOf(comm, q, k, v, n, pattern, options, ring, q.dtype());
 }
 
 }  // namespace lc

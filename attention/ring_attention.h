@@ -1,13 +1,17 @@
 // Ring (sequence-parallel) attention: each of k ranks holds n/k tokens of the
 // sequence (contiguous or zigzag chunks, any n) and attends its queries to
-// every rank's keys by passing K/V chunks around a ring: at step s a rank
-// attends to the chunk of rank (rank - s) mod k while the next chunk is
-// already in flight (send to rank + 1, receive from rank - 1, double
-// buffered). Backward sends K/V around again with float accumulators of
-// their gradients, which return to their owner; dq stays local. Steps and
-// transfers that no rank needs (no allowed (t, u) pair) are skipped: dilated
-// attention whose segments fit inside chunks communicates nothing. Results
-// equal single-rank Attention on the same tokens.
+// every rank's keys by passing K/V chunks around a ring (distributed/'s
+// RingExchange): at step s a rank attends to the chunk of rank
+// (rank - s) mod k while the next chunk is already in flight (send to
+// rank + 1, receive from rank - 1, double buffered). Backward sends K/V
+// around again with float accumulators of their gradients, which return to
+// their owner; dq stays local. Only what a receiver can use travels: steps
+// and transfers that no rank needs (no allowed (t, u) pair) are skipped, so
+// dilated attention whose segments fit inside chunks communicates nothing,
+// and a chunk travels cut down to the keys (per head and pattern) that the
+// ranks still ahead on its trip attend, when that is less data than the
+// whole chunk (1 row in r for a dilation rate r). Results equal
+// single-rank Attention on the same tokens.
 #ifndef LONGCTX_ATTENTION_RING_ATTENTION_H_
 #define LONGCTX_ATTENTION_RING_ATTENTION_H_
 
@@ -22,7 +26,7 @@ namespace lc {
 // What one call moved and skipped on this rank, forward and backward added.
 struct RingStats {
   int64_t bytes_sent = 0;      // K/V (and dK/dV) payload sent by this rank
-  int64_t transfers = 0;       // tensors sent
+  int64_t transfers = 0;       // tensors sent (the all-gather not counted)
   int64_t steps_computed = 0;  // ring steps with tiles for this rank
   int64_t steps_skipped = 0;   // ring steps with no tile for this rank
 };
@@ -32,14 +36,18 @@ struct RingOptions {
   RingStats* stats = nullptr;  // when set, forward and backward add to it
 };
 
-// q, k, v [batch, n_local, heads, head_dim]: this rank's tokens,
+// q, k, v [batch, n_local, heads, head_dim] on the CPU: this rank's tokens,
 // RankSpans(n, comm.size(), comm.rank(), layout) in order. `pattern` and
 // options.key_padding_mask ([batch, n], the same on every rank) describe the
 // whole n-token sequence: positions stay global. Returns this rank's rows of
 // out [batch, n_local, heads, head_dim] and lse [batch, heads, n_local].
 // Differentiable in q, k, v; backward communicates, so every rank of the
 // group must run it, and `comm` must outlive it. Throws lc::Error for bad
-// inputs and for communication failures (timeouts, aborted groups).
+// inputs (before any communication), for ranks that disagree on the call
+// (InvalidArgument on every rank, naming the field: batch, heads, head_dim,
+// dtype, n, layout, causal, pattern, block mask, scale, dropout and its
+// seed and offset, key padding mask; found by one all-gather at the start)
+// and for communication failures (timeouts, aborted groups).
 AttentionResult RingAttention(Communicator& comm, const Tensor& q,
                               const Tensor& k, const Tensor& v, int64_t n,
                               const AttentionPattern& pattern,

@@ -1,0 +1,237 @@
+// Benchmark of the CUDA attention kernels: forward and forward+backward time
+// (median of --repeats runs after --warmup runs, CUDA events on the current
+// stream, the host's plan building included), TFLOP/s and the peak extra
+// device memory of lc::Attention on bfloat16 inputs:
+//  - dilated: batch 1, --heads heads of head_dim 64, segment lengths
+//    2048,4096,8192 with dilation rates 1,2,4 in head groups, at each of
+//    --dilated_lengths;
+//  - dense: one pattern w = n, r = 1, --dense_heads heads of head_dim 128 at
+//    n = --dense_length, causal and not.
+//
+// FLOPs count only the (query, key) pairs the pattern allows, with the
+// FlashAttention convention: forward = 4 * head_dim * pairs (S = Q K^T and
+// O = P V), backward = 2.5 x forward (the five products of the FA2 backward),
+// so forward+backward = 14 * head_dim * pairs. (The kernels here recompute S
+// and dP in both backward kernels, seven products, for determinism without
+// atomics; the convention counts the useful work only.)
+// Peak extra memory: the peak of the device's tensor bytes during the call
+// minus the bytes held before it (q, k, v and the output gradient).
+//
+//   bazel run //attention:attention_cuda_benchmark -- --workloads=dense
+//
+// Needs a CUDA device: without one it says so and exits 0.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "attention/attention.h"
+#include "attention/pattern.h"
+#include "core/autograd.h"
+#include "core/cuda.h"
+#include "core/memory.h"
+#include "core/tensor.h"
+
+ABSL_FLAG(std::vector<std::string>, workloads,
+          std::vector<std::string>({"dilated", "dense"}),
+          "Which workloads to run: dilated, dense.");
+ABSL_FLAG(std::vector<std::string>, dilated_lengths,
+          std::vector<std::string>({"131072", "1048576"}),
+          "Sequence lengths of the dilated workload.");
+ABSL_FLAG(int64_t, heads, 12, "Heads of the dilated workload (head_dim 64).");
+ABSL_FLAG(bool, dilated_causal, false, "Causal dilated attention.");
+ABSL_FLAG(int64_t, dense_length, 16384, "Sequence length of the dense runs.");
+ABSL_FLAG(int64_t, dense_heads, 16, "Heads of the dense runs (head_dim 128).");
+ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
+ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
+ABSL_FLAG(int, device, 0, "CUDA device index.");
+
+namespace lc {
+namespace {
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::fprintf(stderr, "attention_cuda_benchmark: %s\n", message.c_str());
+  std::exit(2);
+}
+
+std::vector<int64_t> ParseList(const std::vector<std::string>& items,
+                               const char* flag) {
+  std::vector<int64_t> values;
+  for (const std::string& item : items) {
+    int64_t value;
+    if (!absl::SimpleAtoi(item, &value) || value < 1) {
+      Fail(absl::StrCat("--", flag, " has \"", item,
+                        "\" (expected positive integers)"));
+    }
+    values.push_back(value);
+  }
+  return values;
+}
+
+// A bfloat16 tensor on `device` with values uniform in [-sqrt(3), sqrt(3))
+// (unit variance) from a counter hash: fast for a billion elements, where
+// the project's Randn (drawn on the host in float64) would take minutes.
+Tensor RandomBf16(const Shape& shape, uint64_t seed, Device device) {
+  Tensor host = Empty(shape, DType::kBFloat16);
+  bfloat16* data = host.data<bfloat16>();
+  const int64_t count = host.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+    data[i] = bfloat16((2.f * u - 1.f) * 1.7320508f);
+  }
+  return host.to(device);
+}
+
+// Allowed (t, u) pairs of all heads of one batch element: for each pattern
+// and segment, c selected positions give c * c pairs (c (c + 1) / 2 when
+// causal).
+double UsefulPairs(const AttentionPattern& pattern, int64_t n, bool causal) {
+  double pairs = 0;
+  for (const auto& patterns : pattern.head_patterns) {
+    for (const DilatedPattern& p : patterns) {
+      for (int64_t begin = 0; begin < n; begin += p.segment_length) {
+        const int64_t length = std::min(p.segment_length, n - begin);
+        const double c =
+            length > p.offset
+                ? (length - p.offset + p.dilation_rate - 1) / p.dilation_rate
+                : 0;
+        pairs += causal ? c * (c + 1) / 2 : c * c;
+      }
+    }
+  }
+  return pairs;
+}
+
+struct Measurement {
+  double ms = 0;          // median
+  double peak_extra = 0;  // bytes
+};
+
+// Times fn (median of repeats after warmup runs) between CUDA events on the
+// current stream, and the peak extra device memory of one run.
+template <typename Fn>
+Measurement Measure(Device device, Fn&& fn) {
+  for (int64_t i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) fn();
+  SynchronizeCudaStream(device.index);
+  MemoryTracker& tracker = DeviceMemoryTracker(device);
+  std::vector<double> ms;
+  double peak_extra = 0;
+  for (int64_t i = 0; i < std::max<int64_t>(1, absl::GetFlag(FLAGS_repeats));
+       ++i) {
+    tracker.Reset();
+    const int64_t before = tracker.stats().current_bytes;
+    CudaEvent start(device.index), stop(device.index);
+    cudaStream_t stream = CurrentCudaStream(device);
+    start.Record(stream);
+    fn();
+    stop.Record(stream);
+    stop.Synchronize();
+    ms.push_back(stop.ElapsedMsSince(start));
+    peak_extra =
+        std::max<double>(peak_extra, tracker.stats().peak_bytes - before);
+  }
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], peak_extra};
+}
+
+void PrintRow(const std::string& name, int64_t n, double pairs,
+              int64_t head_dim, const Measurement& fwd,
+              const Measurement& both) {
+  const double fwd_flops = 4.0 * head_dim * pairs;
+  std::printf("%-26s %9lld %10.3f %8.1f %12.3f %8.1f %10.1f\n", name.c_str(),
+              static_cast<long long>(n), fwd.ms, fwd_flops / (fwd.ms * 1e9),
+              both.ms, 3.5 * fwd_flops / (both.ms * 1e9),
+              both.peak_extra / (1 << 20));
+  std::fflush(stdout);
+}
+
+// Forward and forward+backward of one configuration.
+void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
+         const AttentionPattern& pattern, bool causal, Device device) {
+  const Shape shape = {1, n, heads, head_dim};
+  const Tensor q = RandomBf16(shape, 1, device);
+  const Tensor k = RandomBf16(shape, 2, device);
+  const Tensor v = RandomBf16(shape, 3, device);
+  const Tensor grad = RandomBf16(shape, 4, device);
+  AttentionOptions options;
+  options.causal = causal;
+  const Measurement fwd = Measure(device, [&] {
+    NoGradGuard no_grad;
+    Attention(q, k, v, pattern, options);
+  });
+  const Measurement both = Measure(device, [&] {
+    const Tensor qg = q.detach().set_requires_grad(true);
+    const Tensor kg = k.detach().set_requires_grad(true);
+    const Tensor vg = v.detach().set_requires_grad(true);
+    Attention(qg, kg, vg, pattern, options).out.backward(grad);
+  });
+  PrintRow(name, n, UsefulPairs(pattern, n, causal), head_dim, fwd, both);
+}
+
+int Main() {
+  if (CudaDeviceCount() == 0) {
+    std::printf(
+        "attention_cuda_benchmark: no CUDA device; nothing to measure.\n");
+    return 0;
+  }
+  const Device device = Device::Cuda(absl::GetFlag(FLAGS_device));
+  SetCudaDevice(device.index);
+  std::printf(
+      "bfloat16; FLOPs: fwd 4*d*pairs, fwd+bwd 3.5x fwd (FlashAttention "
+      "convention);\npeak extra: device bytes beyond q, k, v and the output "
+      "gradient.\n\n");
+  std::printf("%-26s %9s %10s %8s %12s %8s %10s\n", "workload", "n", "fwd ms",
+              "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "extra MiB");
+  for (const std::string& workload : absl::GetFlag(FLAGS_workloads)) {
+    if (workload == "dilated") {
+      const int64_t heads = absl::GetFlag(FLAGS_heads);
+      DilatedOptions dilated;
+      dilated.segment_lengths = {2048, 4096, 8192};
+      dilated.dilation_rates = {1, 2, 4};
+      absl::StatusOr<std::vector<std::vector<DilatedPattern>>> patterns =
+          DilatedHeadPatterns(dilated, heads);
+      if (!patterns.ok()) Fail(std::string(patterns.status().message()));
+      AttentionPattern pattern;
+      pattern.head_patterns = *patterns;
+      const bool causal = absl::GetFlag(FLAGS_dilated_causal);
+      for (int64_t n :
+           ParseList(absl::GetFlag(FLAGS_dilated_lengths), "dilated_lengths")) {
+        Run(absl::StrCat("dilated h", heads, " d64", causal ? " causal" : ""),
+            n, heads, 64, pattern, causal, device);
+      }
+    } else if (workload == "dense") {
+      const int64_t n = absl::GetFlag(FLAGS_dense_length);
+      const int64_t heads = absl::GetFlag(FLAGS_dense_heads);
+      AttentionPattern pattern;
+      pattern.head_patterns.assign(heads, {DensePattern(n)});
+      for (bool causal : {false, true}) {
+        Run(absl::StrCat("dense h", heads, " d128", causal ? " causal" : ""), n,
+            heads, 128, pattern, causal, device);
+      }
+    } else {
+      Fail(absl::StrCat("--workloads has \"", workload,
+                        "\" (expected dilated or dense)"));
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace lc
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return lc::Main();
+}

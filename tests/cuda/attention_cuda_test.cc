@@ -1,0 +1,597 @@
+// GPU checks of the fused CUDA attention (attention/attention_cuda.h through
+// lc::Attention and the CUDA tile drivers): every pattern type (dense,
+// dilated head groups and all heads, block-sparse, their intersection),
+// causal and not, key padding, dropout, head_dim 64 and 128 (tensor cores)
+// and 40 (FMA kernels), float64, float32 and bfloat16 against the CPU
+// float64 Attention on the same inputs (out, lse and the gradients of q, k,
+// v through both out and lse); multi-span layouts of the ring against the
+// CPU drivers; determinism, memory, queries without keys, bad input.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attention/attention.h"
+#include "attention/attention_kernel.h"
+#include "attention/pattern.h"
+#include "core/autograd.h"
+#include "core/cuda.h"
+#include "core/memory.h"
+#include "core/random.h"
+#include "core/status.h"
+#include "core/tensor.h"
+#include "gtest/gtest.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace lc {
+namespace {
+
+const Device kGpu = Device::Cuda(0);
+
+struct Case {
+  std::string name;
+  int64_t batch = 2, n = 0, heads = 0;
+  AttentionPattern pattern;
+  AttentionOptions options;
+};
+
+AttentionPattern Dense(int64_t heads, int64_t n) {
+  AttentionPattern p;
+  p.head_patterns.assign(heads, {DensePattern(n)});
+  return p;
+}
+
+AttentionPattern Dilated(std::vector<int64_t> w, std::vector<int64_t> r,
+                         HeadLayout layout, int64_t heads) {
+  DilatedOptions o;
+  o.segment_lengths = std::move(w);
+  o.dilation_rates = std::move(r);
+  o.head_layout = layout;
+  AttentionPattern p;
+  p.head_patterns = *DilatedHeadPatterns(o, heads);
+  return p;
+}
+
+AttentionPattern BlockSparse(BlockSparseOptions o, int64_t heads, int64_t n) {
+  AttentionPattern p = Dense(heads, n);
+  p.block_mask = std::make_shared<const BlockMask>(*MakeBlockMask(o, n));
+  return p;
+}
+
+BlockSparseOptions Sparse(SparsePattern pattern, int64_t block_size) {
+  BlockSparseOptions o;
+  o.pattern = pattern;
+  o.block_size = block_size;
+  return o;
+}
+
+Case MakeCase(std::string name, int64_t n, int64_t heads,
+              AttentionPattern pattern) {
+  Case c;
+  c.name = std::move(name);
+  c.n = n;
+  c.heads = heads;
+  c.pattern = std::move(pattern);
+  return c;
+}
+
+// An explicit mask over `blocks` blocks: random pairs and the diagonal on,
+// except the last block row, entirely off (its queries have no key).
+std::vector<uint8_t> ExplicitMask(int64_t blocks, uint64_t seed) {
+  Generator gen(seed);
+  const std::vector<double> u = Rand({blocks, blocks}, gen).ToVector();
+  std::vector<uint8_t> mask(blocks * blocks);
+  for (int64_t q = 0; q < blocks; ++q) {
+    for (int64_t k = 0; k < blocks; ++k) {
+      mask[q * blocks + k] =
+          q != blocks - 1 && (q == k || u[q * blocks + k] < 0.4);
+    }
+  }
+  return mask;
+}
+
+// One case per pattern type and shape edge. n is never a multiple of the
+// 128-row query tiles or 64-key chunks of the kernels, nor (mostly) of the
+// segments and blocks, so partial tiles, short last segments and several
+// key tiles per query tile all occur.
+std::vector<Case> PatternCases() {
+  std::vector<Case> cases;
+  cases.push_back(MakeCase("dense", 300, 2, Dense(2, 300)));
+  cases.push_back(
+      MakeCase("head_groups w{64,256} r{1,2}", 300, 4,
+               Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4)));
+  // 5 heads in 3 groups (2, 2, 1), offsets 0, 1, 2; last segments short.
+  cases.push_back(
+      MakeCase("head_groups 5 heads 3 groups", 333, 5,
+               Dilated({48, 96, 160}, {1, 2, 4}, HeadLayout::kHeadGroups, 5)));
+  // Fewer heads than groups: the last group is empty.
+  cases.push_back(
+      MakeCase("head_groups 2 heads 3 groups", 200, 2,
+               Dilated({32, 64, 128}, {1, 2, 4}, HeadLayout::kHeadGroups, 2)));
+  // Several patterns per head: one launch per pattern index, merged.
+  cases.push_back(
+      MakeCase("all_heads w{64,256} r{1,2}", 290, 3,
+               Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3)));
+  cases.push_back(
+      MakeCase("all_heads w{40,100,260} r{1,3,5}", 301, 5,
+               Dilated({40, 100, 260}, {1, 3, 5}, HeadLayout::kAllHeads, 5)));
+  // Long dilated segments: several 64-key chunks of stride-4 rows.
+  cases.push_back(MakeCase("head_groups w{1024} r{4}", 1100, 2,
+                           Dilated({1024}, {4}, HeadLayout::kHeadGroups, 2)));
+  const int64_t n = 270;
+  BlockSparseOptions local = Sparse(SparsePattern::kLocalWindow, 64);
+  local.window = 64;
+  cases.push_back(MakeCase("local_window", n, 2, BlockSparse(local, 2, n)));
+  BlockSparseOptions dilated = Sparse(SparsePattern::kDilatedSparse, 32);
+  dilated.stride = 2;
+  cases.push_back(MakeCase("dilated_sparse", n, 2, BlockSparse(dilated, 2, n)));
+  BlockSparseOptions global = Sparse(SparsePattern::kGlobalLocal, 32);
+  global.global_tokens = 32;
+  global.window = 32;
+  cases.push_back(MakeCase("global_local", n, 2, BlockSparse(global, 2, n)));
+  BlockSparseOptions random = Sparse(SparsePattern::kRandom, 48);
+  random.seed = 7;
+  random.density = 0.3;
+  cases.push_back(MakeCase("random", n, 2, BlockSparse(random, 2, n)));
+  BlockSparseOptions explicit_mask = Sparse(SparsePattern::kExplicit, 64);
+  explicit_mask.explicit_mask = ExplicitMask(5, 11);
+  cases.push_back(MakeCase("explicit", n, 2, BlockSparse(explicit_mask, 2, n)));
+  // A dilated pattern intersected with a block mask (block 40).
+  AttentionPattern both = Dilated({64, 128}, {1, 2}, HeadLayout::kAllHeads, 2);
+  BlockSparseOptions window40 = Sparse(SparsePattern::kLocalWindow, 40);
+  window40.window = 40;
+  both.block_mask = BlockSparse(window40, 2, n).block_mask;
+  cases.push_back(MakeCase("dilated x local_window", n, 2, both));
+  return cases;
+}
+
+// Results of one Attention call and its backward, on the CPU in float64.
+struct Results {
+  Tensor out, lse, dq, dk, dv;
+};
+
+// Inputs in float64 holding values exactly representable in `dtype`, so
+// that the CPU reference and the device see the same numbers.
+struct Inputs {
+  Tensor q, k, v, grad_out, grad_lse;
+};
+
+Inputs MakeInputs(const Case& c, int64_t head_dim, DType dtype, uint64_t seed) {
+  const Shape shape = {c.batch, c.n, c.heads, head_dim};
+  Inputs in;
+  in.q = RandomNormal(shape, dtype, Device::Cpu(), seed).to(DType::kFloat64);
+  in.k =
+      RandomNormal(shape, dtype, Device::Cpu(), seed + 1).to(DType::kFloat64);
+  in.v =
+      RandomNormal(shape, dtype, Device::Cpu(), seed + 2).to(DType::kFloat64);
+  in.grad_out =
+      RandomNormal(shape, dtype, Device::Cpu(), seed + 3).to(DType::kFloat64);
+  in.grad_lse = RandomNormal({c.batch, c.heads, c.n}, DType::kFloat32,
+                             Device::Cpu(), seed + 4)
+                    .to(DType::kFloat64);
+  return in;
+}
+
+// Attention of `in` in `dtype` on `device`, then backward through out and
+// lse; every result copied to the CPU in float64. Dropout draws from a fresh
+// Generator(dropout_seed), so every run sees the same mask.
+Results RunAttention(const Case& c, const Inputs& in, DType dtype,
+                     Device device, uint64_t dropout_seed = 5) {
+  const DType stat = dtype == DType::kFloat64 ? dtype : DType::kFloat32;
+  Generator gen(dropout_seed);
+  AttentionOptions options = c.options;
+  options.generator = &gen;
+  auto leaf = [&](const Tensor& t) {
+    return t.to(dtype).to(device).detach().set_requires_grad(true);
+  };
+  const Tensor q = leaf(in.q), k = leaf(in.k), v = leaf(in.v);
+  AttentionResult r = Attention(q, k, v, c.pattern, options);
+  EXPECT_EQ(r.out.dtype(), dtype) << c.name;
+  EXPECT_EQ(r.lse.dtype(), stat) << c.name;
+  EXPECT_EQ(r.out.device(), device) << c.name;
+  Backward({r.out, r.lse},
+           {in.grad_out.to(dtype).to(device), in.grad_lse.to(stat).to(device)});
+  auto host = [](const Tensor& t) {
+    return t.to(Device::Cpu()).to(DType::kFloat64);
+  };
+  return {host(r.out), host(r.lse), host(q.grad()), host(k.grad()),
+          host(v.grad())};
+}
+
+void ExpectClose(const Results& got, const Results& want, double rtol,
+                 const std::string& what) {
+  ExpectCudaClose(got.out, want.out, rtol, what + " out");
+  ExpectCudaClose(got.lse, want.lse, rtol, what + " lse");
+  ExpectCudaClose(got.dq, want.dq, rtol, what + " dq");
+  ExpectCudaClose(got.dk, want.dk, rtol, what + " dk");
+  ExpectCudaClose(got.dv, want.dv, rtol, what + " dv");
+}
+
+// The device result of `c` in `dtype` against the CPU float64 result on the
+// same (dtype-rounded) inputs.
+void ExpectMatchesCpu(const Case& c, int64_t head_dim, DType dtype,
+                      uint64_t seed, double rtol) {
+  const Inputs in = MakeInputs(c, head_dim, dtype, seed);
+  const Results want = RunAttention(c, in, DType::kFloat64, Device::Cpu());
+  const Results got = RunAttention(c, in, dtype, kGpu);
+  ExpectClose(got, want, rtol,
+              c.name + " " + DTypeName(dtype) + " d" +
+                  std::to_string(head_dim) +
+                  (c.options.causal ? " causal" : ""));
+}
+
+// bfloat16: 2e-2 relative. The reference sees the same bfloat16-rounded
+// inputs; the kernels round p and ds to bfloat16 (2^-9 relative) before
+// the products that use them and round out and the gradients to bfloat16.
+constexpr double kBf16Tolerance = 2e-2;
+
+TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInFloat64) {
+  uint64_t seed = 100;
+  for (bool causal : {false, true}) {
+    for (Case c : PatternCases()) {
+      c.options.causal = causal;
+      // head_dim 40: the FMA kernels (float64 always runs there).
+      ExpectMatchesCpu(c, 40, DType::kFloat64, seed += 10,
+                       CudaRelativeTolerance(DType::kFloat64));
+    }
+  }
+}
+
+TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores) {
+  uint64_t seed = 200;
+  for (int64_t head_dim : {64, 128}) {
+    for (bool causal : {false, true}) {
+      for (Case c : PatternCases()) {
+        c.options.causal = causal;
+        ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed += 10,
+                         kBf16Tolerance);
+      }
+    }
+  }
+}
+
+TEST_F(CudaTest, AttentionFloat32AndOddHeadDimsMatchCpu) {
+  uint64_t seed = 300;
+  for (bool causal : {false, true}) {
+    for (Case c : PatternCases()) {
+      c.options.causal = causal;
+      ExpectMatchesCpu(c, 64, DType::kFloat32, seed += 10,
+                       CudaRelativeTolerance(DType::kFloat32));
+    }
+  }
+  // bfloat16 with head dims the tensor-core kernels do not take: the FMA
+  // kernels in float32.
+  Case dilated = MakeCase("all_heads odd d", 290, 3,
+                          Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3));
+  for (int64_t head_dim : {8, 40, 96, 200}) {
+    ExpectMatchesCpu(dilated, head_dim, DType::kBFloat16, seed += 10,
+                     kBf16Tolerance);
+  }
+}
+
+TEST_F(CudaTest, AttentionKeyPaddingMatchesCpuWithMaskOnEitherDevice) {
+  uint64_t seed = 400;
+  for (Device mask_device : {Device::Cpu(), kGpu}) {
+    for (Case c :
+         {MakeCase("dense padded", 300, 2, Dense(2, 300)),
+          MakeCase("head_groups padded", 300, 4,
+                   Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4))}) {
+      // Random padding, and batch element 1 padded entirely: its queries
+      // get no key (out 0, lse -inf).
+      Generator gen(seed);
+      const std::vector<double> u = Rand({c.batch, c.n}, gen).ToVector();
+      std::vector<double> bits(u.size());
+      for (size_t i = 0; i < u.size(); ++i) {
+        bits[i] = i >= static_cast<size_t>(c.n) || u[i] < 0.3;
+      }
+      c.options.key_padding_mask =
+          FromVector(bits, {c.batch, c.n}, DType::kUInt8, mask_device);
+      for (bool causal : {false, true}) {
+        c.options.causal = causal;
+        ExpectMatchesCpu(c, 40, DType::kFloat64, seed += 10,
+                         CudaRelativeTolerance(DType::kFloat64));
+        ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
+      }
+    }
+  }
+}
+
+// The dropout mask is the CPU's (same generator state): equal results.
+TEST_F(CudaTest, AttentionDropoutMatchesCpuMask) {
+  uint64_t seed = 500;
+  for (Case c :
+       {MakeCase("dense dropout", 300, 2, Dense(2, 300)),
+        MakeCase("all_heads dropout", 290, 3,
+                 Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3))}) {
+    c.options.dropout = 0.2;
+    for (bool causal : {false, true}) {
+      c.options.causal = causal;
+      ExpectMatchesCpu(c, 40, DType::kFloat64, seed += 10,
+                       CudaRelativeTolerance(DType::kFloat64));
+      ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
+      ExpectMatchesCpu(c, 128, DType::kBFloat16, seed += 10, kBf16Tolerance);
+    }
+  }
+}
+
+// Non-contiguous q, k, v (views of [batch, heads, n, head_dim] buffers).
+TEST_F(CudaTest, AttentionTakesNonContiguousInputs) {
+  Case c = MakeCase("head_groups", 300, 4,
+                    Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4));
+  c.options.causal = true;
+  const Inputs in = MakeInputs(c, 64, DType::kBFloat16, 600);
+  const Results want = RunAttention(c, in, DType::kFloat64, Device::Cpu());
+  auto strided = [](const Tensor& t) {
+    // The same values through a permuted copy and back: a strided view.
+    return t.to(DType::kBFloat16)
+        .to(kGpu)
+        .permute({0, 2, 1, 3})
+        .contiguous()
+        .permute({0, 2, 1, 3});
+  };
+  const Tensor q = strided(in.q).detach().set_requires_grad(true);
+  const Tensor k = strided(in.k).detach().set_requires_grad(true);
+  const Tensor v = strided(in.v).detach().set_requires_grad(true);
+  ASSERT_FALSE(q.is_contiguous());
+  AttentionResult r = Attention(q, k, v, c.pattern, c.options);
+  Backward({r.out, r.lse}, {in.grad_out.to(DType::kBFloat16).to(kGpu),
+                            in.grad_lse.to(DType::kFloat32).to(kGpu)});
+  ExpectCudaClose(r.out, want.out, kBf16Tolerance, "strided out");
+  ExpectCudaClose(r.lse, want.lse, kBf16Tolerance, "strided lse");
+  ExpectCudaClose(q.grad(), want.dq, kBf16Tolerance, "strided dq");
+  ExpectCudaClose(k.grad(), want.dk, kBf16Tolerance, "strided dk");
+  ExpectCudaClose(v.grad(), want.dv, kBf16Tolerance, "strided dv");
+}
+
+bool BitwiseEqual(const Tensor& a, const Tensor& b) {
+  const std::vector<double> x = a.ToVector(), y = b.ToVector();
+  if (x.size() != y.size()) return false;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (!(x[i] == y[i]) && !(std::isnan(x[i]) && std::isnan(y[i]))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+TEST_F(CudaTest, AttentionIsDeterministic) {
+  Case c = MakeCase("all_heads", 1100, 3,
+                    Dilated({256, 1024}, {1, 2}, HeadLayout::kAllHeads, 3));
+  c.options.causal = true;
+  c.options.dropout = 0.1;
+  for (DType dtype : {DType::kBFloat16, DType::kFloat32}) {
+    const Inputs in = MakeInputs(c, 64, dtype, 700);
+    const Results a = RunAttention(c, in, dtype, kGpu);
+    const Results b = RunAttention(c, in, dtype, kGpu);
+    EXPECT_TRUE(BitwiseEqual(a.out, b.out)) << DTypeName(dtype);
+    EXPECT_TRUE(BitwiseEqual(a.lse, b.lse)) << DTypeName(dtype);
+    EXPECT_TRUE(BitwiseEqual(a.dq, b.dq)) << DTypeName(dtype);
+    EXPECT_TRUE(BitwiseEqual(a.dk, b.dk)) << DTypeName(dtype);
+    EXPECT_TRUE(BitwiseEqual(a.dv, b.dv)) << DTypeName(dtype);
+  }
+}
+
+// A query block whose mask row is off: out 0, lse -inf, no gradient; the
+// other rows are unaffected.
+TEST_F(CudaTest, AttentionQueryWithoutKeysGivesZeroOutNegInfLseNoGradient) {
+  const int64_t n = 270;
+  BlockSparseOptions o = Sparse(SparsePattern::kExplicit, 64);
+  o.explicit_mask = ExplicitMask(5, 13);
+  const Case c = MakeCase("explicit", n, 2, BlockSparse(o, 2, n));
+  for (auto [dtype, head_dim] :
+       {std::pair<DType, int64_t>{DType::kBFloat16, 64},
+        {DType::kBFloat16, 128},
+        {DType::kFloat64, 40}}) {
+    const Inputs in = MakeInputs(c, head_dim, dtype, 800);
+    const Results r = RunAttention(c, in, dtype, kGpu);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      for (int64_t t = 4 * 64; t < n; ++t) {
+        for (int64_t h = 0; h < c.heads; ++h) {
+          EXPECT_EQ(r.lse.at({b, h, t}),
+                    -std::numeric_limits<double>::infinity());
+          for (int64_t i = 0; i < head_dim; ++i) {
+            ASSERT_EQ(r.out.at({b, t, h, i}), 0.0) << t;
+            ASSERT_EQ(r.dq.at({b, t, h, i}), 0.0) << t;
+          }
+        }
+      }
+    }
+    EXPECT_TRUE(std::isfinite(r.lse.at({0, 0, 0})));
+  }
+}
+
+// Forward + backward of dilated bfloat16 attention over 32,768 tokens (one
+// pattern per head: the kernels write out and the gradients in bfloat16)
+// holds little beyond out and the three gradients (4 x the bytes of q):
+// lse, delta, the work lists and the engine's own gradient buffers, where
+// float32 accumulators alone would take 6 x and one [n, n] float32 score
+// matrix 4 GiB.
+TEST_F(CudaTest, AttentionMemoryIsLinearInN) {
+  const int64_t batch = 1, n = 32768, heads = 4, head_dim = 64;
+  const AttentionPattern pattern =
+      Dilated({2048, 4096, 8192}, {1, 2, 4}, HeadLayout::kHeadGroups, heads);
+  const Shape shape = {batch, n, heads, head_dim};
+  const Tensor q =
+      RandomNormal(shape, DType::kBFloat16, kGpu, 900).set_requires_grad(true);
+  const Tensor k =
+      RandomNormal(shape, DType::kBFloat16, kGpu, 901).set_requires_grad(true);
+  const Tensor v =
+      RandomNormal(shape, DType::kBFloat16, kGpu, 902).set_requires_grad(true);
+  const Tensor grad = RandomNormal(shape, DType::kBFloat16, kGpu, 903);
+  MemoryTracker& tracker = DeviceMemoryTracker(kGpu);
+  SynchronizeCudaStream(0);
+  tracker.Reset();
+  const int64_t before = tracker.stats().current_bytes;
+  {
+    AttentionResult r = Attention(q, k, v, pattern, {});
+    r.out.backward(grad);
+  }
+  const int64_t peak_extra = tracker.stats().peak_bytes - before;
+  const int64_t tensor_bytes = batch * n * heads * head_dim * 2;
+  EXPECT_LE(peak_extra, 6 * tensor_bytes)
+      << "peak extra " << peak_extra << " bytes";
+  EXPECT_LT(peak_extra, n * n * 4 / 16);
+}
+
+// Keys [range.begin, range.end) packed per head as ring attention ships
+// them: for each pattern of the head, only the positions it selects, one
+// strided span per segment, rows counting from the head's first row.
+TokenLayout PackedKeys(const AttentionPattern& pattern, int64_t n,
+                       PositionRange range) {
+  const int64_t heads = pattern.head_patterns.size();
+  TokenLayout layout;
+  layout.head_spans.resize(heads);
+  layout.head_row.resize(heads);
+  for (int64_t h = 0; h < heads; ++h) {
+    layout.head_row[h] = layout.rows;
+    int64_t row = 0;
+    const std::vector<DilatedPattern>& patterns = pattern.head_patterns[h];
+    for (size_t i = 0; i < patterns.size(); ++i) {
+      const int64_t w = patterns[i].segment_length;
+      const int64_t r = patterns[i].dilation_rate;
+      for (int64_t seg = range.begin / w; seg * w < range.end; ++seg) {
+        const int64_t lo = std::max(range.begin, seg * w);
+        const int64_t hi = std::min({range.end, n, seg * w + w});
+        const int64_t selected = seg * w + patterns[i].offset;
+        const int64_t first = lo <= selected
+                                  ? selected
+                                  : selected + (lo - selected + r - 1) / r * r;
+        if (first >= hi) continue;
+        layout.head_spans[h].push_back(
+            LocalSpan{first, hi, row, r, static_cast<int>(i)});
+        row += (hi - first + r - 1) / r;
+      }
+    }
+    layout.rows += row;
+  }
+  return layout;
+}
+
+// The CUDA drivers on the layouts of ring attention (a zigzag rank's two
+// chunks against another rank's two chunks, and against keys packed per
+// head): the same accumulations as the CPU drivers, forward and backward.
+TEST_F(CudaTest, CudaDriversMatchCpuDriversOnRingLayouts) {
+  const int64_t batch = 2, n = 1000, heads = 3;
+  const AttentionPattern pattern =
+      Dilated({128, 512}, {1, 2}, HeadLayout::kAllHeads, heads);
+  const TokenLayout ql = TokenLayoutOf({{100, 350}, {650, 900}});
+  const TokenLayout zigzag = TokenLayoutOf({{0, 250}, {750, 1000}});
+  const TokenLayout packed = PackedKeys(pattern, n, {600, 1000});
+  ASSERT_TRUE(packed.packed());
+  for (const TokenLayout* kl : {&zigzag, &packed}) {
+    for (auto [dtype, head_dim] :
+         {std::pair<DType, int64_t>{DType::kFloat64, 40},
+          {DType::kBFloat16, 64}}) {
+      const std::string what =
+          std::string(kl->packed() ? "packed " : "") + DTypeName(dtype) + " ";
+      const DType acc = dtype == DType::kFloat64 ? dtype : DType::kFloat32;
+      const double rtol = dtype == DType::kFloat64
+                              ? CudaRelativeTolerance(dtype)
+                              : kBf16Tolerance;
+      auto random = [&](const Shape& shape, uint64_t seed) {
+        return RandomNormal(shape, dtype, Device::Cpu(), seed)
+            .to(DType::kFloat64);
+      };
+      const Shape q_shape = {batch, ql.rows, heads, head_dim};
+      const Shape k_shape = kl->packed()
+                                ? Shape{batch, kl->rows, head_dim}
+                                : Shape{batch, kl->rows, heads, head_dim};
+      const Tensor q = random(q_shape, 1000), g = random(q_shape, 1001);
+      const Tensor k = random(k_shape, 1002), v = random(k_shape, 1003);
+      const Tensor g_lse = random({batch, heads, ql.rows}, 1004);
+      AttentionOptions options;
+      options.causal = true;
+      // The problem takes its geometry from q (k and v of the whole call
+      // have q's shape).
+      const auto cpu = MakeAttentionProblem(q, q, q, n, pattern, options);
+      const Tensor qd = q.to(dtype).to(kGpu), kd = k.to(dtype).to(kGpu),
+                   vd = v.to(dtype).to(kGpu), gd = g.to(dtype).to(kGpu);
+      const auto gpu = MakeAttentionProblem(qd, qd, qd, n, pattern, options);
+
+      // CPU: forward, then backward with the final lse.
+      Tensor out = Zeros(q_shape, DType::kFloat64);
+      Tensor lse =
+          Full({batch, heads, ql.rows},
+               -std::numeric_limits<double>::infinity(), DType::kFloat64);
+      AttentionForwardTiles<double>(*cpu, ql, q.data<double>(), *kl,
+                                    k.data<double>(), v.data<double>(),
+                                    out.data<double>(), lse.data<double>());
+      Tensor delta = Empty({batch, heads, ql.rows}, DType::kFloat64);
+      RowDelta<double>(*cpu, ql.rows, out.data<double>(), g.data<double>(),
+                       delta.data<double>());
+      Tensor dq = Zeros(q_shape, DType::kFloat64);
+      Tensor dk = Zeros(k_shape, DType::kFloat64);
+      Tensor dv = Zeros(k_shape, DType::kFloat64);
+      AttentionBackwardTiles<double>(
+          *cpu, ql, q.data<double>(), *kl, k.data<double>(), v.data<double>(),
+          g.data<double>(), lse.data<double>(), delta.data<double>(),
+          g_lse.data<double>(), dq.data<double>(), dk.data<double>(),
+          dv.data<double>());
+      double norm = 0;
+      for (double x : dk.ToVector()) norm += x * x;
+      ASSERT_GT(norm, 0) << what << "(the layouts must meet)";
+
+      // GPU: the same calls on the device; delta from the CPU out (in the
+      // inputs' dtype) so both backward passes see one delta.
+      Tensor out_d = Zeros(q_shape, acc, kGpu);
+      Tensor lse_d = Full({batch, heads, ql.rows},
+                          -std::numeric_limits<double>::infinity(), acc, kGpu);
+      AttentionForwardTilesCuda(*gpu, ql, qd, *kl, kd, vd, out_d, lse_d);
+      ExpectCudaClose(out_d, out, rtol, what + "out");
+      ExpectCudaClose(lse_d, lse, rtol, what + "lse");
+      Tensor delta_d = Empty({batch, heads, ql.rows}, acc, kGpu);
+      RowDeltaCuda(*gpu, ql.rows, out.to(dtype).to(kGpu), gd, delta_d);
+      Tensor dq_d = Zeros(q_shape, acc, kGpu);
+      Tensor dk_d = Zeros(k_shape, acc, kGpu);
+      Tensor dv_d = Zeros(k_shape, acc, kGpu);
+      AttentionBackwardTilesCuda(*gpu, ql, qd, *kl, kd, vd, gd,
+                                 lse.to(acc).to(kGpu), delta_d,
+                                 g_lse.to(acc).to(kGpu), dq_d, dk_d, dv_d);
+      ExpectCudaClose(dq_d, dq, rtol, what + "dq");
+      ExpectCudaClose(dk_d, dk, rtol, what + "dk");
+      ExpectCudaClose(dv_d, dv, rtol, what + "dv");
+    }
+  }
+}
+
+void ExpectError(const std::function<void()>& fn,
+                 const std::vector<std::string>& parts) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected lc::Error with " << parts[0];
+  } catch (const Error& e) {
+    const std::string message(e.status().message());
+    for (const std::string& part : parts) {
+      EXPECT_NE(message.find(part), std::string::npos) << message;
+    }
+  }
+}
+
+TEST_F(CudaTest, AttentionBadInputOnCudaIsAClearError) {
+  const Shape shape = {1, 16, 2, 8};
+  const AttentionPattern pattern = Dense(2, 16);
+  const Tensor gpu = Zeros(shape, DType::kFloat32, kGpu);
+  const Tensor cpu = Zeros(shape, DType::kFloat32);
+  ExpectError([&] { Attention(gpu, cpu, gpu, pattern); },
+              {"k on cpu", "expected one device"});
+  ExpectError([&] { Attention(cpu, gpu, gpu, pattern); },
+              {"q on cpu", "expected one device"});
+  const Tensor wide = Zeros({1, 16, 2, 300}, DType::kBFloat16, kGpu);
+  ExpectError([&] { Attention(wide, wide, wide, pattern); },
+              {"head_dim 300", "expected 1 to 256"});
+  const Tensor half = Zeros(shape, DType::kBFloat16, kGpu);
+  ExpectError([&] { Attention(gpu, half, gpu, pattern); },
+              {"dtypes float32, bfloat16", "expected one dtype"});
+  AttentionOptions options;
+  options.key_padding_mask = Zeros({1, 15}, DType::kUInt8, kGpu);
+  ExpectError([&] { Attention(gpu, gpu, gpu, pattern, options); },
+              {"key_padding_mask", "expected uint8 [1, 16]"});
+}
+
+}  // namespace
+}  // namespace lc
