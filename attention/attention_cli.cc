@@ -25,6 +25,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -33,6 +34,7 @@
 #include "absl/strings/str_split.h"
 #include "attention/attention_config.h"
 #include "core/autograd.h"
+#include "core/cuda.h"
 #include "core/safetensors.h"
 #include "core/status.h"
 #include "core/tensor.h"
@@ -89,7 +91,7 @@ ABSL_FLAG(std::string, tile_order, "row_major",
 ABSL_FLAG(std::string, dtype, "float32",
           "Compute dtype: float64, float32 or bfloat16. Outputs are written "
           "in it (float32 for bfloat16).");
-ABSL_FLAG(std::string, device, "cpu", "Device: cpu or cuda.");
+ABSL_FLAG(std::string, device, "cpu", "Device: cpu, cuda or cuda:N.");
 ABSL_FLAG(int64_t, ranks, 1,
           "Ranks of the sequence-parallel ring, run as threads of this "
           "process (ring types only).");
@@ -263,7 +265,34 @@ std::string UserPath(const std::string& path) {
 }
 
 // A tensor as written to the output: bfloat16 widened to float32.
-Tensor ForOutput(const Tensor& t) { return t.to(ComputeDType(t.dtype())); }
+Tensor ForOutput(const Tensor& t) {
+  return t.to(Device::Cpu()).to(ComputeDType(t.dtype()));
+}
+
+// "cpu", "cuda" (device 0) or "cuda:N"; a CUDA device must exist.
+absl::StatusOr<Device> ParseCliDevice(const std::string& name) {
+  if (name == "cpu") return Device::Cpu();
+  int index = 0;
+  if (name != "cuda" &&
+      !(absl::StartsWith(name, "cuda:") &&
+        absl::SimpleAtoi(name.substr(5), &index) && index >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device=", name, " (expected cpu, cuda or cuda:N)"));
+  }
+  const int count = CudaDeviceCount();
+  if (index >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device=", name, ": this machine has ", count,
+                     " CUDA devices (expected a CUDA device to exist)"));
+  }
+  return Device::Cuda(index);
+}
+
+// Waits for this thread's queued work on `device`, so host timings measure
+// it.
+void SynchronizeDevice(Device device) {
+  if (device.is_cuda()) SynchronizeCudaStream(device.index);
+}
 
 double MillisecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(
@@ -286,16 +315,8 @@ absl::Status Run() {
   LC_ASSIGN_OR_RETURN(const AttentionConfig config, ConfigFromFlags());
   LC_ASSIGN_OR_RETURN(const DType dtype,
                       ParseComputeDType(absl::GetFlag(FLAGS_dtype)));
-  const std::string device = absl::GetFlag(FLAGS_device);
-  if (device == "cuda") {
-    return absl::UnimplementedError(
-        "--device=cuda: the CUDA attention path does not exist yet "
-        "(expected --device=cpu)");
-  }
-  if (device != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device=", device, " (expected cpu or cuda)"));
-  }
+  LC_ASSIGN_OR_RETURN(const Device device,
+                      ParseCliDevice(absl::GetFlag(FLAGS_device)));
 
   LC_ASSIGN_OR_RETURN(const auto inputs, ReadInputs(input_path));
   const Shape& shape = inputs.at("q").shape();
@@ -311,7 +332,7 @@ absl::Status Run() {
   // tokens.
   auto attend = [&](const SequenceParallelContext* sp, int k, int rank) {
     auto local = [&](const std::string& name) {
-      const Tensor t = inputs.at(name).to(dtype);
+      const Tensor t = inputs.at(name).to(dtype).to(device);
       return sp == nullptr ? t : SplitSequence(t, k, rank, config.layout);
     };
     Tensor q = local("q").detach(), kk = local("k").detach(),
@@ -320,12 +341,14 @@ absl::Status Run() {
     auto start = std::chrono::steady_clock::now();
     const AttentionResult result =
         RunAttention(config, q, kk, v, /*training=*/false, Tensor(), sp);
+    SynchronizeDevice(device);
     forward_ms = MillisecondsSince(start);
     std::map<std::string, Tensor> mine = {{"out", result.out},
                                           {"lse", result.lse}};
     if (backward) {
       start = std::chrono::steady_clock::now();
       Backward({result.out}, {local("grad_out").to(result.out.dtype())});
+      SynchronizeDevice(device);
       backward_ms = MillisecondsSince(start);
       mine["grad_q"] = q.grad();
       mine["grad_k"] = kk.grad();

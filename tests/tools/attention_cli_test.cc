@@ -18,6 +18,7 @@
 #include "absl/strings/str_join.h"
 #include "attention/attention_config.h"
 #include "core/autograd.h"
+#include "core/cuda.h"
 #include "core/random.h"
 #include "core/safetensors.h"
 #include "gtest/gtest.h"
@@ -601,7 +602,8 @@ TEST(AttentionCliTest, BadFlagValues) {
   ExpectCliError({input, "--tile_order=zorder"},
                  {"--tile_order", "\"zorder\""});
   ExpectCliError({input, "--layout=diagonal"}, {"--layout", "\"diagonal\""});
-  ExpectCliError({input, "--device=tpu"}, {"--device=tpu", "cpu or cuda"});
+  ExpectCliError({input, "--device=tpu"},
+                 {"--device=tpu", "cpu, cuda or cuda:N"});
   ExpectCliError({input, "stray"}, {"unexpected argument \"stray\""});
 }
 
@@ -638,9 +640,26 @@ TEST(AttentionCliTest, SeveralRanksNeedARingType) {
   ExpectCliError({input, "--ranks=2"}, {"ranks 2", "dilated"});
 }
 
-TEST(AttentionCliTest, CudaDeviceIsNotAvailableYet) {
-  const std::string input = InputFlag("cuda", RandomInputs(DType::kFloat32));
-  ExpectCliError({input, "--device=cuda"}, {"--device=cuda", "CUDA"});
+TEST(AttentionCliTest, CudaDeviceRunsOnTheGpuOrNamesTheMissingDevice) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  ExpectCliError({InputFlag("cuda_bad", inputs), "--device=cuda:x"},
+                 {"--device=cuda:x", "cuda:N"});
+  if (CudaDeviceCount() == 0) {
+    ExpectCliError({InputFlag("cuda", inputs), "--device=cuda"},
+                   {"--device=cuda", "0 CUDA devices"});
+    return;
+  }
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  config.causal = true;
+  const auto written =
+      RunOnInputs("dilated_cuda", inputs,
+                  {"--pattern=dilated", "--segment_lengths=16,32",
+                   "--dilation_rates=1,2", "--causal", "--device=cuda"});
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
 }
 
 TEST(AttentionCliTest, UnwritableOutput) {
