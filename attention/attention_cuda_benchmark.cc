@@ -6,7 +6,12 @@
 //    2048,4096,8192 with dilation rates 1,2,4 in head groups, at each of
 //    --dilated_lengths;
 //  - dense: one pattern w = n, r = 1, --dense_heads heads of head_dim 128 at
-//    n = --dense_length, causal and not.
+//    n = --dense_length, causal and not;
+//  - ring: dense attention (not causal) of --ring_length tokens on k = 2 and
+//    4 thread ranks of the one GPU: the forward time per ring step with the
+//    K/V transfers (RingAttention) and without them (each rank running the
+//    same steps as single-rank Attention of its queries over one chunk), so
+//    the difference is the communication that compute does not hide.
 //
 // FLOPs count only the (query, key) pairs the pattern allows, with the
 // FlashAttention convention: forward = 4 * head_dim * pairs (S = Q K^T and
@@ -18,6 +23,7 @@
 // minus the bytes held before it (q, k, v and the output gradient).
 //
 //   bazel run //attention:attention_cuda_benchmark -- --workloads=dense
+//   bazel run //attention:attention_cuda_benchmark -- --workloads=ring
 //
 // Needs a CUDA device: without one it says so and exits 0.
 
@@ -25,6 +31,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -34,14 +41,16 @@
 #include "absl/strings/str_cat.h"
 #include "attention/attention.h"
 #include "attention/pattern.h"
+#include "attention/ring_attention.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
 #include "core/memory.h"
 #include "core/tensor.h"
+#include "distributed/thread_communicator.h"
 
 ABSL_FLAG(std::vector<std::string>, workloads,
           std::vector<std::string>({"dilated", "dense"}),
-          "Which workloads to run: dilated, dense.");
+          "Which workloads to run: dilated, dense, ring.");
 ABSL_FLAG(std::vector<std::string>, dilated_lengths,
           std::vector<std::string>({"131072", "1048576"}),
           "Sequence lengths of the dilated workload.");
@@ -49,6 +58,8 @@ ABSL_FLAG(int64_t, heads, 12, "Heads of the dilated workload (head_dim 64).");
 ABSL_FLAG(bool, dilated_causal, false, "Causal dilated attention.");
 ABSL_FLAG(int64_t, dense_length, 16384, "Sequence length of the dense runs.");
 ABSL_FLAG(int64_t, dense_heads, 16, "Heads of the dense runs (head_dim 128).");
+ABSL_FLAG(int64_t, ring_length, 65536,
+          "Sequence length of the ring workload (8 heads of head_dim 128).");
 ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
 ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
 ABSL_FLAG(int, device, 0, "CUDA device index.");
@@ -180,6 +191,72 @@ void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
   PrintRow(name, n, UsefulPairs(pattern, n, causal), head_dim, fwd, both);
 }
 
+// Per ring step on k thread ranks of `device`: the forward of dense ring
+// attention over n tokens (K/V travel) against each rank computing the same
+// k steps without any transfer. Each time is the median over the repeats
+// of the slowest rank (ranks start together after a barrier).
+void RunRing(int64_t n, int64_t heads, int64_t head_dim, Device device) {
+  for (int k : {2, 4}) {
+    const int64_t local = n / k;
+    std::vector<std::vector<double>> with(k), without(k);
+    const absl::Status status = RunRanks(k, [&](Communicator& comm) {
+      const int r = comm.rank();
+      SetCudaDevice(device.index);
+      const Shape shape = {1, local, heads, head_dim};
+      const Tensor q = RandomBf16(shape, 10 * r + 1, device);
+      const Tensor kk = RandomBf16(shape, 10 * r + 2, device);
+      const Tensor v = RandomBf16(shape, 10 * r + 3, device);
+      AttentionPattern whole, chunk;
+      whole.head_patterns.assign(heads, {DensePattern(k * local)});
+      chunk.head_patterns.assign(heads, {DensePattern(local)});
+      const auto time = [&](const std::function<void()>& fn,
+                            std::vector<double>* ms) -> absl::Status {
+        const int64_t runs = absl::GetFlag(FLAGS_warmup) +
+                             std::max<int64_t>(1, absl::GetFlag(FLAGS_repeats));
+        for (int64_t i = 0; i < runs; ++i) {
+          SynchronizeCudaStream(device.index);
+          LC_RETURN_IF_ERROR(comm.Barrier());
+          CudaEvent start(device.index), stop(device.index);
+          start.Record(CurrentCudaStream(device));
+          fn();
+          stop.Record(CurrentCudaStream(device));
+          stop.Synchronize();
+          if (i >= absl::GetFlag(FLAGS_warmup)) {
+            ms->push_back(stop.ElapsedMsSince(start) / k);
+          }
+        }
+        return absl::OkStatus();
+      };
+      NoGradGuard no_grad;
+      LC_RETURN_IF_ERROR(time(
+          [&] { RingAttention(comm, q, kk, v, k * local, whole); }, &with[r]));
+      return time(
+          [&] {
+            for (int s = 0; s < k; ++s) Attention(q, kk, v, chunk);
+          },
+          &without[r]);
+    });
+    if (!status.ok()) Fail(std::string(status.message()));
+    // Per repeat, the slowest rank; then the median over repeats.
+    const auto slowest = [&](const std::vector<std::vector<double>>& ms) {
+      std::vector<double> worst(ms[0].size(), 0);
+      for (const std::vector<double>& rank : ms) {
+        for (size_t i = 0; i < worst.size(); ++i) {
+          worst[i] = std::max(worst[i], rank[i]);
+        }
+      }
+      std::sort(worst.begin(), worst.end());
+      return worst[worst.size() / 2];
+    };
+    const double a = slowest(with), b = slowest(without);
+    std::printf(
+        "%-26s %9lld %14.3f %14.3f %9.2f\n",
+        absl::StrCat("ring k=", k, " dense h", heads, " d", head_dim).c_str(),
+        static_cast<long long>(k * local), a, b, a / b);
+    std::fflush(stdout);
+  }
+}
+
 int Main() {
   if (CudaDeviceCount() == 0) {
     std::printf(
@@ -220,9 +297,13 @@ int Main() {
         Run(absl::StrCat("dense h", heads, " d128", causal ? " causal" : ""), n,
             heads, 128, pattern, causal, device);
       }
+    } else if (workload == "ring") {
+      std::printf("\n%-26s %9s %14s %14s %9s\n", "ring workload (forward)", "n",
+                  "ms/step comm", "ms/step no comm", "ratio");
+      RunRing(absl::GetFlag(FLAGS_ring_length), 8, 128, device);
     } else {
       Fail(absl::StrCat("--workloads has \"", workload,
-                        "\" (expected dilated or dense)"));
+                        "\" (expected dilated, dense or ring)"));
     }
   }
   return 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -10,10 +11,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "attention/attention_cuda_plan.h"
 #include "attention/attention_kernel.h"
 #include "core/autograd.h"
 #include "core/status.h"
 #include "distributed/ring_exchange.h"
+#include "ops/shape_ops_cuda.h"
 
 namespace lc {
 namespace {
@@ -257,8 +260,10 @@ Shape ChunkShape(const AttentionProblem& p, const TokenLayout& layout) {
 }
 
 std::vector<TensorSpec> ChunkSpecs(const AttentionProblem& p,
-                                   const TokenLayout& layout, DType dtype) {
-  return std::vector<TensorSpec>(2, TensorSpec{ChunkShape(p, layout), dtype});
+                                   const TokenLayout& layout, DType dtype,
+                                   Device device) {
+  return std::vector<TensorSpec>(
+      2, TensorSpec{ChunkShape(p, layout), dtype, device});
 }
 
 // Calls fn(sub_offset, super_offset) for every (batch, head, key) row of
@@ -327,6 +332,232 @@ void AddRows(const AttentionProblem& p, const TokenLayout& part,
   });
 }
 
+// Rows of head_dim elements per batch entry in a buffer of `layout`.
+int64_t RowsPerBatch(const AttentionProblem& p, const TokenLayout& layout) {
+  return layout.packed() ? layout.rows : layout.rows * p.heads;
+}
+
+// For each row of head_dim elements of one batch entry of a `sub` buffer,
+// the row of a `super` buffer that holds the same key (ForEachRowPair's
+// pairs as row indices; the same for every batch entry).
+std::vector<int64_t> RowMap(const AttentionProblem& p, const TokenLayout& sub,
+                            const TokenLayout& super) {
+  const int64_t rows = RowsPerBatch(p, sub);
+  std::vector<int64_t> map(rows, -1);
+  ForEachRowPair(p, sub, super, [&](int64_t sub_at, int64_t super_at) {
+    if (sub_at < rows * p.head_dim) {
+      map[sub_at / p.head_dim] = super_at / p.head_dim;
+    }
+  });
+  for (int64_t i = 0; i < rows; ++i) {
+    LC_CHECK_GE(map[i], 0) << "row " << i << " of a trip layout has no key";
+  }
+  return map;
+}
+
+// fn(T{}) for T the C++ type of a CPU dtype of the drivers: float (float32)
+// or double (float64).
+template <typename Fn>
+auto DispatchCpu(DType dtype, Fn&& fn) {
+  return dtype == DType::kFloat32 ? fn(float{}) : fn(double{});
+}
+
+// The computation of ring steps on the inputs' device, for one rank: the
+// CPU drivers (float32 or float64; the caller converts bfloat16) or the
+// CUDA drivers (bfloat16, float32 or float64 inputs). out, lse and the
+// gradient accumulators (dQ, and dK/dV that travel) are of acc(): the
+// inputs' dtype on the CPU, CudaAccumulatorDType on CUDA. On CUDA every
+// kernel is queued on the current stream, and the construction does the
+// host work and uploads up front (the row maps of this rank's cut-down
+// copies and home-coming accumulators, the kernels' work lists of every
+// step), so the ring loop never waits for the device.
+class RingKernels {
+ public:
+  RingKernels(std::shared_ptr<const AttentionProblem> p,
+              std::shared_ptr<const RingPlan> plan, DType dtype, Device device)
+      : p_(std::move(p)),
+        plan_(std::move(plan)),
+        dtype_(dtype),
+        device_(device) {
+    if (device_.is_cuda()) PrepareCuda();
+  }
+
+  DType dtype() const { return dtype_; }
+  DType acc() const {
+    return device_.is_cuda() ? CudaAccumulatorDType(dtype_) : dtype_;
+  }
+  Device device() const { return device_; }
+  const TokenLayout& mine() const { return plan_->layouts[plan_->rank]; }
+
+  // The K/V pair of the chunk of `origin`, held at `step` in its trip
+  // layout of that step, cut down to the layout of the next step.
+  std::vector<Tensor> Carry(int origin, int step,
+                            const std::vector<Tensor>& kv) const {
+    const TokenLayout& from = plan_->trip[origin][step];
+    const TokenLayout& to = plan_->trip[origin][step + 1];
+    if (!device_.is_cuda()) {
+      return DispatchCpu(dtype_, [&](auto tag) {
+        return lc::Carry<decltype(tag)>(*p_, from, kv, to);
+      });
+    }
+    if (SameKeys(from, to)) return kv;
+    const Tensor& map = carry_maps_.at({origin, step});
+    std::vector<Tensor> packed;
+    for (const Tensor& t : kv) {
+      Tensor c = Empty(ChunkShape(*p_, to), t.dtype(), device_);
+      internal::GatherRowsCuda(t, map, p_->batch, RowsPerBatch(*p_, from),
+                               p_->head_dim, c);
+      packed.push_back(c);
+    }
+    return packed;
+  }
+
+  // Merges this rank's queries' attention over the keys of `kl` into out
+  // and lse.
+  void Forward(const Tensor& q, const TokenLayout& kl,
+               const std::vector<Tensor>& kv, const Tensor& out,
+               const Tensor& lse) const {
+    if (device_.is_cuda()) {
+      AttentionForwardTilesCuda(*p_, mine(), q, kl, kv[0], kv[1], out, lse);
+      return;
+    }
+    DispatchCpu(dtype_, [&](auto tag) {
+      using T = decltype(tag);
+      AttentionForwardTiles<T>(*p_, mine(), q.data<T>(), kl, kv[0].data<T>(),
+                               kv[1].data<T>(), out.data<T>(), lse.data<T>());
+      return 0;
+    });
+  }
+
+  // RowDelta of this rank's out and grad_out (of the inputs' dtype):
+  // [batch, heads, rows] of acc().
+  Tensor Delta(const Tensor& out, const Tensor& grad_out) const {
+    const int64_t rows = mine().rows;
+    Tensor delta = Empty({p_->batch, p_->heads, rows}, acc(), device_);
+    if (device_.is_cuda()) {
+      RowDeltaCuda(*p_, rows, out, grad_out, delta);
+      return delta;
+    }
+    DispatchCpu(dtype_, [&](auto tag) {
+      using T = decltype(tag);
+      RowDelta<T>(*p_, rows, out.data<T>(), grad_out.data<T>(),
+                  delta.data<T>());
+      return 0;
+    });
+    return delta;
+  }
+
+  // Adds the gradients of this rank's queries against the keys of `kl`
+  // into dq and grads (dK, dV of `kl`).
+  void Backward(const Tensor& q, const TokenLayout& kl,
+                const std::vector<Tensor>& kv, const Tensor& grad_out,
+                const Tensor& lse, const Tensor& delta, const Tensor& grad_lse,
+                const Tensor& dq, const std::vector<Tensor>& grads) const {
+    if (device_.is_cuda()) {
+      AttentionBackwardTilesCuda(*p_, mine(), q, kl, kv[0], kv[1], grad_out,
+                                 lse, delta, grad_lse, dq, grads[0], grads[1]);
+      return;
+    }
+    DispatchCpu(dtype_, [&](auto tag) {
+      using T = decltype(tag);
+      AttentionBackwardTiles<T>(*p_, mine(), q.data<T>(), kl, kv[0].data<T>(),
+                                kv[1].data<T>(), grad_out.data<T>(),
+                                lse.data<T>(), delta.data<T>(),
+                                grad_lse.data<T>(), dq.data<T>(),
+                                grads[0].data<T>(), grads[1].data<T>());
+      return 0;
+    });
+  }
+
+  // dst (a buffer of this rank's tokens) += src, this rank's accumulator
+  // that came home at `step` in its trip layout of that step.
+  void AddHome(int step, const Tensor& src, const Tensor& dst) const {
+    const TokenLayout& part = plan_->trip[plan_->rank][step];
+    if (!device_.is_cuda()) {
+      DispatchCpu(dtype_, [&](auto tag) {
+        AddRows<decltype(tag)>(*p_, part, src, mine(), dst);
+        return 0;
+      });
+      return;
+    }
+    if (SameKeys(part, mine())) {
+      AddInPlace(dst, src);
+      return;
+    }
+    // The accumulator scattered into a zeroed buffer of this rank's tokens
+    // (each of its rows goes to a distinct row), then added.
+    const Tensor spread = Empty(dst.shape(), dst.dtype(), device_);
+    internal::IndexAddRowsCuda(src, home_maps_.at(step), p_->batch,
+                               RowsPerBatch(*p_, mine()), p_->head_dim, spread);
+    AddInPlace(dst, spread);
+  }
+
+  // CUDA: builds the key work lists of every step that backward computes.
+  void PrepareBackward() const {
+    if (device_.is_cuda()) PrepareWorkLists(CudaWorkKind::kKeyItems);
+  }
+
+ private:
+  // Builds the work lists of `kind` for every step this rank computes.
+  void PrepareWorkLists(CudaWorkKind kind) const {
+    const RingPlan& plan = *plan_;
+    for (int s = 0; s <= plan.last_step; ++s) {
+      const int origin = plan.Origin(plan.rank, s);
+      if (plan.Needs(plan.rank, origin)) {
+        p_->cuda_plans->Get(*p_, mine(), plan.trip[origin][s], kind, device_);
+      }
+    }
+  }
+
+  void PrepareCuda() {
+    const RingPlan& plan = *plan_;
+    const int r = plan.rank;
+    // Every row map this rank uses, in one host buffer uploaded at once:
+    // where each goes, and its [begin, end) in the buffer.
+    std::vector<int64_t> all;
+    std::vector<std::pair<Tensor*, std::pair<int64_t, int64_t>>> maps;
+    const auto append = [&](Tensor* slot, const TokenLayout& sub,
+                            const TokenLayout& super) {
+      const std::vector<int64_t> map = RowMap(*p_, sub, super);
+      const auto begin = static_cast<int64_t>(all.size());
+      all.insert(all.end(), map.begin(), map.end());
+      maps.push_back({slot, {begin, static_cast<int64_t>(all.size())}});
+    };
+    for (int s = 0; s <= plan.last_step; ++s) {
+      const int origin = plan.Origin(r, s);
+      if (plan.Forwarded(origin, s) &&
+          !SameKeys(plan.trip[origin][s], plan.trip[origin][s + 1])) {
+        append(&carry_maps_[{origin, s}], plan.trip[origin][s + 1],
+               plan.trip[origin][s]);
+      }
+      const std::vector<bool>& home = plan.grads_home[r];
+      if (s < static_cast<int>(home.size()) && home[s] &&
+          !SameKeys(plan.trip[r][s], mine())) {
+        append(&home_maps_[s], plan.trip[r][s], mine());
+      }
+    }
+    if (!all.empty()) {
+      Tensor host = Empty({static_cast<int64_t>(all.size())}, DType::kInt64);
+      std::copy(all.begin(), all.end(), host.data<int64_t>());
+      const Tensor uploaded = host.to(device_);
+      for (const auto& [slot, range] : maps) {
+        *slot = uploaded.slice(0, range.first, range.second);
+      }
+    }
+    PrepareWorkLists(CudaWorkKind::kQueryItems);
+  }
+
+  std::shared_ptr<const AttentionProblem> p_;
+  std::shared_ptr<const RingPlan> plan_;
+  DType dtype_;
+  Device device_;
+  // CUDA row maps (int64 on the device): of the cut-down copy of the chunk
+  // of `origin` at `step`, by (origin, step); of this rank's accumulators
+  // coming home at `step`, by step.
+  std::map<std::pair<int, int>, Tensor> carry_maps_;
+  std::map<int, Tensor> home_maps_;
+};
+
 // Throws a failed communication as lc::Error naming the rank (the exchange
 // has already aborted the group, so the other ranks stop waiting).
 void Check(const Communicator& comm, const absl::Status& status) {
@@ -363,34 +594,33 @@ void CountStep(RingStats* stats, bool computed) {
   ++(computed ? stats->steps_computed : stats->steps_skipped);
 }
 
-template <typename T>
+// Forward: at each step the next chunk is posted (sent on, received from
+// the previous rank) before this step's chunk is computed on, so the
+// transfer overlaps the compute; on CUDA the compute stream waits for the
+// transfer (on the device) only at the end of the step, before the next
+// step's kernels that read the chunk.
 void RingForward(Communicator& comm, const AttentionProblem& p,
-                 const RingPlan& plan, const Tensor& q, const Tensor& k,
-                 const Tensor& v, const Tensor& out, const Tensor& lse,
-                 RingStats* stats) {
+                 const RingPlan& plan, const RingKernels& kernels,
+                 const Tensor& q, const Tensor& k, const Tensor& v,
+                 const Tensor& out, const Tensor& lse, RingStats* stats) {
   const int r = plan.rank, prev = (r + plan.size - 1) % plan.size;
-  const TokenLayout& mine = plan.layouts[r];
   RingExchange kv(comm, 2, kKeyValueTags);
-  HeldChunk cur{r, mine, {k, v}, {}};
+  HeldChunk cur{r, kernels.mine(), {k, v}, {}};
   for (int s = 0; s <= plan.last_step; ++s) {
     // The next chunk moves while this one is computed on.
     std::vector<Tensor> send;
     if (plan.Forwarded(cur.origin, s)) {
-      send = Carry<T>(p, cur.layout, cur.kv, plan.trip[cur.origin][s + 1]);
+      send = kernels.Carry(cur.origin, s, cur.kv);
     }
     HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
     std::vector<TensorSpec> receive;
     if (plan.Forwarded(next.origin, s)) {
       next.layout = plan.trip[next.origin][s + 1];
-      receive = ChunkSpecs(p, next.layout, q.dtype());
+      receive = ChunkSpecs(p, next.layout, kernels.dtype(), kernels.device());
     }
     next.kv = Check(comm, kv.Post(send, receive));
     const bool computed = plan.Needs(r, cur.origin);
-    if (computed) {
-      AttentionForwardTiles<T>(p, mine, q.data<T>(), cur.layout,
-                               cur.kv[0].data<T>(), cur.kv[1].data<T>(),
-                               out.data<T>(), lse.data<T>());
-    }
+    if (computed) kernels.Forward(q, cur.layout, cur.kv, out, lse);
     CountStep(stats, computed);
     Check(comm, kv.Wait());
     cur = std::move(next);
@@ -402,45 +632,44 @@ void RingForward(Communicator& comm, const AttentionProblem& p,
 // gradients of its step into dK/dV accumulators in the chunk's layout,
 // which travel as RingPlan::grads_on and grads_home say. The owner keeps
 // its own step's gradients and adds every accumulator that comes home.
-template <typename T>
+// Returns dq, dk, dv of kernels.acc().
 Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
-                     const RingPlan& plan, const Tensor& q, const Tensor& k,
-                     const Tensor& v, const Tensor& out, const Tensor& lse,
+                     const RingPlan& plan, const RingKernels& kernels,
+                     const Tensor& q, const Tensor& k, const Tensor& v,
+                     const Tensor& out, const Tensor& lse,
                      const Tensor& grad_out, const Tensor& grad_lse,
                      RingStats* stats) {
   const int r = plan.rank, size = plan.size;
   const int prev = (r + size - 1) % size;
-  const TokenLayout& mine = plan.layouts[r];
-  std::vector<T> delta(p.batch * p.heads * mine.rows);
-  RowDelta<T>(p, mine.rows, out.data<T>(), grad_out.data<T>(), delta.data());
-
-  Tensor dq = ZerosLike(q), dk = ZerosLike(k), dv = ZerosLike(v);
+  kernels.PrepareBackward();
+  const Tensor delta = kernels.Delta(out, grad_out);
+  const DType acc = kernels.acc();
+  const Device device = kernels.device();
+  Tensor dq = Zeros(q.shape(), acc, device), dk = Zeros(k.shape(), acc, device),
+         dv = Zeros(v.shape(), acc, device);
   RingExchange kv(comm, 2, kKeyValueTags), grads(comm, 2, kGradTags),
       home(comm, 2, kHomeTags);
   // A flag of the plan for a chunk at `step` (false past its trip).
   const auto at = [](const std::vector<bool>& flags, int step) {
     return step < static_cast<int>(flags.size()) && flags[step];
   };
-  HeldChunk cur{r, mine, {k, v}, {dk, dv}};
+  HeldChunk cur{r, kernels.mine(), {k, v}, {dk, dv}};
   for (int s = 0; s <= plan.last_step; ++s) {
     std::vector<Tensor> send;
     if (plan.Forwarded(cur.origin, s)) {
-      send = Carry<T>(p, cur.layout, cur.kv, plan.trip[cur.origin][s + 1]);
+      send = kernels.Carry(cur.origin, s, cur.kv);
     }
     HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
     std::vector<TensorSpec> receive;
     if (plan.Forwarded(next.origin, s)) {
       next.layout = plan.trip[next.origin][s + 1];
-      receive = ChunkSpecs(p, next.layout, q.dtype());
+      receive = ChunkSpecs(p, next.layout, kernels.dtype(), device);
     }
     next.kv = Check(comm, kv.Post(send, receive));
     const bool computed = plan.Needs(r, cur.origin);
     if (computed) {
-      AttentionBackwardTiles<T>(p, mine, q.data<T>(), cur.layout,
-                                cur.kv[0].data<T>(), cur.kv[1].data<T>(),
-                                grad_out.data<T>(), lse.data<T>(), delta.data(),
-                                grad_lse.data<T>(), dq.data<T>(),
-                                cur.grads[0].data<T>(), cur.grads[1].data<T>());
+      kernels.Backward(q, cur.layout, cur.kv, grad_out, lse, delta, grad_lse,
+                       dq, cur.grads);
     }
     CountStep(stats, computed);
 
@@ -452,29 +681,28 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
         comm,
         grads.Post(at(plan.grads_on[cur.origin], s) ? cur.grads
                                                     : std::vector<Tensor>(),
-                   receive_grads ? ChunkSpecs(p, next.layout, q.dtype())
+                   receive_grads ? ChunkSpecs(p, next.layout, acc, device)
                                  : std::vector<TensorSpec>()));
     const bool ours_come_home = at(plan.grads_home[r], s);
-    const TokenLayout& ours = ours_come_home ? plan.trip[r][s] : mine;
     const std::vector<Tensor> came_home = Check(
-        comm, home.PostPeers(at(plan.grads_home[cur.origin], s)
-                                 ? cur.grads
-                                 : std::vector<Tensor>(),
-                             cur.origin,
-                             ours_come_home ? ChunkSpecs(p, ours, q.dtype())
-                                            : std::vector<TensorSpec>(),
-                             plan.Holder(r, s)));
+        comm, home.PostPeers(
+                  at(plan.grads_home[cur.origin], s) ? cur.grads
+                                                     : std::vector<Tensor>(),
+                  cur.origin,
+                  ours_come_home ? ChunkSpecs(p, plan.trip[r][s], acc, device)
+                                 : std::vector<TensorSpec>(),
+                  plan.Holder(r, s)));
     Check(comm, kv.Wait());
     Check(comm, grads.Wait());
     Check(comm, home.Wait());
     if (ours_come_home) {
-      AddRows<T>(p, ours, came_home[0], mine, dk);
-      AddRows<T>(p, ours, came_home[1], mine, dv);
+      kernels.AddHome(s, came_home[0], dk);
+      kernels.AddHome(s, came_home[1], dv);
     }
     // A holder that uses the chunk and got no accumulators starts its own.
     if (!receive_grads && plan.Needs(r, next.origin)) {
-      next.grads = {Zeros(ChunkShape(p, next.layout), q.dtype()),
-                    Zeros(ChunkShape(p, next.layout), q.dtype())};
+      next.grads = {Zeros(ChunkShape(p, next.layout), acc, device),
+                    Zeros(ChunkShape(p, next.layout), acc, device)};
     }
     cur = std::move(next);
   }
@@ -530,7 +758,10 @@ int64_t BlockMaskFingerprint(const BlockMask* mask) {
 int64_t PaddingFingerprint(const Tensor& padding) {
   Fingerprint f;
   f.Add(padding.defined());
-  if (padding.defined()) f.AddBytes(padding.data<uint8_t>(), padding.numel());
+  if (padding.defined()) {
+    const Tensor host = padding.to(Device::Cpu());
+    f.AddBytes(host.data<uint8_t>(), host.numel());
+  }
   return f.value();
 }
 
@@ -640,7 +871,9 @@ void CheckRanksAgree(Communicator& comm, const std::vector<Field>& fields,
   }
 }
 
-// RingAttention on float32 or float64 inputs; `dtype` is the caller's.
+// RingAttention on inputs the drivers take (float32 or float64 on the CPU;
+// also bfloat16 on CUDA); `dtype` is the caller's. out has the inputs'
+// dtype, lse the accumulator dtype.
 AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
                                 const Tensor& k, const Tensor& v, int64_t n,
                                 const AttentionPattern& pattern,
@@ -654,30 +887,29 @@ AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
   }
   auto plan =
       std::make_shared<const RingPlan>(MakePlan(*p, size, rank, ring.layout));
+  auto kernels =
+      std::make_shared<const RingKernels>(p, plan, q.dtype(), q.device());
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  Tensor out = Zeros(q.shape(), q.dtype());
+  const DType acc = kernels->acc();
+  Tensor out = Zeros(q.shape(), acc, q.device());
   Tensor lse = Full({p->batch, p->heads, q.size(1)},
-                    -std::numeric_limits<double>::infinity(), q.dtype());
-  if (q.dtype() == DType::kFloat32) {
-    RingForward<float>(comm, *p, *plan, qc, kc, vc, out, lse, ring.stats);
-  } else {
-    RingForward<double>(comm, *p, *plan, qc, kc, vc, out, lse, ring.stats);
-  }
+                    -std::numeric_limits<double>::infinity(), acc, q.device());
+  RingForward(comm, *p, *plan, *kernels, qc, kc, vc, out, lse, ring.stats);
+  if (acc != q.dtype()) out = out.to(q.dtype());
   if (NeedsGrad({qc, kc, vc})) {
     Communicator* comm_ptr = &comm;
     RingStats* stats = ring.stats;
     RecordOp("RingAttention", {qc, kc, vc}, {&out, &lse},
-             [comm_ptr, stats, p, plan, q = qc.detach(), k = kc.detach(),
-              v = vc.detach(), out = out.detach(),
+             [comm_ptr, stats, p, plan, kernels, q = qc.detach(),
+              k = kc.detach(), v = vc.detach(), out = out.detach(),
               lse = lse.detach()](const Tensors& g) -> Tensors {
-               const Tensor grad_out = g[0].contiguous();
-               const Tensor grad_lse = g[1].contiguous();
-               if (q.dtype() == DType::kFloat32) {
-                 return RingBackward<float>(*comm_ptr, *p, *plan, q, k, v, out,
-                                            lse, grad_out, grad_lse, stats);
+               Tensors grads = RingBackward(*comm_ptr, *p, *plan, *kernels, q,
+                                            k, v, out, lse, g[0].contiguous(),
+                                            g[1].contiguous(), stats);
+               for (Tensor& grad : grads) {
+                 if (grad.dtype() != q.dtype()) grad = grad.to(q.dtype());
                }
-               return RingBackward<double>(*comm_ptr, *p, *plan, q, k, v, out,
-                                           lse, grad_out, grad_lse, stats);
+               return grads;
              });
   }
   return {out, lse};
@@ -694,18 +926,14 @@ AttentionResult RingAttention(Communicator& comm, const Tensor& q,
   LC_REQUIRE(q.defined() && q.dim() == 4, "RingAttention: q has shape ",
              q.defined() ? ShapeToString(q.shape()) : "undefined",
              " (expected [batch, n_local, heads, head_dim])");
-  for (const Tensor* t : {&q, &k, &v}) {
-    LC_REQUIRE(!t->defined() || t->device().is_cpu(),
-               "RingAttention: a tensor on ", t->device().ToString(),
-               " (ring attention runs on CPU tensors; expected cpu)");
-  }
   const int64_t local = RankTokenCount(n, size, rank, ring.layout);
   LC_REQUIRE(q.size(1) == local, "RingAttention: rank ", rank, " of ", size,
              " holds ", q.size(1), " tokens but the ",
              SequenceLayoutName(ring.layout), " layout of n = ", n,
              " gives it ", local);
-  if (q.dtype() == DType::kBFloat16 && k.defined() && v.defined() &&
-      k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
+  // On the CPU bfloat16 computes in float32; the CUDA drivers take it.
+  if (q.device().is_cpu() && q.dtype() == DType::kBFloat16 && k.defined() &&
+      v.defined() && k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
     AttentionResult r = RingAttentionOf(
         comm, q.to(DType::kFloat32), k.to(DType::kFloat32),
         v.to(DType::kFloat32), n, pattern, options, ring, q.dtype());

@@ -12,6 +12,16 @@
 // ranks still ahead on its trip attend, when that is less data than the
 // whole chunk (1 row in r for a dilation rate r). Results equal
 // single-rank Attention on the same tokens.
+//
+// On CUDA tensors (with a communicator that carries them: k thread ranks on
+// one GPU or several, or NCCL) each step runs the CUDA tile drivers on the
+// step's chunk layout; bfloat16 inputs compute natively (K/V travel in
+// bfloat16) with float32 out, lse and dK/dV accumulators (float64 for
+// float64 inputs), out and the gradients converted to the inputs' dtype at
+// the end. Every kernel goes on the calling thread's current stream, and
+// the next chunk is posted before the current one is computed on: the copy
+// runs on the communicator's own stream, and the compute stream waits for
+// it (on the device, not the host) only before the step that reads it.
 #ifndef LONGCTX_ATTENTION_RING_ATTENTION_H_
 #define LONGCTX_ATTENTION_RING_ATTENTION_H_
 
@@ -36,7 +46,8 @@ struct RingOptions {
   RingStats* stats = nullptr;  // when set, forward and backward add to it
 };
 
-// q, k, v [batch, n_local, heads, head_dim] on the CPU: this rank's tokens,
+// q, k, v [batch, n_local, heads, head_dim] on one device (the CPU or a
+// CUDA device, as the communicator allows): this rank's tokens,
 // RankSpans(n, comm.size(), comm.rank(), layout) in order. `pattern` and
 // options.key_padding_mask ([batch, n], the same on every rank) describe the
 // whole n-token sequence: positions stay global. Returns this rank's rows of

@@ -23,7 +23,11 @@ class Work {
  public:
   virtual ~Work() = default;
   // Blocks until the transfer is done: OK, or an error when it failed, timed
-  // out (DeadlineExceeded) or the group was aborted (Aborted).
+  // out (DeadlineExceeded) or the group was aborted (Aborted). For CUDA
+  // tensors "done" is stream-ordered, as for every CUDA op: work queued
+  // afterwards on the calling thread's current stream of the tensor's device
+  // follows the transfer (a backend may return before the GPU has finished
+  // it; the threads backend does).
   virtual absl::Status Wait() = 0;
 };
 
@@ -62,7 +66,7 @@ class Communicator {
 
   // Collectives, blocking, in place; every rank calls them in the same order
   // with tensors of the same shape and dtype (a mismatch is an error on every
-  // rank).
+  // rank). For CUDA tensors blocking is stream-ordered as for Work::Wait.
   virtual absl::Status AllReduceSum(const Tensor& tensor) = 0;
   // output [size, ...input shape] receives every rank's input, by rank.
   virtual absl::Status AllGather(const Tensor& input, const Tensor& output) = 0;

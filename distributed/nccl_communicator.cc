@@ -272,6 +272,9 @@ class RankState {
   absl::Status CheckTensor(const std::string& what, const Tensor& t) const;
   absl::Status CheckCollective(CollectiveKind kind, const Tensor& tensor,
                                const Tensor& output, int root) const;
+  // This thread's current stream of the rank's device (CurrentCudaStream),
+  // where the tensors' producers and readers run.
+  absl::StatusOr<cudaStream_t> CallerStream(const std::string& what) const;
   // Waits for an NCCL communicator being created (init or split).
   absl::Status WaitForComm(ncclComm_t comm, Clock::time_point deadline,
                            const std::atomic<bool>* cancelled,
@@ -366,8 +369,9 @@ class RankState {
   // Transfers wholly on their streams, not yet seen complete.
   std::list<std::shared_ptr<Transfer>> in_flight_ ABSL_GUARDED_BY(mu_);
   // Transfers this rank is done with. Dropping one may free its tensor's
-  // buffer, and the core's cudaFree waits for the whole device (transfers
-  // that wait for a peer included): never under mu_, which Abort needs.
+  // buffer, and a free may end in a device-wide synchronize (the allocator
+  // releasing memory; transfers that wait for a peer included): never under
+  // mu_, which Abort needs.
   std::vector<std::shared_ptr<Transfer>> retired_ ABSL_GUARDED_BY(mu_);
   // kHeaderSlots descriptors, pinned on the host and on the device.
   char* header_host_ = nullptr;
@@ -550,6 +554,18 @@ absl::Status RankState::CheckTensor(const std::string& what,
   return absl::OkStatus();
 }
 
+absl::StatusOr<cudaStream_t> RankState::CallerStream(
+    const std::string& what) const {
+  cudaStream_t stream = nullptr;
+  const absl::Status status =
+      StatusFromCall([&] { stream = CurrentCudaStream(device_); });
+  if (!status.ok()) {
+    return absl::Status(status.code(),
+                        absl::StrCat(what, ": ", status.message()));
+  }
+  return stream;
+}
+
 Descriptor Describe(int64_t op, int64_t root, const Tensor& t) {
   Descriptor d;
   d.op = op;
@@ -579,9 +595,11 @@ absl::StatusOr<std::shared_ptr<Transfer>> RankState::Post(bool is_send,
   t->tensor = tensor.detach();
   t->bytes = ByteSize(tensor);
   t->descriptor = Describe(tag, 0, tensor);
+  LC_ASSIGN_OR_RETURN(const cudaStream_t caller, CallerStream(t->Describe()));
 
-  // Unlike the waits, posting never frees retired transfers: a cudaFree
-  // between a rank's Send and its Recv could wait for that Send forever.
+  // Unlike the waits, posting never frees retired transfers: a device-wide
+  // synchronize between a rank's Send and its Recv could wait for that Send
+  // forever.
   absl::MutexLock lock(&mu_);
   if (aborted_) return AbortedLocked(t->Describe());
   DeviceGuard guard(device_);
@@ -597,9 +615,9 @@ absl::StatusOr<std::shared_ptr<Transfer>> RankState::Post(bool is_send,
         "cudaEventCreateWithFlags"));
   }
   // The tensor's producers (or, for a receive, its last readers) are on the
-  // legacy default stream; the transfer starts after them.
-  LC_RETURN_IF_ERROR(CheckCuda(cudaEventRecord(t->posted, cudaStreamLegacy),
-                               "cudaEventRecord"));
+  // caller's current stream; the transfer starts after them.
+  LC_RETURN_IF_ERROR(
+      CheckCuda(cudaEventRecord(t->posted, caller), "cudaEventRecord"));
   absl::Status status;
   if (!remote) {
     status = PostToSelfLocked(t);
@@ -651,9 +669,13 @@ absl::Status RankState::PostToSelfLocked(const std::shared_ptr<Transfer>& t) {
     }
     return absl::OkStatus();
   }
-  // `t` was posted second: its event follows both tensors' producers.
-  LC_RETURN_IF_ERROR(CheckCuda(cudaStreamWaitEvent(self_stream_, t->posted, 0),
-                               "cudaStreamWaitEvent"));
+  // The copy follows both tensors' producers (the two posts may come from
+  // different streams).
+  for (const Transfer* x : {&send, &recv}) {
+    LC_RETURN_IF_ERROR(
+        CheckCuda(cudaStreamWaitEvent(self_stream_, x->posted, 0),
+                  "cudaStreamWaitEvent"));
+  }
   if (send.bytes > 0) {
     LC_RETURN_IF_ERROR(CheckCuda(
         cudaMemcpyAsync(recv.tensor.raw_data(), send.tensor.raw_data(),
@@ -1037,10 +1059,11 @@ absl::Status RankState::Collective(CollectiveKind kind, const Tensor& tensor,
 
   const int64_t bytes = ByteSize(tensor);
   if (tensor.numel() > 0) {
+    LC_ASSIGN_OR_RETURN(const cudaStream_t caller, CallerStream(what));
     const auto launch =
         [&]() ABSL_NO_THREAD_SAFETY_ANALYSIS -> absl::StatusOr<ncclResult_t> {
-      LC_RETURN_IF_ERROR(CheckCuda(
-          cudaEventRecord(collective_posted_, cudaStreamLegacy), what));
+      LC_RETURN_IF_ERROR(
+          CheckCuda(cudaEventRecord(collective_posted_, caller), what));
       LC_RETURN_IF_ERROR(CheckCuda(
           cudaStreamWaitEvent(main_stream_, collective_posted_, 0), what));
       void* data = tensor.raw_data();

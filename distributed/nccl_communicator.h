@@ -29,14 +29,15 @@
 // are aborted by RunNcclRanks).
 //
 // Streams: a transfer or collective first waits (on the GPU) for the work
-// already queued on the legacy default stream when it is posted, where the
-// core launches its kernels; Work::Wait and the collectives return once the
-// data is in place, so later work may use it. Caution: the core's default
-// CUDA allocator frees with cudaFree, which waits for the whole device,
-// transfers in flight included. Post all of a step's Sends and Recvs before
-// freeing any CUDA tensor: a free between a Send and the Recv that its peer's
-// Send waits for can deadlock the ring outside any timeout (a caching or
-// stream-ordered allocator removes the hazard).
+// already queued on the calling thread's current stream of the device
+// (CurrentCudaStream, where the core launches its kernels) when it is
+// posted; Work::Wait and the collectives return once the data is in place,
+// so later work on any stream may use it. Caution: the caching CUDA
+// allocator returns memory to the driver (cudaFree, after synchronizing the
+// device) when an allocation runs out of memory or on EmptyCudaCache, which
+// waits for every transfer in flight; such a release between a Send and the
+// Recv that its peer's Send waits for would deadlock the ring outside any
+// timeout, so post all of a step's Sends and Recvs before allocating more.
 //
 // Collectives run on the main NCCL communicator. Each first all-gathers a
 // 128-byte description of every rank's call (collective, dtype, shape, root),

@@ -8,7 +8,11 @@
 // failed post or wait aborts the group, so that the other ranks stop waiting
 // at once, and returns the error. The exchange touches tensors only through
 // Communicator::Send and Recv and allocates its buffers on the device it is
-// asked for, so it works for every device the communicator supports.
+// asked for, so it works for every device the communicator supports. With
+// CUDA tensors its waits are stream-ordered (Work::Wait): Wait() makes the
+// caller's current stream wait for the transfers on the device, so compute
+// queued between Post and Wait overlaps them, and a slot's buffers are
+// rewritten only after the work queued before the post that reuses them.
 #ifndef LONGCTX_DISTRIBUTED_RING_EXCHANGE_H_
 #define LONGCTX_DISTRIBUTED_RING_EXCHANGE_H_
 

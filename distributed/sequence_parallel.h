@@ -1,7 +1,9 @@
 // Sequence (context) parallelism helpers: which token positions each of k
 // ranks holds in the contiguous and zigzag layouts, splitting a [batch, n,
 // ...] tensor into a rank's tokens and gathering it back, and the all-reduce
-// of parameter gradients that keeps replicated weights in step.
+// of parameter gradients that keeps replicated weights in step. Tensors may
+// live on the CPU or a CUDA device (the communicator must carry them, as the
+// threads backend does both); results stay on the input's device.
 #ifndef LONGCTX_DISTRIBUTED_SEQUENCE_PARALLEL_H_
 #define LONGCTX_DISTRIBUTED_SEQUENCE_PARALLEL_H_
 

@@ -7,16 +7,19 @@
 #include <deque>
 #include <exception>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "core/cuda.h"
+#include "core/memory.h"
 #include "core/status.h"
 
 namespace lc {
@@ -59,6 +62,13 @@ struct Transfer {
   int peer = 0;
   int tag = 0;
   Tensor tensor;  // a detached handle: the group never touches the caller's
+  // CUDA tensors: recorded at the post on the poster's current stream, so
+  // the copy follows the tensor's producers (a send) or the last readers of
+  // the receive buffer (a receive).
+  std::unique_ptr<CudaEvent> ready;
+  // CUDA tensors, once the copy is queued: recorded after it on the copy
+  // stream (shared by both sides of the transfer).
+  std::shared_ptr<CudaEvent> copied;
   TransferState state = TransferState::kQueued;
   absl::Status status;
 
@@ -102,12 +112,21 @@ const char* CollectiveName(CollectiveKind kind) {
 // What one rank brings to a collective.
 struct Contribution {
   CollectiveKind kind = CollectiveKind::kBarrier;
-  // The rank's input, detached and on the host (for a CPU tensor, a view of
-  // it, not a copy); undefined for Barrier and when local_error is set.
+  // The rank's input, detached (a view of it, not a copy); undefined for
+  // Barrier and when local_error is set.
   Tensor input;
+  // A CUDA input: recorded on the rank's current stream when it arrived.
+  std::shared_ptr<CudaEvent> ready;
   int root = 0;  // Broadcast only
   // What the rank's own arguments got wrong; reported on every rank.
   absl::Status local_error;
+};
+
+// What a collective computed: undefined for Barrier; for CUDA inputs a
+// tensor on rank 0's device, complete once `ready` has completed.
+struct CollectiveResult {
+  Tensor value;
+  std::shared_ptr<CudaEvent> ready;
 };
 
 // One collective of the group: the n-th call of every rank.
@@ -118,8 +137,8 @@ struct Round {
   int num_arrived = 0;
   int num_departed = 0;  // the round is dropped when every rank has left it
   bool finished = false;
-  absl::Status status;  // when finished; without the op/rank prefix
-  Tensor result;        // when finished and OK (not for Barrier)
+  absl::Status status;      // when finished; without the op/rank prefix
+  CollectiveResult result;  // when finished and OK (not for Barrier)
 };
 
 double ToDouble(float v) { return v; }
@@ -138,15 +157,15 @@ void AccumulateAsDouble(const Tensor& x, bool assign, double* sum) {
   }
 }
 
-// The element-wise sum of the inputs, added in rank order: float64 for
+// The element-wise sum of CPU tensors, added in rank order: float64 for
 // floating dtypes, int64 (wrapping) for int64.
-Tensor SumInRankOrder(const std::vector<Contribution>& contributions) {
-  const Tensor& first = contributions[0].input;
+Tensor SumInRankOrder(const std::vector<Tensor>& inputs) {
+  const Tensor& first = inputs[0];
   if (first.dtype() == DType::kInt64) {
     Tensor sum = Zeros(first.shape(), DType::kInt64);
     int64_t* s = sum.data<int64_t>();
-    for (const Contribution& c : contributions) {
-      const int64_t* x = c.input.data<int64_t>();
+    for (const Tensor& input : inputs) {
+      const int64_t* x = input.data<int64_t>();
       for (int64_t i = 0; i < sum.numel(); ++i) {
         s[i] = static_cast<int64_t>(static_cast<uint64_t>(s[i]) +
                                     static_cast<uint64_t>(x[i]));
@@ -156,8 +175,8 @@ Tensor SumInRankOrder(const std::vector<Contribution>& contributions) {
   }
   Tensor sum = Empty(first.shape(), DType::kFloat64);
   double* s = sum.data<double>();
-  for (size_t r = 0; r < contributions.size(); ++r) {
-    const Tensor& x = contributions[r].input;
+  for (size_t r = 0; r < inputs.size(); ++r) {
+    const Tensor& x = inputs[r];
     const bool assign = r == 0;
     switch (x.dtype()) {
       case DType::kFloat32:
@@ -178,26 +197,124 @@ Tensor SumInRankOrder(const std::vector<Contribution>& contributions) {
   return sum;
 }
 
-// [size, ...]: every rank's input, by rank.
-Tensor StackInRankOrder(const std::vector<Contribution>& contributions) {
-  const Tensor& first = contributions[0].input;
+// [size, ...]: every input (contiguous, all on `device`), by rank. On a CUDA
+// device the copies are queued on the current stream.
+Tensor StackInRankOrder(const std::vector<Tensor>& inputs, Device device) {
+  const Tensor& first = inputs[0];
   Shape shape = first.shape();
-  shape.insert(shape.begin(), static_cast<int64_t>(contributions.size()));
-  Tensor stacked = Empty(shape, first.dtype());
+  shape.insert(shape.begin(), static_cast<int64_t>(inputs.size()));
+  Tensor stacked = Empty(shape, first.dtype(), device);
   const int64_t bytes = ByteSize(first);
   char* out = static_cast<char*>(stacked.raw_data());
-  for (size_t r = 0; r < contributions.size(); ++r) {
-    CopyBytes(out + r * bytes, Device::Cpu(), contributions[r].input.raw_data(),
-              Device::Cpu(), bytes);
+  for (size_t r = 0; r < inputs.size(); ++r) {
+    CopyBytes(out + r * bytes, device, inputs[r].raw_data(), device, bytes);
   }
   return stacked;
+}
+
+// A stream of CUDA device `device` that is never destroyed, one per `key`
+// (created on first use): the copy stream of each sending rank (key: the
+// rank) and the stream of the collectives (key: -1). The caching allocator
+// records uses of blocks on these streams (RecordStream) that may be freed
+// at any later time, after the group and its threads are gone.
+cudaStream_t LongLivedStream(int key, int device) {
+  static std::mutex mu;
+  static auto* streams = new std::map<std::pair<int, int>, cudaStream_t>();
+  std::lock_guard<std::mutex> lock(mu);
+  cudaStream_t& stream = (*streams)[{key, device}];
+  if (stream == nullptr) {
+    SetCudaDevice(device);
+    LC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  }
+  return stream;
+}
+
+cudaStream_t CopyStream(int rank, int device) {
+  return LongLivedStream(rank, device);
+}
+cudaStream_t CollectiveStream(int device) {
+  return LongLivedStream(-1, device);
+}
+
+// Marks a CUDA tensor's block as used by `stream` (a long-lived stream of its
+// device), so the caching allocator reuses it only after the work queued
+// there so far.
+void RecordUse(const Tensor& t, cudaStream_t stream) {
+  if (t.numel() > 0 && GetAllocator(t.device()) == DefaultCudaAllocator()) {
+    RecordStream(*t.storage(), stream);
+  }
+}
+
+// The result of a collective of CUDA inputs (every contribution's input on
+// a CUDA device), computed on the collective stream of rank 0's device
+// ("home") after each input's ready event, with the result's ready event
+// recorded after it. AllReduceSum adds in rank order in float64 like the
+// CPU path (int64: on the host after waiting for the inputs), so the
+// results are bit-identical to the CPU's.
+CollectiveResult CollectOnDevice(const std::vector<Contribution>& c) {
+  const CollectiveKind kind = c[0].kind;
+  const Device home = c[0].input.device();
+  const cudaStream_t stream = CollectiveStream(home.index);
+  const CudaStreamGuard on_stream(home.index, stream);
+  // Rank r's input on the home device, read on `stream` after its
+  // producers.
+  const auto input = [&](size_t r) {
+    const Tensor& x = c[r].input;
+    c[r].ready->Wait(stream);
+    if (x.device() == home) {
+      RecordUse(x, stream);
+      return x;
+    }
+    Tensor staged = Empty(x.shape(), x.dtype(), home);
+    if (x.numel() > 0) {
+      SetCudaDevice(home.index);
+      LC_CUDA_CHECK(cudaMemcpyAsync(staged.raw_data(), x.raw_data(),
+                                    static_cast<size_t>(ByteSize(x)),
+                                    cudaMemcpyDefault, stream));
+    }
+    return staged;
+  };
+  CollectiveResult result;
+  switch (kind) {
+    case CollectiveKind::kAllReduceSum:
+      if (c[0].input.dtype() == DType::kInt64) {
+        std::vector<Tensor> host;
+        for (const Contribution& x : c) {
+          x.ready->Synchronize();
+          host.push_back(x.input.to(Device::Cpu()));
+        }
+        result.value = SumInRankOrder(host).to(home);
+      } else {
+        result.value = Empty(c[0].input.shape(), DType::kFloat64, home);
+        CopyInto(result.value, input(0));
+        for (size_t r = 1; r < c.size(); ++r) {
+          const Tensor x = input(r);
+          AddInPlace(result.value, x.to(DType::kFloat64));
+        }
+      }
+      break;
+    case CollectiveKind::kAllGather: {
+      std::vector<Tensor> inputs;
+      for (size_t r = 0; r < c.size(); ++r) inputs.push_back(input(r));
+      result.value = StackInRankOrder(inputs, home);
+      break;
+    }
+    case CollectiveKind::kBroadcast:
+      result.value = input(static_cast<size_t>(c[0].root)).clone();
+      break;
+    case CollectiveKind::kBarrier:
+      LC_CHECK(false) << "Barrier has no inputs";
+  }
+  result.ready = std::make_shared<CudaEvent>(home.index);
+  result.ready->Record(stream);
+  return result;
 }
 
 // The state shared by the ranks of one group. All mutable state is guarded by
 // mu_; the only work done outside it is copying the bytes of a matched
 // transfer (by the thread that matched it, while both sides are kCopying and
-// so untouched by anyone else) and each rank's copy of a collective's result
-// into its own tensor.
+// so untouched by anyone else; for CUDA tensors only queuing the copy) and
+// each rank's copy of a collective's result into its own tensor.
 class ThreadGroup {
  public:
   ThreadGroup(int size, std::chrono::milliseconds timeout)
@@ -216,7 +333,8 @@ class ThreadGroup {
   // Takes part in this rank's next collective; returns its result (undefined
   // for Barrier). The error message names the op, the collective's number and
   // the rank.
-  absl::StatusOr<Tensor> Rendezvous(int rank, Contribution contribution);
+  absl::StatusOr<CollectiveResult> Rendezvous(int rank,
+                                              Contribution contribution);
 
   void Abort(const absl::Status& reason);
   CommStats stats(int rank) const {
@@ -233,6 +351,10 @@ class ThreadGroup {
 
   // Copies a matched pair's bytes (mu_ not held) and completes both.
   void Complete(Transfer& send, Transfer& recv);
+  // Queues the copy between a matched pair of CUDA tensors on the sender's
+  // copy stream of the receiver's device, after both tensors' ready events,
+  // and records the pair's `copied` event after it.
+  void CopyOnDevice(Transfer& send, Transfer& recv, int64_t bytes);
   // The following three need mu_ held.
   // Removes a queued transfer from its channel.
   void Withdraw(const Transfer& transfer);
@@ -289,6 +411,18 @@ absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
       absl::StrCat(transfer->Describe(), ": the tensor"), tensor);
   if (!argument.ok()) return argument;
   transfer->tensor = tensor.detach();
+  if (tensor.device().is_cuda()) {
+    const absl::Status recorded = StatusFromCall([&] {
+      const int device = tensor.device().index;
+      transfer->ready = std::make_unique<CudaEvent>(device);
+      transfer->ready->Record(CurrentCudaStream(device));
+    });
+    if (!recorded.ok()) {
+      return absl::Status(
+          recorded.code(),
+          absl::StrCat(transfer->Describe(), ": ", recorded.message()));
+    }
+  }
 
   std::shared_ptr<Transfer> partner;
   {
@@ -308,12 +442,21 @@ absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
       if (channel.sends.empty() && channel.recvs.empty()) channels_.erase(key);
       const Transfer& send = is_send ? *transfer : *partner;
       const Transfer& recv = is_send ? *partner : *transfer;
+      std::string mismatch;
       if (send.tensor.shape() != recv.tensor.shape() ||
           send.tensor.dtype() != recv.tensor.dtype()) {
-        const std::string mismatch = absl::StrCat(
-            "the sent tensor ", DescribeTensor(send.tensor),
-            " does not match the receive tensor ", DescribeTensor(recv.tensor),
-            " (expected the same shape and dtype)");
+        mismatch = absl::StrCat("the sent tensor ", DescribeTensor(send.tensor),
+                                " does not match the receive tensor ",
+                                DescribeTensor(recv.tensor),
+                                " (expected the same shape and dtype)");
+      } else if (send.tensor.device().is_cuda() !=
+                 recv.tensor.device().is_cuda()) {
+        mismatch = absl::StrCat(
+            "the sent tensor is on ", send.tensor.device().ToString(),
+            " but the receive tensor on ", recv.tensor.device().ToString(),
+            " (expected both on the CPU or both on CUDA devices)");
+      }
+      if (!mismatch.empty()) {
         for (Transfer* t : {transfer.get(), partner.get()}) {
           t->state = TransferState::kDone;
           t->status = absl::InvalidArgumentError(
@@ -335,8 +478,12 @@ absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
 void ThreadGroup::Complete(Transfer& send, Transfer& recv) {
   const int64_t bytes = ByteSize(send.tensor);
   const absl::Status copied = StatusFromCall([&] {
-    CopyBytes(recv.tensor.raw_data(), recv.tensor.device(),
-              send.tensor.raw_data(), send.tensor.device(), bytes);
+    if (recv.tensor.device().is_cuda()) {
+      CopyOnDevice(send, recv, bytes);
+    } else {
+      CopyBytes(recv.tensor.raw_data(), recv.tensor.device(),
+                send.tensor.raw_data(), send.tensor.device(), bytes);
+    }
   });
   std::lock_guard<std::mutex> lock(mu_);
   for (Transfer* t : {&send, &recv}) {
@@ -356,28 +503,62 @@ void ThreadGroup::Complete(Transfer& send, Transfer& recv) {
   changed_.notify_all();
 }
 
+void ThreadGroup::CopyOnDevice(Transfer& send, Transfer& recv, int64_t bytes) {
+  const int device = recv.tensor.device().index;
+  const cudaStream_t stream = CopyStream(send.rank, device);
+  send.ready->Wait(stream);
+  recv.ready->Wait(stream);
+  if (bytes > 0) {
+    SetCudaDevice(device);
+    LC_CUDA_CHECK(
+        cudaMemcpyAsync(recv.tensor.raw_data(), send.tensor.raw_data(),
+                        static_cast<size_t>(bytes), cudaMemcpyDefault, stream));
+  }
+  auto copied = std::make_shared<CudaEvent>(device);
+  copied->Record(stream);
+  for (Transfer* t : {&send, &recv}) {
+    // Neither block is reused before the copy ends, even if its tensor is
+    // freed without a Wait (the other device's side, in a copy between two
+    // devices, is kept by its Wait).
+    if (t->tensor.device().index == device) RecordUse(t->tensor, stream);
+    t->copied = copied;
+  }
+}
+
 absl::Status ThreadGroup::Wait(Transfer& transfer) {
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
-  std::unique_lock<std::mutex> lock(mu_);
-  const auto done = [&transfer]() {
-    return transfer.state == TransferState::kDone;
-  };
-  if (!changed_.wait_until(lock, deadline, done)) {
-    if (transfer.state == TransferState::kQueued) {
-      Withdraw(transfer);
-      transfer.state = TransferState::kDone;
-      transfer.status = absl::DeadlineExceededError(
-          absl::StrCat(transfer.Describe(), ": no matching ",
-                       transfer.is_send ? "Recv" : "Send",
-                       " was posted within ", Timeout()));
-    } else {
-      // Matched: the partner's thread is copying the bytes right now, a
-      // bounded memory copy; returning before it ends would let the caller
-      // reuse a buffer still being read or written.
-      changed_.wait(lock, done);
+  std::shared_ptr<CudaEvent> copied;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    const auto done = [&transfer]() {
+      return transfer.state == TransferState::kDone;
+    };
+    if (!changed_.wait_until(lock, deadline, done)) {
+      if (transfer.state == TransferState::kQueued) {
+        Withdraw(transfer);
+        transfer.state = TransferState::kDone;
+        transfer.status = absl::DeadlineExceededError(
+            absl::StrCat(transfer.Describe(), ": no matching ",
+                         transfer.is_send ? "Recv" : "Send",
+                         " was posted within ", Timeout()));
+      } else {
+        // Matched: the partner's thread is copying the bytes (or queuing
+        // the copy) right now, a bounded step; returning before it ends
+        // would let the caller reuse a buffer still being read or written.
+        changed_.wait(lock, done);
+      }
     }
+    if (!transfer.status.ok()) return transfer.status;
+    copied = transfer.copied;
   }
-  return transfer.status;
+  if (copied == nullptr) return absl::OkStatus();
+  // CUDA tensors: later work on the caller's current stream follows the
+  // copy.
+  const absl::Status waited = StatusFromCall(
+      [&] { copied->Wait(CurrentCudaStream(transfer.tensor.device().index)); });
+  if (waited.ok()) return waited;
+  return absl::Status(
+      waited.code(), absl::StrCat(transfer.Describe(), ": ", waited.message()));
 }
 
 void ThreadGroup::Withdraw(const Transfer& transfer) {
@@ -412,8 +593,8 @@ void ThreadGroup::Abort(const absl::Status& reason) {
   changed_.notify_all();
 }
 
-absl::StatusOr<Tensor> ThreadGroup::Rendezvous(int rank,
-                                               Contribution contribution) {
+absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
+    int rank, Contribution contribution) {
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
   const char* op = CollectiveName(contribution.kind);
   std::unique_lock<std::mutex> lock(mu_);
@@ -452,7 +633,7 @@ absl::StatusOr<Tensor> ThreadGroup::Rendezvous(int rank,
     }
   }
   absl::Status status;
-  Tensor result;
+  CollectiveResult result;
   if (round.finished) {
     status = round.status;
     result = round.result;
@@ -520,16 +701,34 @@ void ThreadGroup::Finish(Round& round) {
         " (expected one shape and dtype on every rank)"));
     return;
   }
+  const bool cuda = first.device().is_cuda();
+  if (std::any_of(c.begin(), c.end(), [&](const Contribution& x) {
+        return x.input.device().is_cuda() != cuda;
+      })) {
+    round.status = absl::InvalidArgumentError(absl::StrCat(
+        "the tensors lie on different kinds of devices: ",
+        per_rank(
+            [](const Contribution& x) { return x.input.device().ToString(); }),
+        " (expected every rank's tensor on the CPU or every rank's on a CUDA "
+        "device)"));
+    return;
+  }
   round.status = StatusFromCall([&] {
+    if (cuda) {
+      round.result = CollectOnDevice(c);
+      return;
+    }
+    std::vector<Tensor> inputs;
+    for (const Contribution& x : c) inputs.push_back(x.input);
     switch (kind) {
       case CollectiveKind::kAllReduceSum:
-        round.result = SumInRankOrder(c);
+        round.result.value = SumInRankOrder(inputs);
         break;
       case CollectiveKind::kAllGather:
-        round.result = StackInRankOrder(c);
+        round.result.value = StackInRankOrder(inputs, Device::Cpu());
         break;
       case CollectiveKind::kBroadcast:
-        round.result = c[c[0].root].input.clone();
+        round.result.value = c[c[0].root].input.clone();
         break;
       case CollectiveKind::kBarrier:
         break;
@@ -563,16 +762,23 @@ void ThreadGroup::CountCollective(const Round& round) {
   }
 }
 
-// A rank's contribution: `input` staged on the host (for a CPU tensor, the
-// tensor itself, detached) unless its arguments are already wrong.
+// A rank's contribution: `input` itself, detached (for a CUDA tensor with an
+// event after its producers on the rank's current stream), unless its
+// arguments are already wrong.
 Contribution Contribute(CollectiveKind kind, const Tensor& input,
                         absl::Status local_error) {
   Contribution c;
   c.kind = kind;
   c.local_error = std::move(local_error);
   if (c.local_error.ok() && input.defined()) {
-    c.local_error =
-        StatusFromCall([&] { c.input = input.detach().to(Device::Cpu()); });
+    c.input = input.detach();
+    if (input.device().is_cuda()) {
+      c.local_error = StatusFromCall([&] {
+        const int device = input.device().index;
+        c.ready = std::make_shared<CudaEvent>(device);
+        c.ready->Record(CurrentCudaStream(device));
+      });
+    }
   }
   return c;
 }
@@ -603,10 +809,10 @@ class ThreadCommunicator : public Communicator {
                        " (expected float32, float64, bfloat16 or int64)"));
     }
     LC_ASSIGN_OR_RETURN(
-        Tensor sum,
+        const CollectiveResult sum,
         group_->Rendezvous(rank_, Contribute(CollectiveKind::kAllReduceSum,
                                              tensor, std::move(local))));
-    return CopyResult("AllReduceSum", tensor, sum);
+    return TakeResult("AllReduceSum", sum, tensor, &tensor);
   }
 
   absl::Status AllGather(const Tensor& input, const Tensor& output) override {
@@ -623,10 +829,10 @@ class ThreadCommunicator : public Communicator {
       }
     }
     LC_ASSIGN_OR_RETURN(
-        Tensor gathered,
+        const CollectiveResult gathered,
         group_->Rendezvous(rank_, Contribute(CollectiveKind::kAllGather, input,
                                              std::move(local))));
-    return CopyResult("AllGather", output, gathered);
+    return TakeResult("AllGather", gathered, input, &output);
   }
 
   absl::Status Broadcast(const Tensor& tensor, int root) override {
@@ -639,9 +845,10 @@ class ThreadCommunicator : public Communicator {
     Contribution c =
         Contribute(CollectiveKind::kBroadcast, tensor, std::move(local));
     c.root = root;
-    LC_ASSIGN_OR_RETURN(Tensor value, group_->Rendezvous(rank_, std::move(c)));
-    if (rank_ == root) return absl::OkStatus();
-    return CopyResult("Broadcast", tensor, value);
+    LC_ASSIGN_OR_RETURN(const CollectiveResult value,
+                        group_->Rendezvous(rank_, std::move(c)));
+    return TakeResult("Broadcast", value, tensor,
+                      rank_ == root ? nullptr : &tensor);
   }
 
   absl::Status Barrier() override {
@@ -656,11 +863,32 @@ class ThreadCommunicator : public Communicator {
   void ResetStats() override { group_->ResetStats(rank_); }
 
  private:
-  // Copies a collective's result into this rank's tensor (converting a
-  // float64 sum to its dtype).
-  absl::Status CopyResult(const char* op, const Tensor& dst,
-                          const Tensor& result) const {
-    const absl::Status copied = StatusFromCall([&] { CopyInto(dst, result); });
+  // Copies a collective's result into `dst` (converting a float64 sum to
+  // its dtype; none for Broadcast's root). For CUDA tensors, first makes
+  // this thread's current streams of the devices of `input`, `dst` and the
+  // result wait for the result, so that later work there follows the
+  // collective, its reads of `input` included.
+  absl::Status TakeResult(const char* op, const CollectiveResult& result,
+                          const Tensor& input, const Tensor* dst) const {
+    const absl::Status copied = StatusFromCall([&] {
+      if (result.ready != nullptr) {
+        for (const Tensor* t : {&input, dst, &result.value}) {
+          if (t != nullptr && t->device().is_cuda()) {
+            result.ready->Wait(CurrentCudaStream(t->device()));
+          }
+        }
+      }
+      if (dst == nullptr) return;
+      CopyInto(*dst, result.value);
+      if (result.ready != nullptr) {
+        // The result's block returns to the collective stream's pool when
+        // freed: that stream waits for this copy before anything reuses it.
+        const int device = result.value.device().index;
+        CudaEvent taken(device);
+        taken.Record(CurrentCudaStream(device));
+        taken.Wait(CollectiveStream(device));
+      }
+    });
     if (copied.ok()) return copied;
     return absl::Status(copied.code(), absl::StrCat(op, " on rank ", rank_,
                                                     ": ", copied.message()));

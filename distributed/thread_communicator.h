@@ -1,7 +1,6 @@
 // The threads backend of the communicator: k ranks as threads of one process,
-// for CPU tensors (the copies go through lc::CopyBytes, so contiguous tensors
-// on any device move the same way). RunRanks is how tests and CPU users run a
-// function on k ranks.
+// for CPU tensors or CUDA tensors (of one device or several). RunRanks is how
+// tests and users run a function on k ranks, e.g. k ranks on one GPU.
 //
 // Point-to-point: a group holds, per (src, dst, tag), FIFO queues of posted
 // sends and receives. When a send and a receive match, whichever was posted
@@ -9,8 +8,24 @@
 // tensor (no staging buffer: each transfer has its own pair of tensors, so
 // messages in flight never share memory); both Works complete after the copy.
 // As with NCCL and MPI, the send tensor must stay valid and unchanged, and the
-// receive tensor unread, until the Work completes. A shape or dtype mismatch
-// fails both sides with InvalidArgument naming both tensors.
+// receive tensor unread, until the Work completes. A shape or dtype mismatch,
+// or a CPU tensor matched with a CUDA one, fails both sides with
+// InvalidArgument naming both tensors.
+//
+// CUDA tensors: a Send or Recv records an event on the poster's current
+// stream (CurrentCudaStream of the tensor's device): the send tensor's
+// producers, the receive buffer's last readers. The matching thread queues
+// the copy (cudaMemcpyAsync, device to device, between devices a peer copy)
+// on a copy stream of the sending rank (one per rank index and receiving
+// device, apart from every rank's compute, kept for the life of the
+// process), after both events, and records a
+// `copied` event; no host thread waits for the GPU. Work::Wait returns once
+// the copy is queued and makes the waiting thread's current stream wait for
+// it on the device: work queued there afterwards (reading the received
+// tensor, overwriting or freeing the sent one) follows the copy, while
+// compute queued before it overlaps the copy. The caching allocator is told
+// (RecordStream) that both blocks are in use on the copy stream, so neither
+// is reused before the copy ends.
 //
 // Waiting: Work::Wait and every collective wait at most the group's timeout
 // for the peers; past it they return DeadlineExceeded naming the op, rank,
@@ -28,7 +43,20 @@
 // including, when it finally arrives, the late one; later collectives stay
 // aligned. AllReduceSum adds in rank order 0, 1, ..., k-1 in float64 for
 // floating dtypes (in int64 for int64; uint8 is not supported) and rounds
-// once, so the result is bit-identical on every rank and every run.
+// once, so the result is bit-identical on every rank and every run, and on
+// CUDA to the CPU's.
+//
+// Collectives of CUDA tensors (every rank's on a CUDA device; a mix of CPU
+// and CUDA tensors is InvalidArgument on every rank) stay on the GPU: each
+// rank records an event after its tensor's producers; the last rank to
+// arrive queues the collective on the collective stream of rank 0's device
+// (one per device, kept for the life of the process; inputs of other
+// devices are copied there), after every event: the float64
+// sum in rank order (int64 sums on the host, after waiting for the inputs),
+// the gathered stack or the root's copy. Each rank's current streams (of its
+// tensors' devices) then wait for that on the device and copy the result
+// into its tensor: the call returns without waiting for the GPU, and work
+// the rank queues afterwards sees the result.
 //
 // Stats: a completed point-to-point transfer counts one message and its bytes
 // on the sender (sent) and the receiver (received). Collectives count as a

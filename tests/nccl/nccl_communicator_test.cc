@@ -1,8 +1,9 @@
 // The NCCL backend. Argument checks run everywhere; the rest needs GPUs and
 // skips itself without them (with LC_REQUIRE_GPU=1 in the environment a
 // machine with no GPU fails instead): one GPU for the world-size-1
-// communicator, two or more for RunNcclRanks and for one process per rank
-// (this binary re-executed with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+// communicator (and ring attention over it), two or more for RunNcclRanks
+// and for one process per rank (this binary re-executed with RANK,
+// WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 #include "distributed/nccl_communicator.h"
 
 #include <netinet/in.h>
@@ -13,7 +14,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -21,7 +24,12 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "attention/attention.h"
+#include "attention/pattern.h"
+#include "attention/ring_attention.h"
+#include "core/autograd.h"
 #include "core/cuda.h"
+#include "core/random.h"
 #include "core/status.h"
 #include "core/tensor.h"
 #include "gtest/gtest.h"
@@ -304,6 +312,85 @@ TEST_F(NcclTest, AbortCarriesTheReason) {
   EXPECT_EQ(late.status().code(), absl::StatusCode::kAborted);
   c.reset();
   EXPECT_EQ((*recv)->Wait().code(), absl::StatusCode::kAborted);
+}
+
+// Ring attention over a world of one NCCL rank on CUDA tensors (no K/V
+// travels: the one rank holds every chunk) equals single-rank Attention,
+// forward and backward, in float32 and in bfloat16 (computed natively), for
+// dense and for causal dilated attention (all heads: two patterns per head).
+TEST_F(NcclTest, RingAttentionOfOneRankEqualsAttention) {
+  auto c = Solo();
+  ASSERT_NE(c, nullptr);
+  const int64_t batch = 2, n = 97, heads = 4, head_dim = 64;
+  AttentionPattern dense;
+  dense.head_patterns.assign(heads, {DensePattern(n)});
+  DilatedOptions dilated_options;
+  dilated_options.segment_lengths = {32, n};
+  dilated_options.dilation_rates = {1, 4};
+  dilated_options.head_layout = HeadLayout::kAllHeads;
+  AttentionPattern dilated;
+  dilated.head_patterns = *DilatedHeadPatterns(dilated_options, heads);
+  for (const AttentionPattern* pattern : {&dense, &dilated}) {
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+      SCOPED_TRACE(absl::StrCat(pattern == &dense ? "dense" : "dilated", ", ",
+                                DTypeName(dtype)));
+      Generator gen(7);
+      const Shape shape = {batch, n, heads, head_dim};
+      std::vector<Tensor> inputs;
+      for (int i = 0; i < 4; ++i) {
+        inputs.push_back(
+            Randn(shape, gen, DType::kFloat32).to(dtype).to(Device::Cuda(0)));
+      }
+      const Tensor grad_lse =
+          Randn({batch, heads, n}, gen, DType::kFloat32).to(Device::Cuda(0));
+      AttentionOptions options;
+      options.causal = pattern == &dilated;
+      // out, lse and the gradients of q, k, v of `attend` on fresh leaves.
+      const auto run =
+          [&](const std::function<AttentionResult(const Tensor&, const Tensor&,
+                                                  const Tensor&)>& attend) {
+            std::vector<Tensor> leaves;
+            for (int i = 0; i < 3; ++i) {
+              leaves.push_back(inputs[i].detach().set_requires_grad(true));
+            }
+            const AttentionResult r = attend(leaves[0], leaves[1], leaves[2]);
+            Backward({r.out, r.lse}, {inputs[3], grad_lse});
+            return std::vector<Tensor>{r.out, r.lse, leaves[0].grad(),
+                                       leaves[1].grad(), leaves[2].grad()};
+          };
+      const std::vector<Tensor> want =
+          run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+            return Attention(q, k, v, *pattern, options);
+          });
+      const std::vector<Tensor> got =
+          run([&](const Tensor& q, const Tensor& k, const Tensor& v) {
+            return RingAttention(*c, q, k, v, n, *pattern, options);
+          });
+      // float32: the same kernels on the same tiles; bfloat16: out and the
+      // gradients are rounded from float32 accumulators instead of written
+      // once, a difference of at most one bfloat16 rounding.
+      const double tol = dtype == DType::kFloat32 ? 1e-5 : 2e-2;
+      const char* names[] = {"out", "lse", "grad q", "grad k", "grad v"};
+      for (int i = 0; i < 5; ++i) {
+        ASSERT_EQ(got[i].device(), Device::Cuda(0)) << names[i];
+        ASSERT_EQ(got[i].dtype(), want[i].dtype()) << names[i];
+        const std::vector<double> a = Host(got[i]), e = Host(want[i]);
+        ASSERT_EQ(a.size(), e.size()) << names[i];
+        double diff = 0, norm = 0;
+        for (size_t j = 0; j < a.size(); ++j) {
+          if (std::isinf(e[j])) {
+            EXPECT_EQ(a[j], e[j]) << names[i] << " element " << j;
+            continue;
+          }
+          diff += (a[j] - e[j]) * (a[j] - e[j]);
+          norm += e[j] * e[j];
+        }
+        EXPECT_LE(std::sqrt(diff), tol * std::sqrt(norm)) << names[i];
+      }
+    }
+  }
+  // Nothing travelled.
+  EXPECT_EQ(c->stats().bytes_sent, 0);
 }
 
 TEST_F(NcclTest, RankThatNeverJoinsIsADeadlineWithinTheTimeout) {
