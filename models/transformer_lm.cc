@@ -1,13 +1,16 @@
 #include "models/transformer_lm.h"
 
 #include <cmath>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
 #include "core/checkpoint.h"
+#include "core/cuda.h"
 #include "core/status.h"
 #include "distributed/sequence_parallel.h"
 #include "ops/activation.h"
@@ -44,6 +47,19 @@ Tensor ApplyNorm(const Module& norm, const Tensor& x) {
     return ln->Forward(x);
   }
   return static_cast<const nn::RMSNorm&>(norm).Forward(x);
+}
+
+// Moves every parameter of `module` to `device` in place, like PyTorch's
+// param.data = param.data.to(device): each keeps its TensorImpl (which the
+// modules hold and the optimizer will) and gets its storage replaced by a
+// copy on `device`.
+void MoveParametersTo(const Module& module, Device device) {
+  for (const Tensor& param : module.Parameters()) {
+    if (param.device() == device) continue;
+    LC_CHECK(param.is_contiguous() && param.offset() == 0)
+        << "a freshly made parameter is dense";
+    param.impl().storage = param.detach().to(device).storage();
+  }
 }
 
 }  // namespace
@@ -114,7 +130,31 @@ class BlockList : public Module {
   int64_t size_ = 0;
 };
 
+// The blocks and the final norm in config.dtype, under the names of the
+// model's own (blocks.0.attn.q_proj.weight, ..., final_norm.weight). Their
+// initial values do not matter: Forward overwrites them from the masters.
+class ComputeTwins : public Module {
+ public:
+  explicit ComputeTwins(const TransformerConfig& config) {
+    Generator unused(0);
+    auto list = RegisterModule("blocks", std::make_shared<BlockList>());
+    for (int64_t i = 0; i < config.num_layers; ++i) {
+      blocks.push_back(std::make_shared<TransformerBlock>(config, unused));
+      list->Append(blocks.back());
+    }
+    final_norm = RegisterModule("final_norm", MakeNorm(config));
+    MoveParametersTo(*this, config.device);
+  }
+
+  std::vector<std::shared_ptr<TransformerBlock>> blocks;
+  std::shared_ptr<Module> final_norm;
+};
+
 }  // namespace models_internal
+
+DType ParameterDType(const TransformerConfig& config) {
+  return config.dtype == DType::kBFloat16 ? DType::kFloat32 : config.dtype;
+}
 
 absl::Status ValidateTransformerConfig(const TransformerConfig& config) {
   auto invalid = [](auto&&... pieces) {
@@ -158,6 +198,11 @@ absl::Status ValidateTransformerConfig(const TransformerConfig& config) {
     return invalid("dtype ", DTypeName(config.dtype),
                    " (expected float32, float64 or bfloat16)");
   }
+  if (config.device.is_cuda() &&
+      (config.device.index < 0 || config.device.index >= CudaDeviceCount())) {
+    return invalid("device ", config.device.ToString(), " (this machine has ",
+                   CudaDeviceCount(), " CUDA devices)");
+  }
   if (!config.attention.causal) {
     return invalid(
         "attention.causal false (a language model needs causal attention)");
@@ -188,24 +233,59 @@ absl::StatusOr<std::shared_ptr<TransformerLM>> TransformerLM::Create(
 
 TransformerLM::TransformerLM(const TransformerConfig& config, Generator& gen)
     : config_(config) {
+  // The parameters, initialized on the CPU in their own dtype.
+  TransformerConfig master = config;
+  master.dtype = ParameterDType(config);
+  master.device = Device::Cpu();
   embed_ = RegisterModule(
       "embed", std::make_shared<nn::Embedding>(
-                   config.vocab_size, config.d_model, gen, config.dtype));
+                   master.vocab_size, master.d_model, gen, master.dtype));
   models_internal::NormalInit(embed_->weight(), models_internal::kInitStd, gen);
   auto blocks =
       RegisterModule("blocks", std::make_shared<models_internal::BlockList>());
-  for (int64_t i = 0; i < config.num_layers; ++i) {
+  for (int64_t i = 0; i < master.num_layers; ++i) {
     blocks_.push_back(
-        std::make_shared<models_internal::TransformerBlock>(config, gen));
+        std::make_shared<models_internal::TransformerBlock>(master, gen));
     blocks->Append(blocks_.back());
   }
-  final_norm_ = RegisterModule("final_norm", models_internal::MakeNorm(config));
-  if (!config.tied_embeddings) {
+  final_norm_ = RegisterModule("final_norm", models_internal::MakeNorm(master));
+  if (!master.tied_embeddings) {
     lm_head_ = RegisterModule("lm_head", std::make_shared<nn::Linear>(
-                                             config.d_model, config.vocab_size,
-                                             false, gen, config.dtype));
+                                             master.d_model, master.vocab_size,
+                                             false, gen, master.dtype));
     models_internal::NormalInit(lm_head_->weight(), models_internal::kInitStd,
                                 gen);
+  }
+  models_internal::MoveParametersTo(*this, config.device);
+  const Tensor& head =
+      lm_head_ != nullptr ? lm_head_->weight() : embed_->weight();
+  if (config.dtype == master.dtype) {
+    run_blocks_ = blocks_;
+    run_final_norm_ = final_norm_;
+    run_head_ = head;
+    return;
+  }
+  twins_ = std::make_shared<models_internal::ComputeTwins>(config);
+  const std::map<std::string, Tensor> masters = StateDict();
+  for (const auto& [name, twin] : twins_->NamedParameters()) {
+    twin_of_.emplace_back(masters.at(name), twin);
+  }
+  run_head_ = Empty(head.shape(), config.dtype, config.device);
+  twin_of_.emplace_back(head, run_head_);
+  run_blocks_ = twins_->blocks;
+  run_final_norm_ = twins_->final_norm;
+}
+
+void TransformerLM::RefreshTwins() const {
+  twins_->Train(is_training());
+  for (const auto& [master, twin] : twin_of_) {
+    CopyInto(twin, master);
+    if (!GradEnabled()) continue;
+    Tensor output = twin;  // shares the twin's TensorImpl
+    RecordOp("MasterWeightCast", {master}, {&output},
+             [dtype = master.dtype()](const Tensors& g) -> Tensors {
+               return {g[0].to(dtype)};
+             });
   }
 }
 
@@ -232,17 +312,14 @@ Tensor TransformerLM::Forward(const Tensor& tokens,
              "TransformerLM: tokens of shape ",
              tokens.defined() ? ShapeToString(tokens.shape()) : "undefined",
              " (expected int64 [batch, n_local])");
-  CheckIndexTensor("TransformerLM", "tokens", tokens);
-  {
-    const Tensor ids = tokens.contiguous();
-    const int64_t* data = ids.data<int64_t>();
-    for (int64_t i = 0; i < ids.numel(); ++i) {
-      LC_REQUIRE(data[i] >= 0 && data[i] < config_.vocab_size,
-                 "TransformerLM: token id ", data[i], " at [",
-                 i / tokens.size(1), ", ", i % tokens.size(1),
-                 "] is out of range (expected 0 <= id < vocab_size = ",
-                 config_.vocab_size, ")");
-    }
+  CheckIndexTensor("TransformerLM", "tokens", tokens, config_.device);
+  if (const std::optional<IndexAt> bad =
+          FindInvalidIndex(tokens, config_.vocab_size)) {
+    ThrowInvalidArgument("TransformerLM: token id ", bad->value, " at [",
+                         bad->position / tokens.size(1), ", ",
+                         bad->position % tokens.size(1),
+                         "] is out of range (expected 0 <= id < vocab_size = ",
+                         config_.vocab_size, ")");
   }
   const int64_t n_local = tokens.size(1);
   if (sp == nullptr) {
@@ -268,14 +345,15 @@ Tensor TransformerLM::Forward(const Tensor& tokens,
                config_.context, " in the ",
                SequenceLayoutName(config_.attention.layout), " layout)");
   }
-  const Tensor positions = Positions(n_local, sp);
+  const Tensor positions = Positions(n_local, sp).to(config_.device);
   // A copy, so that recomputation in backward does not read a context the
   // caller has since dropped (its communicator must still be alive).
   std::optional<SequenceParallelContext> sp_copy;
   if (sp != nullptr) sp_copy = *sp;
 
-  Tensor x = embed_->Forward(tokens);
-  for (const auto& block : blocks_) {
+  if (twins_ != nullptr) RefreshTwins();
+  Tensor x = embed_->Forward(tokens.to(config_.device)).to(config_.dtype);
+  for (const auto& block : run_blocks_) {
     if (config_.recompute && GradEnabled()) {
       x = Checkpoint(
           [block, positions, sp_copy](const Tensors& in) -> Tensors {
@@ -287,10 +365,8 @@ Tensor TransformerLM::Forward(const Tensor& tokens,
       x = block->Forward(x, positions, sp);
     }
   }
-  x = models_internal::ApplyNorm(*final_norm_, x);
-  const Tensor& head =
-      lm_head_ != nullptr ? lm_head_->weight() : embed_->weight();
-  return Linear(x, head, Tensor());
+  x = models_internal::ApplyNorm(*run_final_norm_, x);
+  return Linear(x, run_head_, Tensor());
 }
 
 Tensor TransformerLM::Loss(const Tensor& tokens, const Tensor& targets,
@@ -303,9 +379,10 @@ Tensor TransformerLM::Loss(const Tensor& tokens, const Tensor& targets,
              " (expected the tokens' shape ",
              tokens.defined() ? ShapeToString(tokens.shape()) : "undefined",
              ")");
-  CheckIndexTensor("TransformerLM::Loss", "targets", targets);
+  CheckIndexTensor("TransformerLM::Loss", "targets", targets, config_.device);
+  const Tensor host_targets = targets.to(Device::Cpu());
   int64_t local_count = 0;
-  for (double t : targets.ToVector()) {
+  for (double t : host_targets.ToVector()) {
     if (t == -100) continue;
     LC_REQUIRE(t >= 0 && t < config_.vocab_size, "TransformerLM::Loss: target ",
                static_cast<int64_t>(t),
@@ -316,10 +393,12 @@ Tensor TransformerLM::Loss(const Tensor& tokens, const Tensor& targets,
   LC_REQUIRE(global_count >= local_count, "TransformerLM::Loss: global_count ",
              global_count, " is less than this rank's ", local_count,
              " non-ignored targets (expected the count over all ranks)");
-  const Tensor logits = Forward(tokens, sp);
+  Tensor logits = Forward(tokens, sp);
+  if (logits.dtype() == DType::kBFloat16) logits = logits.to(DType::kFloat32);
   const int64_t rows = logits.size(0) * logits.size(1);
-  const Tensor mean = CrossEntropy(logits.reshape({rows, config_.vocab_size}),
-                                   targets.reshape({rows}), -100);
+  const Tensor mean =
+      CrossEntropy(logits.reshape({rows, config_.vocab_size}),
+                   targets.to(config_.device).reshape({rows}), -100);
   // mean = sum / local_count (0 when every target is ignored).
   const double weight =
       global_count > 0 ? static_cast<double>(local_count) / global_count : 0;

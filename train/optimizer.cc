@@ -1,6 +1,7 @@
 #include "train/optimizer.h"
 
 #include <cmath>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -8,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "core/autograd.h"
 #include "core/status.h"
+#include "train/optimizer_cuda.h"
 
 namespace lc {
 namespace {
@@ -91,10 +93,18 @@ absl::StatusOr<AdamW> AdamW::Create(
           "AdamW: parameter ", name, " is ", DTypeName(param.dtype()),
           " (expected float32 or float64 master weights)"));
     }
-    if (!param.device().is_cpu()) {
+    if (param.device() != params.front().second.device()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("AdamW: parameter ", name, " is on ",
+                       param.device().ToString(), " but ", params.front().first,
+                       " on ", params.front().second.device().ToString(),
+                       " (expected every parameter on one device)"));
+    }
+    if (param.device().is_cuda() && param.dtype() != DType::kFloat32) {
       return absl::UnimplementedError(absl::StrCat(
-          "AdamW: parameter ", name, " is on ", param.device().ToString(),
-          "; only CPU parameters are supported so far"));
+          "AdamW: parameter ", name, " is ", DTypeName(param.dtype()), " on ",
+          param.device().ToString(),
+          " (the CUDA AdamW takes float32 master weights)"));
     }
     if (!param.is_contiguous()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -106,13 +116,14 @@ absl::StatusOr<AdamW> AdamW::Create(
 
 AdamW::AdamW(std::vector<std::pair<std::string, Tensor>> params,
              const AdamWOptions& options)
-    : options_(options) {
+    : device_(params.empty() ? Device::Cpu() : params.front().second.device()),
+      options_(options) {
   for (auto& [name, param] : params) {
     ParamState state;
     state.name = name;
     state.param = param;
-    state.m = Zeros(param.shape(), param.dtype());
-    state.v = Zeros(param.shape(), param.dtype());
+    state.m = Zeros(param.shape(), param.dtype(), device_);
+    state.v = Zeros(param.shape(), param.dtype(), device_);
     state.decay = options.decay_vectors || param.dim() >= 2;
     params_.push_back(std::move(state));
   }
@@ -125,19 +136,28 @@ void AdamW::Step(double lr) {
   const double bias_correction2 = 1 - std::pow(options_.beta2, t);
   const double step_size = lr / bias_correction1;
   const double bias_correction2_sqrt = std::sqrt(bias_correction2);
+  std::vector<MultiTensorEntry> cuda_entries;
+  std::vector<Tensor> cuda_grads;  // alive until the kernels are queued
   for (ParamState& state : params_) {
     const Tensor grad_tensor = state.param.grad();
     if (!grad_tensor.defined()) continue;
     LC_REQUIRE(grad_tensor.shape() == state.param.shape() &&
-                   grad_tensor.dtype() == state.param.dtype(),
+                   grad_tensor.dtype() == state.param.dtype() &&
+                   grad_tensor.device() == device_,
                "AdamW: the gradient of ", state.name, " is ",
                DTypeName(grad_tensor.dtype()), " ",
-               ShapeToString(grad_tensor.shape()), ", expected ",
+               ShapeToString(grad_tensor.shape()), " on ",
+               grad_tensor.device().ToString(), ", expected ",
                DTypeName(state.param.dtype()), " ",
-               ShapeToString(state.param.shape()));
+               ShapeToString(state.param.shape()), " on ", device_.ToString());
     const Tensor grad = grad_tensor.contiguous();
     const double decay = state.decay ? 1 - lr * options_.weight_decay : 1.0;
-    if (state.param.dtype() == DType::kFloat32) {
+    if (device_.is_cuda()) {
+      cuda_entries.push_back({state.param.data<float>(), grad.data<float>(),
+                              state.m.data<float>(), state.v.data<float>(),
+                              state.param.numel(), decay});
+      cuda_grads.push_back(grad);
+    } else if (state.param.dtype() == DType::kFloat32) {
       UpdateParameter<float>(state.param.data<float>(), state.m.data<float>(),
                              state.v.data<float>(), grad.data<float>(),
                              state.param.numel(), decay, options_.beta1,
@@ -150,6 +170,11 @@ void AdamW::Step(double lr) {
                               options_.beta1, options_.beta2, step_size,
                               bias_correction2_sqrt, options_.eps);
     }
+  }
+  if (!cuda_entries.empty()) {
+    AdamWStepCuda(device_.index, cuda_entries,
+                  {options_.beta1, options_.beta2, options_.eps, step_size,
+                   bias_correction2_sqrt});
   }
 }
 
@@ -203,22 +228,50 @@ absl::Status AdamW::LoadStateDict(const std::map<std::string, Tensor>& state) {
 
 absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
                                     double max_norm, Communicator* comm) {
-  double sum_of_squares = 0;
+  std::optional<Device> device;  // of the gradients
   for (const Tensor& param : params) {
     const Tensor grad = param.grad();
     if (!grad.defined()) continue;
-    if (!grad.device().is_cpu()) {
-      return absl::UnimplementedError(
-          "ClipGradNorm: only CPU gradients are supported so far");
+    if (!device) device = grad.device();
+    if (grad.device() != *device) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ClipGradNorm: gradients on ", device->ToString(), " and ",
+          grad.device().ToString(), " (expected one device)"));
     }
-    if (grad.dtype() == DType::kFloat32) {
-      sum_of_squares += SumOfSquares<float>(grad);
-    } else if (grad.dtype() == DType::kFloat64) {
-      sum_of_squares += SumOfSquares<double>(grad);
-    } else {
+    const bool supported =
+        grad.dtype() == DType::kFloat32 ||
+        (grad.dtype() == DType::kFloat64 && device->is_cpu());
+    if (!supported) {
       return absl::InvalidArgumentError(
           absl::StrCat("ClipGradNorm: a gradient is ", DTypeName(grad.dtype()),
-                       " (expected float32/64)"));
+                       " on ", device->ToString(),
+                       " (expected float32/64 on the CPU, float32 on CUDA)"));
+    }
+  }
+  const bool cuda = device && device->is_cuda();
+  std::vector<MultiTensorEntry> cuda_entries;
+  double sum_of_squares = 0;
+  if (cuda) {
+    for (const Tensor& param : params) {
+      Tensor grad = param.grad();
+      if (!grad.defined()) continue;
+      if (!grad.is_contiguous()) {
+        grad = grad.contiguous();
+        param.set_grad(grad);
+      }
+      MultiTensorEntry entry;
+      entry.grad = grad.data<float>();
+      entry.numel = grad.numel();
+      cuda_entries.push_back(entry);
+    }
+    sum_of_squares = SumOfSquaresCuda(device->index, cuda_entries);
+  } else {
+    for (const Tensor& param : params) {
+      const Tensor grad = param.grad();
+      if (!grad.defined()) continue;
+      sum_of_squares += grad.dtype() == DType::kFloat32
+                            ? SumOfSquares<float>(grad)
+                            : SumOfSquares<double>(grad);
     }
   }
   const double norm = std::sqrt(sum_of_squares);
@@ -238,6 +291,10 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
   }
   if (max_norm > 0 && norm > max_norm) {
     const double factor = max_norm / (norm + 1e-6);
+    if (cuda) {
+      ScaleCuda(device->index, cuda_entries, factor);
+      return norm;
+    }
     NoGradGuard no_grad;
     for (const Tensor& param : params) {
       Tensor grad = param.grad();

@@ -1,7 +1,8 @@
 // Optimization for training: AdamW (decoupled weight decay, bias
 // correction; its state round-trips through a state dict for checkpoints) and
 // global-norm gradient clipping that every rank of a sequence-parallel group
-// applies identically.
+// applies identically. On the CPU and on a CUDA device, where both run as
+// multi-tensor kernels (train/optimizer_cuda.h) with the CPU's arithmetic.
 #ifndef LONGCTX_TRAIN_OPTIMIZER_H_
 #define LONGCTX_TRAIN_OPTIMIZER_H_
 
@@ -29,9 +30,12 @@ struct AdamWOptions {
 };
 
 // AdamW as torch.optim.AdamW computes it. The parameters are the master
-// weights (float32 or float64 CPU leaves, updated in place); the moments m
-// and v have the parameter's dtype. For step t = 1, 2, ... and each parameter
-// p with gradient g (elementwise, in float64, rounded once to p's dtype):
+// weights (leaves updated in place: float32 or float64 on the CPU, float32 on
+// one CUDA device); the moments m and v have the parameter's dtype and
+// device. On CUDA one fused kernel launch updates up to 48 tensors at once,
+// with the same float64 arithmetic as the CPU loop (equal results). For step t
+// = 1, 2, ... and each parameter p with gradient g (elementwise, in float64,
+// rounded once to p's dtype):
 //   p <- p * (1 - lr * weight_decay)            (decoupled; only decayed p)
 //   m <- beta1 * m + (1 - beta1) * g
 //   v <- beta2 * v + (1 - beta2) * g^2
@@ -41,16 +45,16 @@ struct AdamWOptions {
 class AdamW {
  public:
   // `params` with their names (Module::NamedParameters()); the names key the
-  // state dict. Errors: duplicate names, non-floating or non-CPU or
-  // non-contiguous parameters, betas outside [0, 1), eps <= 0, negative
-  // weight decay.
+  // state dict. Errors: duplicate names, non-floating or non-contiguous
+  // parameters, parameters on several devices, float64 on CUDA, betas
+  // outside [0, 1), eps <= 0, negative weight decay.
   static absl::StatusOr<AdamW> Create(
       std::vector<std::pair<std::string, Tensor>> params,
       const AdamWOptions& options = {});
 
   // One update of every parameter with a gradient, at learning rate `lr`.
-  // Throws lc::Error for a gradient whose shape or dtype differs from its
-  // parameter's.
+  // Throws lc::Error for a gradient whose shape, dtype or device differs from
+  // its parameter's.
   void Step(double lr);
 
   // Updates done so far (t of the last Step).
@@ -58,8 +62,8 @@ class AdamW {
   const AdamWOptions& options() const { return options_; }
 
   // The optimizer state: "optimizer.m.<param name>" and
-  // "optimizer.v.<param name>" (the moments, views of the live state) and
-  // "optimizer.step" (int64 scalar).
+  // "optimizer.v.<param name>" (the moments, views of the live state, on the
+  // parameters' device) and "optimizer.step" (int64 CPU scalar).
   std::map<std::string, Tensor> StateDict() const;
   // Restores a state written by StateDict() (extra keys without the
   // "optimizer." prefix are ignored, so a whole checkpoint can be passed).
@@ -79,6 +83,7 @@ class AdamW {
     bool decay = true;
   };
   std::vector<ParamState> params_;
+  Device device_;  // of every parameter
   AdamWOptions options_;
   int64_t step_count_ = 0;
 };
@@ -87,7 +92,10 @@ class AdamW {
 // at most `max_norm` (coefficient max_norm / (norm + 1e-6) when the norm
 // exceeds max_norm, as torch.nn.utils.clip_grad_norm_), and returns the norm
 // before clipping. max_norm <= 0 only measures. Parameters without a .grad
-// count as zero.
+// count as zero. Gradients: float32/float64 on the CPU, or float32 on one
+// CUDA device, where the norm is a multi-tensor reduction in a fixed order
+// (bit-identical on every run) and reading it is the call's one wait for the
+// device.
 //
 // Across ranks: call it after AllReduceGradients, when every rank holds the
 // same summed gradients. The norm (a float64 sum of squares over the

@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "core/autograd.h"
+#include "core/cuda.h"
 #include "core/memory.h"
 #include "core/random.h"
 #include "core/status.h"
@@ -164,7 +165,7 @@ class Reporter {
     const int64_t done = record.step - first_step_;
     const double eta = done > 0 ? elapsed / done * (last_step_ - record.step)
                                 : std::numeric_limits<double>::quiet_NaN();
-    const int64_t peak = DeviceMemoryStats(Device::Cpu()).peak_bytes;
+    const int64_t peak = DeviceMemoryStats(options_.model.device).peak_bytes;
     const std::string text = absl::StrFormat(
         "step %*d/%d | loss %.4f | lr %.2e | %s tok/s | %s elapsed, ETA %s | "
         "peak %s",
@@ -272,10 +273,15 @@ struct RankState {
   int64_t step = 0;
 };
 
+// The state a checkpoint holds, on the CPU (views of the live state when the
+// model is there, copies otherwise), without autograd history.
 std::map<std::string, Tensor> CollectState(const RankState& state) {
-  std::map<std::string, Tensor> tensors = state.model->StateDict();
+  std::map<std::string, Tensor> tensors;
+  for (auto& [name, tensor] : state.model->StateDict()) {
+    tensors[name] = tensor.detach().to(Device::Cpu());
+  }
   for (auto& [name, tensor] : state.optimizer->StateDict()) {
-    tensors[name] = tensor;
+    tensors[name] = tensor.detach().to(Device::Cpu());
   }
   tensors[kDropoutOffsetKey] = FromVector(
       {static_cast<double>(DefaultGenerator().offset())}, {}, DType::kInt64);
@@ -352,12 +358,17 @@ absl::StatusOr<EvalResult> Evaluate(const TrainOptions& options,
       const Batch batch = data.MakeBatch(options.batch, e, DataSplit::kEval);
       const Tensor tokens = SplitSequence(batch.tokens, k, rank, layout);
       const Tensor targets = SplitSequence(batch.targets, k, rank, layout);
-      const Tensor logits = state.model->Forward(tokens, sp_ptr);
+      Tensor logits = state.model->Forward(tokens, sp_ptr);
+      if (logits.dtype() == DType::kBFloat16) {
+        logits = logits.to(DType::kFloat32);
+      }
       const int64_t rows = logits.size(0) * logits.size(1);
       const int64_t scored = CountScored(targets);
-      const double mean = CrossEntropy(logits.reshape({rows, logits.size(2)}),
-                                       targets.reshape({rows}), -100)
-                              .item();
+      const double mean =
+          CrossEntropy(logits.reshape({rows, logits.size(2)}),
+                       targets.to(logits.device()).reshape({rows}), -100)
+              .item();
+      logits = logits.to(Device::Cpu());  // read below element by element
       sums[0] += mean * scored;
       sums[1] += scored;
       for (const Answer& answer : batch.answers) {
@@ -433,16 +444,18 @@ absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
   LC_RETURN_IF_ERROR(comm.AllReduceSum(count));
   const int64_t global_count = static_cast<int64_t>(count.item());
 
-  double local_loss = 0;
+  Tensor loss_tensor;
   LC_RETURN_IF_ERROR(StatusFromCall([&] {
-    const Tensor loss =
-        state.model->Loss(tokens, targets, global_count, sp_ptr);
-    local_loss = loss.item();
-    loss.backward();
+    loss_tensor = state.model->Loss(tokens, targets, global_count, sp_ptr);
+    loss_tensor.backward();
   }));
-  LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
+  if (k > 1) LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
+  // On CUDA, reading the norm is the step's one wait for the device; the
+  // loss, computed before it, is then ready to read.
   LC_ASSIGN_OR_RETURN(const double norm,
                       ClipGradNorm(state.params, options.clip, &comm));
+  double local_loss = 0;
+  LC_RETURN_IF_ERROR(StatusFromCall([&] { local_loss = loss_tensor.item(); }));
   *lr = LearningRate(schedule, state.step);
   LC_RETURN_IF_ERROR(StatusFromCall([&] { state.optimizer->Step(*lr); }));
   state.model->ZeroGrad();
@@ -500,6 +513,10 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
                           ? options.threads
                           : std::max(1, omp_get_num_procs() / ranks));
 #endif
+  if (options.model.device.is_cuda()) {
+    LC_RETURN_IF_ERROR(
+        StatusFromCall([&] { SetCudaDevice(options.model.device.index); }));
+  }
   RankState state;
   Generator init(options.seed);
   LC_ASSIGN_OR_RETURN(state.model, TransformerLM::Create(options.model, init));
@@ -521,12 +538,14 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
     for (const Tensor& p : state.params) num_params += p.numel();
     run.reporter->Line(absl::StrFormat(
         "model: %d parameters (d_model %d, %d layers, %d heads, %s attention, "
-        "segments %s, rates %s), context %d, batch %d, %d rank%s",
+        "segments %s, rates %s), context %d, batch %d, %d rank%s, %s %s%s",
         num_params, m.d_model, m.num_layers, m.num_heads,
         AttentionTypeName(m.attention.type),
         absl::StrJoin(m.attention.dilated.segment_lengths, ","),
         absl::StrJoin(m.attention.dilated.dilation_rates, ","), m.context,
-        options.batch, ranks, ranks > 1 ? "s" : ""));
+        options.batch, ranks, ranks > 1 ? "s" : "", m.device.ToString(),
+        DTypeName(m.dtype),
+        m.dtype != ParameterDType(m) ? " with float32 master weights" : ""));
     run.reporter->Line(absl::StrCat("data: ", run.data.Describe()));
     if (run.checkpoint != nullptr) {
       run.reporter->Line(absl::StrCat("resumed from ", run.checkpoint_path,
@@ -720,7 +739,7 @@ absl::StatusOr<TrainResult> Train(const TrainOptions& options) {
   TrainResult result;
   run.reporter = &reporter;
   run.result = &result;
-  DeviceMemoryTracker(Device::Cpu()).Reset();
+  DeviceMemoryTracker(options.model.device).Reset();
   const Clock::time_point start = Clock::now();
   const absl::Status status =
       RunRanks(static_cast<int>(options.model.attention.ranks),
@@ -728,7 +747,7 @@ absl::StatusOr<TrainResult> Train(const TrainOptions& options) {
   reporter.EndInPlace();
   LC_RETURN_IF_ERROR(status);
   result.seconds = Seconds(start);
-  result.peak_bytes = DeviceMemoryStats(Device::Cpu()).peak_bytes;
+  result.peak_bytes = DeviceMemoryStats(options.model.device).peak_bytes;
   return result;
 }
 

@@ -8,6 +8,14 @@
 // The logged loss is the all-reduced sum of the rank losses and equals the
 // one-rank loss up to float32 reassociation. Also: evaluation by distance,
 // progress lines, JSONL metrics and checkpoints with exact resume.
+//
+// On a CUDA device (model.device) the model, its gradients and the optimizer
+// state live there and the optimizer is the fused multi-tensor AdamW; each
+// step's batch is made on the CPU and copied over, and besides that copy the
+// step waits for the device once, to read the gradient norm (and the loss
+// with it).
+// model.dtype bfloat16 trains in mixed precision (float32 master weights
+// and AdamW state, bfloat16 compute; models/transformer_lm.h).
 #ifndef LONGCTX_TRAIN_TRAINER_H_
 #define LONGCTX_TRAIN_TRAINER_H_
 
@@ -37,8 +45,8 @@ struct StepRecord {
 
 struct TrainOptions {
   // The model; model.attention.ranks is the number of thread ranks (more
-  // than one needs a ring attention type) and model.context the sequence
-  // length.
+  // than one needs a ring attention type), model.context the sequence
+  // length, model.device and model.dtype where and in what it computes.
   TransformerConfig model;
   DataOptions data;     // data.context must equal model.context
   int64_t steps = 300;  // optimizer steps of the whole run (the schedule's)
@@ -129,10 +137,12 @@ struct TrainResult {
   // identical), as a checkpoint would hold them.
   std::map<std::string, Tensor> final_state;
   double seconds = 0;
-  int64_t peak_bytes = 0;  // CPU peak over the run, all ranks
+  int64_t peak_bytes = 0;  // peak tensor memory of model.device, all ranks
 };
 
-// Runs the training (resetting the CPU memory tracker's peak at the start).
+// Runs the training (resetting the peak of model.device's memory tracker at
+// the start). Checkpoints hold CPU copies of the state, with the same names
+// on every device: a run on one device can resume on another.
 // Errors: invalid options, a checkpoint that is missing, corrupt or from
 // another configuration, files that cannot be written, a rank that fails.
 absl::StatusOr<TrainResult> Train(const TrainOptions& options);
