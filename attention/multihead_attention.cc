@@ -105,7 +105,8 @@ Tensor MultiheadDilatedAttention::Forward(const Tensor& x,
   q = q.reshape(heads_shape);
   k = k.reshape(heads_shape);
   if (positions.defined()) {
-    CheckIndexTensor("MultiheadDilatedAttention", "positions", positions);
+    CheckIndexTensor("MultiheadDilatedAttention", "positions", positions,
+                     x.device());
     LC_REQUIRE(positions.dim() == 1 && positions.size(0) == n,
                "MultiheadDilatedAttention: positions of shape ",
                ShapeToString(positions.shape()), " (expected [", n, "])");

@@ -533,7 +533,9 @@ TEST_F(CudaTest, AddInPlaceAccumulatesThroughStridedViews) {
     auto src_view = [](const Tensor& t) {
       return t.permute({1, 0, 2}).slice(1, 0, 12, 2).slice(2, 1, 4);
     };  // both [8, 6, 3]
-    Tensor expected = base.to(DType::kFloat64);
+    // clone(): for float64, to(kFloat64) returns base itself, which must
+    // stay unchanged for the CUDA run below.
+    Tensor expected = base.to(DType::kFloat64).clone();
     AddInPlace(dst_view(expected), src_view(addend.to(DType::kFloat64)));
     Tensor cuda = base.to(kCuda);
     AddInPlace(dst_view(cuda), src_view(addend.to(kCuda)));
