@@ -15,10 +15,18 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// The N input buffers of a map, passed to kernels by value.
+// The N input buffers of a map, passed to kernels by value. Input k is
+// dense over the map's n elements (period[k] == 0) or one row of period[k]
+// elements repeated along the leading dims (a broadcast bias, say): element
+// i of the map reads p[k][i % period[k]].
 template <typename T, size_t N>
 struct InputPointers {
   const T* p[N];
+  int64_t period[N];
+
+  __device__ __forceinline__ int64_t Index(size_t k, int64_t i) const {
+    return period[k] == 0 ? i : i % period[k];
+  }
 };
 
 // W consecutive elements, loaded and stored as one aligned access.
@@ -27,9 +35,11 @@ struct alignas(sizeof(T) * W) Packet {
   T v[W];
 };
 
-// out[i] = fn(in[0][i], ..., in[N-1][i]) for i in [0, n), every buffer dense
-// of n elements. W elements per thread and step (16-byte packets when W > 1;
-// then every buffer is 16-byte aligned); the n % W tail one by one.
+// out[i] = fn(in[0][i], ..., in[N-1][i]) for i in [0, n), out dense of n
+// elements, the inputs dense or repeated rows (InputPointers). W elements per
+// thread and step (16-byte packets when W > 1; then every buffer is 16-byte
+// aligned and every period a multiple of W, so a packet never straddles a
+// repeated row); the n % W tail one by one.
 template <typename T, int W, size_t N, typename Fn, size_t... K>
 __global__ void __launch_bounds__(kThreads)
     MapDenseKernel(InputPointers<T, N> in, T* out, int64_t n, Fn fn,
@@ -42,7 +52,8 @@ __global__ void __launch_bounds__(kThreads)
     Packet<T, W> loaded[N];
 #pragma unroll
     for (size_t k = 0; k < N; ++k) {
-      loaded[k] = reinterpret_cast<const Packet<T, W>*>(in.p[k])[v];
+      loaded[k] = reinterpret_cast<const Packet<T, W>*>(
+          in.p[k])[in.Index(k, v * W) / W];
     }
     Packet<T, W> result;
 #pragma unroll
@@ -52,7 +63,7 @@ __global__ void __launch_bounds__(kThreads)
     reinterpret_cast<Packet<T, W>*>(out)[v] = result;
   }
   for (int64_t i = packets * W + first; i < n; i += step) {
-    cuda::Store(out + i, fn(cuda::Load(in.p[K] + i)...));
+    cuda::Store(out + i, fn(cuda::Load(in.p[K] + in.Index(K, i))...));
   }
 }
 
@@ -76,6 +87,27 @@ bool Aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
+// The periods of InputPointers for a coalesced indexer, or false when an
+// input is neither dense over the map nor a repeated row: rank <= 1 with
+// unit strides (all dense), or rank 2 [rows, cols] with each input's strides
+// (cols, 1) (dense) or (0, 1) (a row of cols elements, repeated).
+template <int N>
+bool RowPeriods(const cuda::StridedIndexer<N>& indexer, int64_t (&period)[N]) {
+  for (int k = 0; k < N; ++k) period[k] = 0;
+  if (cuda::IsUnitStride(indexer)) return true;
+  if (indexer.rank != 2) return false;
+  const int64_t cols = indexer.sizes[1];
+  for (int k = 0; k < N; ++k) {
+    if (indexer.strides[k][1] != 1) return false;
+    if (indexer.strides[k][0] == 0) {
+      period[k] = cols;
+    } else if (indexer.strides[k][0] != cols) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 template <size_t N, typename Fn>
@@ -92,19 +124,20 @@ void MapElementsCuda(const char* op, const Shape& shape,
       cuda::MakeCoalescedIndexer<static_cast<int>(N)>(shape, stride_ptrs);
   const auto seq = std::make_index_sequence<N>();
   LC_CUDA_DISPATCH_FLOATING(out.dtype(), op, [&] {
+    constexpr int kWidth = 16 / sizeof(scalar_t);
     InputPointers<scalar_t, N> in;
-    bool aligned = Aligned16(out.raw_data());
+    const bool dense = RowPeriods(indexer, in.period);
+    bool packets = Aligned16(out.raw_data());
     for (size_t k = 0; k < N; ++k) {
       in.p[k] = static_cast<const scalar_t*>(inputs[k].raw_data());
-      aligned = aligned && Aligned16(in.p[k]);
+      packets = packets && Aligned16(in.p[k]) && in.period[k] % kWidth == 0;
     }
     scalar_t* out_data = static_cast<scalar_t*>(out.raw_data());
-    if (cuda::IsUnitStride(indexer) && aligned) {
-      constexpr int kWidth = 16 / sizeof(scalar_t);
+    if (dense && packets) {
       MapDenseKernel<scalar_t, kWidth>
           <<<cuda::GridFor(n / kWidth + 1, kThreads), kThreads, 0, stream>>>(
               in, out_data, n, fn, seq);
-    } else if (cuda::IsUnitStride(indexer)) {
+    } else if (dense) {
       MapDenseKernel<scalar_t, 1>
           <<<cuda::GridFor(n, kThreads), kThreads, 0, stream>>>(in, out_data, n,
                                                                 fn, seq);

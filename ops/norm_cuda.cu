@@ -16,6 +16,17 @@ using cuda::compute_t;
 using cuda::Load;
 using cuda::Store;
 
+// Threads per block of the row kernels: 8 warps, a row per warp.
+constexpr int kRowThreads = 256;
+
+// This warp's first row and the step to its next one.
+__device__ __forceinline__ int64_t WarpRow() {
+  return (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+}
+__device__ __forceinline__ int64_t WarpRowStep() {
+  return static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+}
+
 template <typename T>
 const T* DataOrNull(const Tensor& t) {
   return t.defined() ? static_cast<const T*>(t.raw_data()) : nullptr;
@@ -25,74 +36,75 @@ T* MutableDataOrNull(const Tensor& t) {
   return t.defined() ? static_cast<T*>(t.raw_data()) : nullptr;
 }
 
-// Forward of LayerNorm (center) and RmsNorm (!center), one block per row r of
+// Forward of LayerNorm (center) and RmsNorm (!center), one warp per row r of
 // dense x [rows, dim], in A (float64 for float64, float32 otherwise):
 //   mean[r] = mean_d x[r, d] (0 unless center),
 //   rstd[r] = 1 / sqrt(mean_d (x[r, d] - mean[r])^2 + eps),
 //   y[r, d] = (x[r, d] - mean[r]) * rstd[r] * w[d] + b[d]
 // (w, b [dim] may be null: 1 and 0); y dense [rows, dim], mean, rstd [rows].
+// A warp per row reduces with shuffles only: model widths are a few
+// thousand elements at most, and a block per row would spend its time in
+// __syncthreads.
 template <typename T, typename A = compute_t<T>>
-__global__ void NormForwardKernel(const T* x, const T* w, const T* b,
-                                  int64_t rows, int64_t dim, A eps, bool center,
-                                  T* y, A* mean, A* rstd) {
-  __shared__ A shared[32];
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+__global__ void __launch_bounds__(kRowThreads)
+    NormForwardKernel(const T* x, const T* w, const T* b, int64_t rows,
+                      int64_t dim, A eps, bool center, T* y, A* mean, A* rstd) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = WarpRow(); r < rows; r += WarpRowStep()) {
     const T* xr = x + r * dim;
     A mu = 0;
     if (center) {
       A sum = 0;
-      for (int64_t d = threadIdx.x; d < dim; d += blockDim.x)
-        sum += Load(xr + d);
-      mu = cuda::BlockSum(sum, shared) / static_cast<A>(dim);
+      for (int64_t d = lane; d < dim; d += 32) sum += Load(xr + d);
+      mu = cuda::WarpSum(sum) / static_cast<A>(dim);
     }
     A sq = 0;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    for (int64_t d = lane; d < dim; d += 32) {
       const A c = Load(xr + d) - mu;
       sq += c * c;
     }
-    const A rs =
-        A(1) / sqrt(cuda::BlockSum(sq, shared) / static_cast<A>(dim) + eps);
+    const A rs = A(1) / sqrt(cuda::WarpSum(sq) / static_cast<A>(dim) + eps);
     T* yr = y + r * dim;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    for (int64_t d = lane; d < dim; d += 32) {
       A v = (Load(xr + d) - mu) * rs;
       if (w != nullptr) v *= Load(w + d);
       if (b != nullptr) v += Load(b + d);
       Store(yr + d, v);
     }
-    if (threadIdx.x == 0) {
+    if (lane == 0) {
       mean[r] = mu;
       rstd[r] = rs;
     }
   }
 }
 
-// The input gradient of NormForwardKernel, one block per row r: with
+// The input gradient of NormForwardKernel, one warp per row r: with
 // xhat = (x[r, d] - mean[r]) * rstd[r] and gw = g[r, d] * w[d] (g where w is
 // null),
 //   dx[r, d] = rstd[r] * (gw - mean_d gw [if center] - xhat * mean_d(gw xhat))
 // for dense x, g, dx [rows, dim].
 template <typename T, typename A = compute_t<T>>
-__global__ void NormBackwardKernel(const T* x, const T* w, const A* mean,
-                                   const A* rstd, const T* g, int64_t rows,
-                                   int64_t dim, bool center, T* dx) {
-  __shared__ A shared[32];
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+__global__ void __launch_bounds__(kRowThreads)
+    NormBackwardKernel(const T* x, const T* w, const A* mean, const A* rstd,
+                       const T* g, int64_t rows, int64_t dim, bool center,
+                       T* dx) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t r = WarpRow(); r < rows; r += WarpRowStep()) {
     const T* xr = x + r * dim;
     const T* gr = g + r * dim;
     const A mu = mean[r];
     const A rs = rstd[r];
     A sum_gw = 0, sum_gw_xhat = 0;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    for (int64_t d = lane; d < dim; d += 32) {
       const A gw = w != nullptr ? Load(gr + d) * Load(w + d) : Load(gr + d);
       sum_gw += gw;
       sum_gw_xhat += gw * ((Load(xr + d) - mu) * rs);
     }
     const A mean_gw =
-        center ? cuda::BlockSum(sum_gw, shared) / static_cast<A>(dim) : A(0);
-    const A mean_gw_xhat =
-        cuda::BlockSum(sum_gw_xhat, shared) / static_cast<A>(dim);
+        center ? cuda::WarpSum(sum_gw) / static_cast<A>(dim) : A(0);
+    const A mean_gw_xhat = cuda::WarpSum(sum_gw_xhat) / static_cast<A>(dim);
     T* dxr = dx + r * dim;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    for (int64_t d = lane; d < dim; d += 32) {
       const A gw = w != nullptr ? Load(gr + d) * Load(w + d) : Load(gr + d);
       const A xhat = (Load(xr + d) - mu) * rs;
       Store(dxr + d, rs * (gw - mean_gw - xhat * mean_gw_xhat));
@@ -145,20 +157,24 @@ __global__ void NormParamGradPartialKernel(const T* x, const T* g,
   if (db_partial != nullptr) db_partial[blockIdx.y * dim + d] = total_b;
 }
 
-// dw[d] = sum_c dw_partial[c, d] and db[d] = sum_c db_partial[c, d] over the
-// chunks c in order (each when non-null), for partials [chunks, dim] in A
-// and dw, db [dim].
+// dw[d] = sum_c dw_partial[c, d] and db[d] = sum_c db_partial[c, d] (each
+// when non-null), for partials [chunks, dim] in A and dw, db [dim]: a warp
+// per column d, lane l adding the chunks l, l + 32, ... in order, then the
+// lanes' sums in a fixed shuffle tree (the order depends only on chunks).
 template <typename T, typename A = compute_t<T>>
-__global__ void NormParamGradFinalKernel(const A* dw_partial,
-                                         const A* db_partial, int64_t chunks,
-                                         int64_t dim, T* dw, T* db) {
-  for (int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       d < dim; d += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+__global__ void __launch_bounds__(kRowThreads)
+    NormParamGradFinalKernel(const A* dw_partial, const A* db_partial,
+                             int64_t chunks, int64_t dim, T* dw, T* db) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t d = WarpRow(); d < dim; d += WarpRowStep()) {
     A total_w = 0, total_b = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t c = lane; c < chunks; c += 32) {
       if (dw != nullptr) total_w += dw_partial[c * dim + d];
       if (db != nullptr) total_b += db_partial[c * dim + d];
     }
+    total_w = cuda::WarpSum(total_w);
+    total_b = cuda::WarpSum(total_b);
+    if (lane != 0) continue;
     if (dw != nullptr) Store(dw + d, total_w);
     if (db != nullptr) Store(db + d, total_b);
   }
@@ -176,7 +192,7 @@ void NormForwardCuda(const Tensor& x, const Tensor& weight, const Tensor& bias,
   LC_CUDA_DISPATCH_FLOATING(x.dtype(), "NormForwardCuda", [&] {
     using A = compute_t<scalar_t>;
     NormForwardKernel<scalar_t>
-        <<<cuda::GridFor(rows, 1), cuda::RowThreads(dim), 0, stream>>>(
+        <<<cuda::GridFor(rows, kRowThreads / 32), kRowThreads, 0, stream>>>(
             static_cast<const scalar_t*>(x.raw_data()),
             DataOrNull<scalar_t>(weight), DataOrNull<scalar_t>(bias), rows, dim,
             static_cast<A>(eps), center, static_cast<scalar_t*>(y.raw_data()),
@@ -200,7 +216,7 @@ void NormBackwardCuda(const Tensor& x, const Tensor& weight, const Tensor& mean,
     const A* rstd_data = static_cast<const A*>(rstd.raw_data());
     if (rows > 0) {
       NormBackwardKernel<scalar_t>
-          <<<cuda::GridFor(rows, 1), cuda::RowThreads(dim), 0, stream>>>(
+          <<<cuda::GridFor(rows, kRowThreads / 32), kRowThreads, 0, stream>>>(
               x_data, DataOrNull<scalar_t>(weight), mean_data, rstd_data,
               g_data, rows, dim, center, static_cast<scalar_t*>(dx.raw_data()));
       LC_CUDA_CHECK_LAUNCH("NormBackwardKernel");
@@ -227,9 +243,8 @@ void NormBackwardCuda(const Tensor& x, const Tensor& weight, const Tensor& mean,
               MutableDataOrNull<A>(db_partial));
       LC_CUDA_CHECK_LAUNCH("NormParamGradPartialKernel");
     }
-    constexpr int kThreads = 256;
     NormParamGradFinalKernel<scalar_t>
-        <<<cuda::GridFor(dim, kThreads), kThreads, 0, stream>>>(
+        <<<cuda::GridFor(dim, kRowThreads / 32), kRowThreads, 0, stream>>>(
             DataOrNull<A>(dw_partial), DataOrNull<A>(db_partial), chunks, dim,
             MutableDataOrNull<scalar_t>(dweight),
             MutableDataOrNull<scalar_t>(dbias));

@@ -173,19 +173,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Combines the slices' results partial[s * outputs + m] in slice order and
-// writes output m, for m in [0, outputs).
+// Combines the slices' results partial[s * outputs + m] and writes output m,
+// for m in [0, outputs): 32 threads per output, thread `lane` combining the
+// slices lane, lane + 32, ... in order, then the 32 results in a fixed tree
+// in shared memory (so the order depends only on `slices`). Hundreds of
+// slices over a few hundred outputs would leave one thread per output
+// waiting on a long serial chain.
 template <typename Op>
 __global__ void __launch_bounds__(kThreads)
     ReduceSlicesKernel(const typename Op::Acc* partial, int64_t outputs,
                        int64_t slices, Op op) {
-  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-       m < outputs; m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    typename Op::Acc acc = partial[m];
-    for (int64_t s = 1; s < slices; ++s) {
-      acc = op.Combine(acc, partial[s * outputs + m]);
+  using Acc = typename Op::Acc;
+  constexpr int kGroup = 32, kRows = kThreads / kGroup;
+  __shared__ Acc shared[kThreads];
+  const int lane = threadIdx.x % kGroup;
+  for (int64_t first = blockIdx.x * static_cast<int64_t>(kRows);
+       first < outputs; first += static_cast<int64_t>(gridDim.x) * kRows) {
+    const int64_t m = first + threadIdx.x / kGroup;
+    Acc acc = op.Init();
+    if (m < outputs) {
+      for (int64_t s = lane; s < slices; s += kGroup) {
+        acc = s == lane ? partial[s * outputs + m]
+                        : op.Combine(acc, partial[s * outputs + m]);
+      }
     }
-    op.Write(m, acc);
+    shared[threadIdx.x] = acc;
+    __syncthreads();
+#pragma unroll
+    for (int width = kGroup / 2; width > 0; width >>= 1) {
+      if (lane < width) {
+        shared[threadIdx.x] =
+            op.Combine(shared[threadIdx.x], shared[threadIdx.x + width]);
+      }
+      __syncthreads();
+    }
+    if (lane == 0 && m < outputs) op.Write(m, shared[threadIdx.x]);
+    __syncthreads();  // The next outputs rewrite `shared`.
   }
 }
 
@@ -223,7 +246,7 @@ void LaunchReduce(const char* name, const T* x, const ReduceGeometry& g,
   LC_CUDA_CHECK_LAUNCH(name);
   if (g.slices > 1) {
     ReduceSlicesKernel<Op>
-        <<<cuda::GridFor(g.outputs, kThreads), kThreads, 0, stream>>>(
+        <<<cuda::GridFor(g.outputs, kThreads / 32), kThreads, 0, stream>>>(
             partial, g.outputs, g.slices, op);
     LC_CUDA_CHECK_LAUNCH(name);
   }

@@ -1,6 +1,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "core/cuda.h"
@@ -23,48 +24,46 @@ struct Strides4 {
   int64_t s[4];
 };
 
-// One block per row (b, t) of x [batch, n, heads, head_dim] (element strides
-// xs) and of dense out of that shape, with half = head_dim / 2: the block
-// first puts cos and sign * sin of angle[i] = positions[t * pos_stride] *
-// base^(-2i / head_dim), i < half, computed in float64, into shared memory
-// (2 * half values of A), then for every head h and i < half, with
-// (lo, hi) = (x[b, t, h, i], x[b, t, h, i + half]):
+// One thread per (row (b, t), i < half) of x [batch, n, heads, head_dim]
+// (element strides xs) and of dense out of that shape, half = head_dim / 2:
+// the thread computes cos and sign * sin of angle = positions[t * pos_stride]
+// * base^(-2i / head_dim) in float64 once and rotates pair i of every head h,
+// with (lo, hi) = (x[b, t, h, i], x[b, t, h, i + half]):
 //   out[b, t, h, i] = lo * cos - hi * sin,
 //   out[b, t, h, i + half] = hi * cos + lo * sin.
+// The block first puts base^(-2i / head_dim) for every i into shared memory
+// (half doubles): the float64 pow once per block, the sincos once per
+// (row, i), and memory traffic dominates.
 template <typename T, typename A = compute_t<T>>
 __global__ void __launch_bounds__(kThreads)
     RotaryKernel(const T* x, Strides4 xs, const int64_t* positions,
                  int64_t pos_stride, int64_t batch, int64_t n, int64_t heads,
                  int64_t head_dim, double base, double sign, T* out) {
   extern __shared__ __align__(16) unsigned char table_bytes[];
-  A* cos_table = reinterpret_cast<A*>(table_bytes);
+  double* inv_freq = reinterpret_cast<double*>(table_bytes);  // [half]
   const int64_t half = head_dim / 2;
-  A* sin_table = cos_table + half;
-  for (int64_t row = blockIdx.x; row < batch * n; row += gridDim.x) {
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    inv_freq[i] = pow(base, -2.0 * static_cast<double>(i) / head_dim);
+  }
+  __syncthreads();
+  const int64_t items = batch * n * half;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       e < items; e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = e / half;
+    const int64_t i = e - row * half;
     const int64_t b = row / n;
     const int64_t t = row - b * n;
-    const double position = static_cast<double>(positions[t * pos_stride]);
-    __syncthreads();  // The previous row's threads are done with the table.
-    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-      const double angle =
-          position * pow(base, -2.0 * static_cast<double>(i) / head_dim);
-      double s, c;
-      sincos(angle, &s, &c);
-      cos_table[i] = static_cast<A>(c);
-      sin_table[i] = static_cast<A>(sign * s);
-    }
-    __syncthreads();
-    const T* xr = x + b * xs.s[0] + t * xs.s[1];
-    T* outr = out + row * heads * head_dim;
-    for (int64_t p = threadIdx.x; p < heads * half; p += blockDim.x) {
-      const int64_t h = p / half;
-      const int64_t i = p - h * half;
-      const T* xv = xr + h * xs.s[2];
-      const A lo = Load(xv + i * xs.s[3]);
-      const A hi = Load(xv + (i + half) * xs.s[3]);
-      T* ov = outr + h * head_dim;
-      Store(ov + i, lo * cos_table[i] - hi * sin_table[i]);
-      Store(ov + i + half, hi * cos_table[i] + lo * sin_table[i]);
+    double s, c;
+    sincos(static_cast<double>(positions[t * pos_stride]) * inv_freq[i], &s,
+           &c);
+    const A cos_a = static_cast<A>(c), sin_a = static_cast<A>(sign * s);
+    const T* xr = x + b * xs.s[0] + t * xs.s[1] + i * xs.s[3];
+    T* outr = out + row * heads * head_dim + i;
+    for (int64_t h = 0; h < heads; ++h) {
+      const A lo = Load(xr + h * xs.s[2]);
+      const A hi = Load(xr + h * xs.s[2] + half * xs.s[3]);
+      Store(outr + h * head_dim, lo * cos_a - hi * sin_a);
+      Store(outr + h * head_dim + half, hi * cos_a + lo * sin_a);
     }
   }
 }
@@ -80,14 +79,18 @@ void RotaryCuda(const Tensor& x, const Tensor& positions, double base,
   Strides4 xs;
   for (int d = 0; d < 4; ++d) xs.s[d] = x.stride(d);
   LC_CUDA_DISPATCH_FLOATING(x.dtype(), "ApplyRotary", [&] {
-    using A = compute_t<scalar_t>;
-    const size_t shared_bytes = static_cast<size_t>(x.size(3)) * sizeof(A);
-    RotaryKernel<scalar_t>
-        <<<cuda::GridFor(rows, 1), kThreads, shared_bytes, stream>>>(
-            static_cast<const scalar_t*>(x.raw_data()), xs,
-            static_cast<const int64_t*>(positions.raw_data()),
-            positions.stride(0), x.size(0), x.size(1), x.size(2), x.size(3),
-            base, sign, static_cast<scalar_t*>(out.raw_data()));
+    // Enough blocks to fill the GPU a few times over; each computes the
+    // frequency table once.
+    const int64_t items = rows * (x.size(3) / 2);
+    const unsigned blocks =
+        std::min<unsigned>(cuda::GridFor(items, kThreads), 8192);
+    const size_t shared_bytes =
+        static_cast<size_t>(x.size(3) / 2) * sizeof(double);
+    RotaryKernel<scalar_t><<<blocks, kThreads, shared_bytes, stream>>>(
+        static_cast<const scalar_t*>(x.raw_data()), xs,
+        static_cast<const int64_t*>(positions.raw_data()), positions.stride(0),
+        x.size(0), x.size(1), x.size(2), x.size(3), base, sign,
+        static_cast<scalar_t*>(out.raw_data()));
     LC_CUDA_CHECK_LAUNCH("RotaryKernel");
   });
 }

@@ -8,7 +8,7 @@
 #                                # .device_bin/, logs under $OUT (or
 #                                # ./gpu_suite_out), a summary table last
 #
-# Steps: env tests sanitize attention train cli maxctx scaling. Each step's
+# Steps: env tests sanitize attention train cli maxctx scaling profile. Each step's
 # full output is in $OUT/<step>.log (the scaling CSVs and plots in
 # $OUT/scaling.tgz); every step is cut off after STEP_TIMEOUT seconds
 # (default 300); the summary prints one line per step and the tail of each
@@ -89,7 +89,7 @@ step_tests() {
 }
 
 step_sanitize() {
-  local filter='CudaTest.AttentionDropout*:CudaTest.AttentionQueryWithoutKeys*:CudaTest.AttentionTakesNonContiguous*:CudaTest.AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores'
+  local filter='CudaTest.AttentionDropout*:CudaTest.AttentionQueryWithoutKeys*:CudaTest.AttentionTakesNonContiguous*:CudaTest.AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores:CudaTest.FillKernel*:CudaTest.AddInPlace*:ElementwiseCudaTest.Binary*:*.ApplyRotary*:*.SumAndMean*:*.MaxMatchesCpu:*LayerNorm*:*RmsNorm*'
   compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$BIN/cuda_test" --gtest_filter="$filter" --gtest_brief=1 || return 1
   compute-sanitizer --tool racecheck --error-exitcode 1 \
@@ -112,12 +112,53 @@ step_maxctx() {
   python3 train/pytorch_train_baseline.py max_context
 }
 
+# One experiment at a time, each cut off after SCALING_TIMEOUT seconds
+# (default 150), so that one slow experiment leaves the others' CSVs.
 step_scaling() {
-  local dir=/tmp/scaling
-  "$BIN/scaling" --device=cuda --out_dir="$dir" --plot=false
-  local rc=$?
-  tar -czf "$OUT/scaling.tgz" -C "$dir" .
+  local dir=/tmp/scaling rc=0
+  for e in memory_vs_ranks communication time_vs_length max_context; do
+    echo "== $e"
+    # communication counts bytes in float32, on the FMA kernels: n = 16K
+    # keeps its dense (r = 1) calls short.
+    local extra=()
+    [[ "$e" == communication ]] && extra=(--n=16384)
+    timeout "${SCALING_TIMEOUT:-150}" "$BIN/scaling" --device=cuda \
+      --experiment="$e" --out_dir="$dir" --plot=false "${extra[@]}" || rc=1
+    tar -czf "$OUT/scaling.tgz" -C "$dir" .
+  done
   return $rc
+}
+
+# Where a training step's GPU time goes: every kernel of one step (after
+# one warm-up step) timed by Nsight Compute, summed by kernel name.
+step_profile() {
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    --print-units base --launch-skip "${PROFILE_SKIP:-0}" \
+    "$BIN/train_benchmark" --warmup=1 --repeats=1 --recompute=off \
+    >"$OUT/profile.csv" || return 1
+  python3 - "$OUT/profile.csv" <<'PY'
+import collections, csv, sys
+# The program's own output comes first; ncu's table starts at its header.
+rows = list(csv.reader(open(sys.argv[1])))
+first = next(i for i, r in enumerate(rows) if r[:1] == ["ID"])
+head = rows[first]
+name, value = head.index("Kernel Name"), head.index("Metric Value")
+total, count = collections.Counter(), collections.Counter()
+for r in rows[first + 1:]:
+    if len(r) != len(head):
+        continue
+    key = r[name].split("(")[0].replace("void ", "")
+    for scope in ("lc::", "internal::", "<unnamed>::"):
+        key = key.replace(scope, "")
+    key = key[:60]
+    total[key] += float(r[value].replace(",", "")) / 1e6
+    count[key] += 1
+all_ms = sum(total.values())
+print(f"{'kernel':60s} {'calls':>6s} {'ms':>9s} {'%':>6s}")
+for key, ms in total.most_common(30):
+    print(f"{key:60s} {count[key]:6d} {ms:9.3f} {100 * ms / all_ms:6.1f}")
+print(f"{'all kernels (2 steps)':60s} {sum(count.values()):6d} {all_ms:9.3f}")
+PY
 }
 
 step_cli() {
@@ -133,7 +174,7 @@ case "${1:-}" in
   run) shift; run "$@" ;;
   *)
     echo "usage: $0 stage | run [env tests sanitize attention train cli" \
-      "maxctx scaling]" >&2
+      "maxctx scaling profile]" >&2
     exit 2
     ;;
 esac

@@ -9,16 +9,19 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "core/cuda.h"
 #include "core/random.h"
 #include "core/status.h"
 #include "core/tensor.h"
+#include "core/tensor_cuda.h"
 #include "gtest/gtest.h"
 #include "tests/cuda/cuda_test_util.h"
 
@@ -378,8 +381,21 @@ TEST_F(CudaTest, FillKernelWritesEveryElementOfEveryDtype) {
               Full({5}, 200.7, dtype).ToVector())
         << DTypeName(dtype);
   }
-  EXPECT_EQ(Zeros({4}, DType::kFloat64, kCuda).ToVector(),
-            std::vector<double>(4, 0.0));
+  // Zeros are a memset: every element of every dtype, over a buffer that
+  // held other values (a reused block); -0 keeps its sign bit.
+  for (DType dtype : kAllDTypes) {
+    Tensor t = Full({1000003}, 5.0, dtype, kCuda);
+    FillCuda(kCuda.index, t.raw_data(), dtype, t.numel(), 0.0);
+    EXPECT_EQ(t.ToVector(), std::vector<double>(1000003, 0.0))
+        << DTypeName(dtype);
+  }
+  for (DType dtype : {DType::kFloat64, DType::kFloat32, DType::kBFloat16}) {
+    const std::vector<double> negative_zero =
+        Full({3}, -0.0, dtype, kCuda).ToVector();
+    for (double v : negative_zero) {
+      EXPECT_TRUE(v == 0 && std::signbit(v)) << DTypeName(dtype) << " " << v;
+    }
+  }
   EXPECT_EQ(Ones({4}, DType::kBFloat16, kCuda).ToVector(),
             std::vector<double>(4, 1.0));
 }
@@ -542,6 +558,24 @@ TEST_F(CudaTest, AddInPlaceAccumulatesThroughStridedViews) {
     ExpectCudaClose(cuda, expected, CudaRelativeTolerance(dtype), "AddInPlace");
     // Elements outside the view are untouched.
     EXPECT_EQ(cuda.slice(2, 0, 1).ToVector(), base.slice(2, 0, 1).ToVector());
+  }
+  // Dense operands take the vectorized kernel: an odd size (the tail after
+  // the 16-byte packets) and a start one element into the buffer (not
+  // 16-byte aligned, one element at a time).
+  for (DType dtype : {DType::kFloat64, DType::kFloat32, DType::kBFloat16}) {
+    for (int64_t start : {0, 1}) {
+      SCOPED_TRACE(absl::StrCat(DTypeName(dtype), " start ", start));
+      const Tensor base = RandomNormal({100003}, dtype, Device::Cpu(), 23);
+      const Tensor addend = RandomNormal({100003}, dtype, Device::Cpu(), 24);
+      Tensor expected = base.to(DType::kFloat64).clone();
+      AddInPlace(expected.slice(0, start, 100003),
+                 addend.to(DType::kFloat64).slice(0, start, 100003));
+      Tensor cuda = base.to(kCuda);
+      AddInPlace(cuda.slice(0, start, 100003),
+                 addend.to(kCuda).slice(0, start, 100003));
+      ExpectCudaClose(cuda, expected, CudaRelativeTolerance(dtype),
+                      "dense AddInPlace");
+    }
   }
   const Tensor ints = Zeros({4}, DType::kInt64, kCuda);
   EXPECT_THROW(AddInPlace(ints, ints), Error);

@@ -201,6 +201,13 @@ TEST_F(ElementwiseCudaTest, BinaryOpsBroadcastAndMatchCpu) {
       {{5, 1, 7}, Layout::kSliced, {3, 1}},
       {{4097}, Layout::kContiguous, {}},
       {{}, Layout::kContiguous, {33, 2}},
+      // A row repeated over the leading dims (a bias): 16-byte packets when
+      // the row is a multiple of 8 elements, one by one when it is not, on
+      // either side of the op.
+      {{37, 64}, Layout::kContiguous, {64}},
+      {{2, 3, 16}, Layout::kContiguous, {16}},
+      {{37, 65}, Layout::kContiguous, {65}},
+      {{48}, Layout::kContiguous, {9, 48}},
   };
   for (const auto& [name, op] : ops) {
     for (DType dtype : kDTypes) {

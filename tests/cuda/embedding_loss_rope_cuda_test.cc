@@ -304,7 +304,10 @@ TEST_F(EmbeddingLossRopeCudaTest, ApplyRotaryMatchesCpu) {
                                        {{2, 5, 3, 8}, Layout::kContiguous},
                                        {{2, 33, 4, 64}, Layout::kContiguous},
                                        {{1, 7, 2, 130}, Layout::kTransposed},
-                                       {{3, 9, 2, 16}, Layout::kSliced}};
+                                       {{3, 9, 2, 16}, Layout::kSliced},
+                                       // The largest head_dim: a 16 KiB
+                                       // frequency table per block.
+                                       {{1, 3, 1, 4096}, Layout::kContiguous}};
   for (const RopeCase& c : cases) {
     // The leaf the case's x is a view of: [batch, heads, n, head_dim] for
     // transposed, twice the head_dim for sliced (every other element).
