@@ -60,12 +60,15 @@ struct CallCost {
   int64_t peak_bytes = 0;
   double cpu_share = 0;
   int calls = 0;
+  // MeasureCall: the untimed first call (plans built), forward+backward.
+  double first_call_ms = 0;
 };
 CallCost Summarize(const ScalingOptions& options,
                    const std::vector<CallSample>& samples);
 
-// options.repeats calls (the median), or one when the first call alone
-// takes longer than `budget_s`.
+// After an untimed first call (which builds the plans): options.repeats
+// calls (the median), or one when the first call took longer than
+// `budget_s`.
 CallCost MeasureCall(const ScalingOptions& options,
                      const AttentionInputs& inputs, const AttentionCall& call,
                      double budget_s);

@@ -116,7 +116,8 @@ step_maxctx() {
 # (default 150), so that one slow experiment leaves the others' CSVs.
 step_scaling() {
   local dir=/tmp/scaling rc=0
-  for e in memory_vs_ranks communication time_vs_length max_context; do
+  for e in ${SCALING_EXPERIMENTS:-memory_vs_ranks communication \
+    time_vs_length max_context}; do
     echo "== $e"
     # communication counts bytes in float32, on the FMA kernels: n = 16K
     # keeps its dense (r = 1) calls short.
