@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -21,19 +20,17 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "attention/attention_config.h"
 #include "core/autograd.h"
+#include "core/cli.h"
 #include "core/cuda.h"
 #include "core/safetensors.h"
 #include "core/status.h"
@@ -256,36 +253,9 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadInputs(
   return std::move(file.tensors);
 }
 
-// `bazel run` starts the binary in its runfiles tree; a relative path means
-// one relative to where the user ran it, BUILD_WORKING_DIRECTORY.
-std::string UserPath(const std::string& path) {
-  const char* dir = std::getenv("BUILD_WORKING_DIRECTORY");
-  if (dir == nullptr || path.empty() || path.front() == '/') return path;
-  return absl::StrCat(dir, "/", path);
-}
-
 // A tensor as written to the output: bfloat16 widened to float32.
 Tensor ForOutput(const Tensor& t) {
   return t.to(Device::Cpu()).to(ComputeDType(t.dtype()));
-}
-
-// "cpu", "cuda" (device 0) or "cuda:N"; a CUDA device must exist.
-absl::StatusOr<Device> ParseCliDevice(const std::string& name) {
-  if (name == "cpu") return Device::Cpu();
-  int index = 0;
-  if (name != "cuda" &&
-      !(absl::StartsWith(name, "cuda:") &&
-        absl::SimpleAtoi(name.substr(5), &index) && index >= 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device=", name, " (expected cpu, cuda or cuda:N)"));
-  }
-  const int count = CudaDeviceCount();
-  if (index >= count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device=", name, ": this machine has ", count,
-                     " CUDA devices (expected a CUDA device to exist)"));
-  }
-  return Device::Cuda(index);
 }
 
 // Waits for this thread's queued work on `device`, so host timings measure
@@ -316,7 +286,7 @@ absl::Status Run() {
   LC_ASSIGN_OR_RETURN(const DType dtype,
                       ParseComputeDType(absl::GetFlag(FLAGS_dtype)));
   LC_ASSIGN_OR_RETURN(const Device device,
-                      ParseCliDevice(absl::GetFlag(FLAGS_device)));
+                      ParseDeviceFlag(absl::GetFlag(FLAGS_device)));
 
   LC_ASSIGN_OR_RETURN(const auto inputs, ReadInputs(input_path));
   const Shape& shape = inputs.at("q").shape();
@@ -419,20 +389,5 @@ int main(int argc, char** argv) {
       "and gradients.\nUsage: attention_cli --input=IN.safetensors "
       "--output=OUT.safetensors [--pattern=dense|dilated|block_sparse] "
       "[options]");
-  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  absl::Status status;
-  if (args.size() > 1) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", args[1],
-                     "\" (expected only flags of the form --name=value)"));
-  } else {
-    status = lc::Run();
-  }
-  if (!status.ok()) {
-    // One line, whatever the message holds.
-    std::cerr << "attention_cli: "
-              << absl::StrReplaceAll(status.message(), {{"\n", " "}}) << "\n";
-    return 1;
-  }
-  return 0;
+  return lc::RunTool("attention_cli", argc, argv, lc::Run);
 }

@@ -21,18 +21,16 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
-#include "core/cuda.h"
+#include "core/cli.h"
 #include "core/status.h"
 #include "experiments/scaling.h"
 
@@ -92,14 +90,6 @@ namespace fs = std::filesystem;
 // The interpreter that has Debian's python3-matplotlib.
 constexpr char kPython[] = "/usr/bin/python3";
 
-// `bazel run` starts the binary in its runfiles tree; a relative path means
-// one relative to where the user ran it, BUILD_WORKING_DIRECTORY.
-std::string UserPath(const std::string& path) {
-  const char* dir = std::getenv("BUILD_WORKING_DIRECTORY");
-  if (dir == nullptr || path.empty() || path.front() == '/') return path;
-  return absl::StrCat(dir, "/", path);
-}
-
 absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag,
                                                const std::string& text) {
   std::vector<int64_t> values;
@@ -121,28 +111,9 @@ absl::StatusOr<std::vector<int>> ParseRanks(const std::string& flag,
   return std::vector<int>(values.begin(), values.end());
 }
 
-// "cpu", "cuda" (device 0) or "cuda:N"; a CUDA device must exist.
-absl::StatusOr<Device> ParseDevice(const std::string& name) {
-  if (name == "cpu") return Device::Cpu();
-  int index = 0;
-  if (name != "cuda" &&
-      !(absl::StartsWith(name, "cuda:") &&
-        absl::SimpleAtoi(name.substr(5), &index) && index >= 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device=", name, " (expected cpu, cuda or cuda:N)"));
-  }
-  const int count = CudaDeviceCount();
-  if (index >= count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device=", name, ": this machine has ", count,
-                     " CUDA devices (expected a CUDA device to exist)"));
-  }
-  return Device::Cuda(index);
-}
-
 absl::StatusOr<ScalingOptions> OptionsFromFlags() {
   LC_ASSIGN_OR_RETURN(const Device device,
-                      ParseDevice(absl::GetFlag(FLAGS_device)));
+                      ParseDeviceFlag(absl::GetFlag(FLAGS_device)));
   ScalingOptions options = DefaultScalingOptions(device);
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (!dtype.empty()) {
@@ -344,19 +315,5 @@ int main(int argc, char** argv) {
       "Usage: bazel run //experiments:scaling -- [--device=cpu|cuda] "
       "[--experiment=NAME] [--out_dir=DIR]; with no flags: CPU sizes, every "
       "experiment, a few minutes on 2 cores.");
-  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  absl::Status status;
-  if (args.size() > 1) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", args[1],
-                     "\" (expected only flags of the form --name=value)"));
-  } else {
-    status = lc::Run(argv[0]);
-  }
-  if (!status.ok()) {
-    std::cerr << "scaling: "
-              << absl::StrReplaceAll(status.message(), {{"\n", " "}}) << "\n";
-    return 1;
-  }
-  return 0;
+  return lc::RunTool("scaling", argc, argv, [&] { return lc::Run(argv[0]); });
 }

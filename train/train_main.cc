@@ -7,26 +7,22 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
-#include "absl/strings/strip.h"
 #include "attention/attention_config.h"
 #include "attention/pattern.h"
-#include "core/cuda.h"
+#include "core/cli.h"
 #include "core/device.h"
 #include "core/dtype.h"
 #include "core/status.h"
@@ -131,14 +127,6 @@ ABSL_FLAG(std::string, dtype, "",
 namespace lc {
 namespace {
 
-// `bazel run` starts the binary in its runfiles tree; a relative path means
-// one relative to where the user ran it, BUILD_WORKING_DIRECTORY.
-std::string UserPath(const std::string& path) {
-  const char* dir = std::getenv("BUILD_WORKING_DIRECTORY");
-  if (dir == nullptr || path.empty() || path.front() == '/') return path;
-  return absl::StrCat(dir, "/", path);
-}
-
 absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag,
                                                   const std::string& text) {
   std::vector<int64_t> values;
@@ -164,23 +152,6 @@ absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {
       absl::StrCat("--", flag, ": ", parsed.status().message()));
 }
 
-absl::StatusOr<Device> ParseDevice(const std::string& text) {
-  if (text == "cpu") return Device::Cpu();
-  int index = 0;
-  absl::string_view rest = text;
-  if (text == "cuda" || (absl::ConsumePrefix(&rest, "cuda:") &&
-                         absl::SimpleAtoi(rest, &index) && index >= 0)) {
-    if (index >= CudaDeviceCount()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "--device=", text, ": this machine has ", CudaDeviceCount(),
-          " CUDA devices (expected --device=cpu, or a GPU machine)"));
-    }
-    return Device::Cuda(index);
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("--device=", text, " (expected cpu, cuda or cuda:N)"));
-}
-
 absl::StatusOr<DType> ParseComputeDType(const std::string& text,
                                         Device device) {
   if (text.empty()) {
@@ -200,7 +171,8 @@ absl::StatusOr<DType> ParseComputeDType(const std::string& text,
 absl::StatusOr<TrainOptions> OptionsFromFlags() {
   TrainOptions options;
   TransformerConfig& model = options.model;
-  LC_ASSIGN_OR_RETURN(model.device, ParseDevice(absl::GetFlag(FLAGS_device)));
+  LC_ASSIGN_OR_RETURN(model.device,
+                      ParseDeviceFlag(absl::GetFlag(FLAGS_device)));
   LC_ASSIGN_OR_RETURN(
       model.dtype, ParseComputeDType(absl::GetFlag(FLAGS_dtype), model.device));
   model.context = absl::GetFlag(FLAGS_context);
@@ -315,19 +287,5 @@ int main(int argc, char** argv) {
       "Trains a long-context byte-level transformer on the CPU or a GPU.\n"
       "Usage: bazel run //train -- [flags]; with no flags: passkey retrieval "
       "at context 4096 in a few minutes.");
-  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  absl::Status status;
-  if (args.size() > 1) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", args[1],
-                     "\" (expected only flags of the form --name=value)"));
-  } else {
-    status = lc::Run();
-  }
-  if (!status.ok()) {
-    std::cerr << "train: "
-              << absl::StrReplaceAll(status.message(), {{"\n", " "}}) << "\n";
-    return 1;
-  }
-  return 0;
+  return lc::RunTool("train", argc, argv, lc::Run);
 }

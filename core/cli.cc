@@ -1,0 +1,59 @@
+#include "core/cli.h"
+
+#include <cstdlib>
+#include <iostream>
+#include <vector>
+
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "core/cuda.h"
+
+namespace lc {
+
+std::string UserPath(const std::string& path) {
+  const char* dir = std::getenv("BUILD_WORKING_DIRECTORY");
+  if (dir == nullptr || path.empty() || path.front() == '/') return path;
+  return absl::StrCat(dir, "/", path);
+}
+
+absl::StatusOr<Device> ParseDeviceFlag(const std::string& text) {
+  if (text == "cpu") return Device::Cpu();
+  int index = 0;
+  absl::string_view rest = text;
+  if (text != "cuda" && !(absl::ConsumePrefix(&rest, "cuda:") &&
+                          absl::SimpleAtoi(rest, &index) && index >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device=", text, " (expected cpu, cuda or cuda:N)"));
+  }
+  const int count = CudaDeviceCount();
+  if (index >= count) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device=", text, ": this machine has ", count,
+        " CUDA devices (expected a CUDA device to exist, or --device=cpu)"));
+  }
+  return Device::Cuda(index);
+}
+
+int RunTool(const char* name, int argc, char** argv,
+            absl::FunctionRef<absl::Status()> run) {
+  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  absl::Status status;
+  if (args.size() > 1) {
+    status = absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", args[1],
+                     "\" (expected only flags of the form --name=value)"));
+  } else {
+    status = run();
+  }
+  if (status.ok()) return 0;
+  // One line, whatever the message holds.
+  std::cerr << name << ": "
+            << absl::StrReplaceAll(status.message(), {{"\n", " "}}) << "\n";
+  return 1;
+}
+
+}  // namespace lc

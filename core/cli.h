@@ -1,0 +1,39 @@
+// Helpers shared by the command-line tools: paths relative to where `bazel
+// run` was called, the --device=cpu|cuda|cuda:N flag, and the body of a
+// main() that parses flags, refuses positional arguments and prints a failure
+// as one line on stderr (attention_cli, train and scaling use them).
+#ifndef LONGCTX_CORE_CLI_H_
+#define LONGCTX_CORE_CLI_H_
+
+#include <string>
+
+#include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/device.h"
+
+namespace lc {
+
+// `bazel run` starts the binary in its runfiles tree; a relative path means
+// one relative to where the user ran it, BUILD_WORKING_DIRECTORY. Returns
+// `path` unchanged when it is empty or absolute, or when that variable is not
+// set (the binary was not started by `bazel run`).
+std::string UserPath(const std::string& path);
+
+// The value of a --device flag: "cpu", "cuda" (device 0) or "cuda:N" with
+// N >= 0. InvalidArgumentError for any other text, and for a CUDA device
+// this machine does not have (the message names the flag value and
+// CudaDeviceCount()).
+absl::StatusOr<Device> ParseDeviceFlag(const std::string& text);
+
+// The body of a tool's main(): parses the flags (absl::ParseCommandLine; call
+// absl::SetProgramUsageMessage first), refuses positional arguments, calls
+// `run` and returns 0 when it succeeds. A failure is printed to stderr as one
+// line, "NAME: message" (newlines in the message become spaces), and returns
+// 1.
+int RunTool(const char* name, int argc, char** argv,
+            absl::FunctionRef<absl::Status()> run);
+
+}  // namespace lc
+
+#endif  // LONGCTX_CORE_CLI_H_
