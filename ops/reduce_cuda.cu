@@ -118,6 +118,29 @@ struct MaxOp {
   }
 };
 
+// The values `acc` of each kGroup consecutive threads of the block (lane =
+// threadIdx.x % kGroup) combined in a fixed tree in `shared` (blockDim.x
+// Accs), returned to every thread of the group. Every thread of the block
+// must call it (it holds __syncthreads).
+template <int kGroup, typename Op>
+__device__ typename Op::Acc GroupCombine(const Op& op, typename Op::Acc acc,
+                                         typename Op::Acc* shared) {
+  const int lane = threadIdx.x % kGroup;
+  shared[threadIdx.x] = acc;
+  __syncthreads();
+#pragma unroll
+  for (int width = kGroup / 2; width > 0; width >>= 1) {
+    if (lane < width) {
+      shared[threadIdx.x] =
+          op.Combine(shared[threadIdx.x], shared[threadIdx.x + width]);
+    }
+    __syncthreads();
+  }
+  acc = shared[threadIdx.x - lane];
+  __syncthreads();  // The caller's next values rewrite `shared`.
+  return acc;
+}
+
 // Reduces x (any strides, geometry g) with op: thread `lane` of the group
 // of kGroup threads of output m adds the elements r = lane, lane + kGroup,
 // ... of slice blockIdx.y in order; the group's results are combined in a
@@ -149,20 +172,7 @@ __global__ void __launch_bounds__(kThreads)
         acc = op.Add(acc, cuda::Load(x + base[0] + offset[0]), r);
       }
     }
-    if constexpr (kGroup > 1) {
-      shared[threadIdx.x] = acc;
-      __syncthreads();
-#pragma unroll
-      for (int width = kGroup / 2; width > 0; width >>= 1) {
-        if (lane < width) {
-          shared[threadIdx.x] =
-              op.Combine(shared[threadIdx.x], shared[threadIdx.x + width]);
-        }
-        __syncthreads();
-      }
-      acc = shared[threadIdx.x];
-      __syncthreads();  // The next outputs rewrite `shared`.
-    }
+    if constexpr (kGroup > 1) acc = GroupCombine<kGroup>(op, acc, shared);
     if (lane == 0 && m < g.outputs) {
       if (gridDim.y == 1) {
         op.Write(m, acc);
@@ -197,18 +207,8 @@ __global__ void __launch_bounds__(kThreads)
                         : op.Combine(acc, partial[s * outputs + m]);
       }
     }
-    shared[threadIdx.x] = acc;
-    __syncthreads();
-#pragma unroll
-    for (int width = kGroup / 2; width > 0; width >>= 1) {
-      if (lane < width) {
-        shared[threadIdx.x] =
-            op.Combine(shared[threadIdx.x], shared[threadIdx.x + width]);
-      }
-      __syncthreads();
-    }
-    if (lane == 0 && m < outputs) op.Write(m, shared[threadIdx.x]);
-    __syncthreads();  // The next outputs rewrite `shared`.
+    acc = GroupCombine<kGroup>(op, acc, shared);
+    if (lane == 0 && m < outputs) op.Write(m, acc);
   }
 }
 
