@@ -1264,21 +1264,23 @@ __global__ void RowDeltaKernel(const T* out, const T* grad_out, A* delta,
 // accumulators fit the 255 registers a thread has (ptxas -v: at most 44
 // bytes of spills per thread): the forward keeps 32 rows per warp at head_dim
 // 64 (4 warps, 2 blocks per SM) and 16 at 128 (8 warps, where 32 rows spill);
-// dQ walks keys in chunks of 64; dK/dV walk queries in chunks of 64 (head_dim
-// 64) or 32 (128) rows. Every kernel holds 8 warps per SM.
+// the forward walks keys in chunks of 64, dQ in chunks of 32 (head_dim 64)
+// or 64 (128); dK/dV walk queries in chunks of 64 (head_dim 64) or 32 (128)
+// rows. Every kernel holds 8 warps per SM. A sweep of eight shapes on the
+// H200 (BENCHMARKS.md) found these the fastest at head_dim 64.
 template <int D>
 struct MmaConfig;
 template <>
 struct MmaConfig<64> {
   static constexpr int kForwardWarps = 4, kForwardMTiles = 2;
   static constexpr int kKeyChunk = 64;
-  static constexpr int kGradWarps = 8, kGradQueryChunk = 64;
+  static constexpr int kGradWarps = 8, kGradKeyChunk = 32, kGradQueryChunk = 64;
 };
 template <>
 struct MmaConfig<128> {
   static constexpr int kForwardWarps = 8, kForwardMTiles = 1;
   static constexpr int kKeyChunk = 64;
-  static constexpr int kGradWarps = 8, kGradQueryChunk = 32;
+  static constexpr int kGradWarps = 8, kGradKeyChunk = 64, kGradQueryChunk = 32;
 };
 
 // Raises a kernel's dynamic shared memory limit on the current device.
@@ -1350,8 +1352,8 @@ void BackwardMma(const CudaAttentionArgs& args, const CudaWorkList& queries,
                  const KernelArgs& key_args) {
   using C = MmaConfig<D>;
   constexpr int kBlock = C::kGradWarps * 16;
-  const size_t q_smem = (2 * kBlock + 4 * C::kKeyChunk) * D * sizeof(bf16);
-  auto q_kernel = GradQueryMmaKernel<D, C::kGradWarps, C::kKeyChunk, GradT>;
+  const size_t q_smem = (2 * kBlock + 4 * C::kGradKeyChunk) * D * sizeof(bf16);
+  auto q_kernel = GradQueryMmaKernel<D, C::kGradWarps, C::kGradKeyChunk, GradT>;
   AllowSharedMemory(q_kernel, q_smem);
   LaunchPerPattern(q_kernel, "GradQueryMmaKernel", args, queries, query_args,
                    C::kGradWarps * 32, q_smem);
