@@ -470,6 +470,69 @@ TEST(AttentionTest, HilbertAndRowMajorTileOrdersAgree) {
   }
 }
 
+// With a block mask, the row-major plan visits only the on blocks' tiles
+// (scanning mask rows 8 bytes at a time): it must list exactly the tiles the
+// Hilbert walk (which visits every cell and asks the mask) lists, in
+// row-major order. Masks of 149 blocks (not a multiple of 8), several key
+// tiles per block, dilated rows, causal or not, and query and key ranges
+// apart (a ring step).
+TEST(AttentionTest, BlockMaskPlansVisitExactlyTheOnBlocksInRowMajorOrder) {
+  const int64_t n = 2373, block_size = 16;
+  const int64_t blocks = (n + block_size - 1) / block_size;  // 149
+  for (double density : {0.03, 0.3, 1.0}) {
+    Generator gen(static_cast<uint64_t>(density * 1000) + 7);
+    const std::vector<double> draws =
+        Rand({blocks, blocks}, gen, DType::kFloat64).ToVector();
+    BlockMask mask(block_size, blocks);
+    for (int64_t i = 0; i < blocks; ++i) {
+      for (int64_t j = 0; j < blocks; ++j) {
+        mask.set(i, j, draws[i * blocks + j] < density);
+      }
+    }
+    for (const DilatedPattern& pattern :
+         {DilatedPattern{n, 1, 0}, DilatedPattern{n, 2, 1},
+          DilatedPattern{512, 1, 0}}) {
+      for (bool causal : {false, true}) {
+        for (const auto& [queries, keys] :
+             {std::make_pair(PositionRange{0, n}, PositionRange{0, n}),
+              std::make_pair(PositionRange{700, 1500},
+                             PositionRange{100, 2300})}) {
+          SCOPED_TRACE(absl::StrCat("density ", density, " w ",
+                                    pattern.segment_length, " r ",
+                                    pattern.dilation_rate, " causal ", causal,
+                                    " queries from ", queries.begin));
+          using Key = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+          auto plan = [&](TileOrder order) {
+            TilePlanOptions options;
+            options.causal = causal;
+            options.block_mask = &mask;
+            options.query_tile = 32;
+            options.key_tile = 5;  // several tiles per block
+            options.order = order;
+            std::vector<Key> tiles;
+            ForEachTile({pattern}, n, queries, keys, options,
+                        [&](const Tile& t) {
+                          tiles.emplace_back(t.q.position, t.q.count,
+                                             t.k.position, t.k.count);
+                        });
+            return tiles;
+          };
+          const std::vector<Key> row_major = plan(TileOrder::kRowMajor);
+          std::vector<Key> hilbert = plan(TileOrder::kHilbert);
+          EXPECT_FALSE(row_major.empty());
+          // One segment, or segments in order: row-major is the sorted list.
+          std::sort(hilbert.begin(), hilbert.end());
+          EXPECT_EQ(row_major, hilbert);
+          for (const Key& k : row_major) {
+            EXPECT_TRUE(mask.on(std::get<0>(k) / block_size,
+                                std::get<2>(k) / block_size));
+          }
+        }
+      }
+    }
+  }
+}
+
 // HilbertCell walks a side x side grid through every cell once, each step
 // to an edge-adjacent cell.
 TEST(AttentionTest, HilbertCellVisitsEveryCellOnceAlongAdjacentSteps) {
