@@ -101,33 +101,6 @@ namespace {
 constexpr char kDefaultSegmentLengths[] = "2048,4096,8192";
 constexpr char kDefaultDilationRates[] = "1,2,4";
 
-// Prefixes the error of a flag's parser with the flag's name.
-template <typename T>
-absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {
-  if (parsed.ok()) return parsed;
-  return absl::Status(
-      parsed.status().code(),
-      absl::StrCat("--", flag, ": ", parsed.status().message()));
-}
-
-// "2048,4096" -> {2048, 4096}; "" -> {}.
-absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag,
-                                                  const std::string& text) {
-  std::vector<int64_t> values;
-  if (text.empty()) return values;
-  for (absl::string_view piece : absl::StrSplit(text, ',')) {
-    int64_t value;
-    if (!absl::SimpleAtoi(piece, &value)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--", flag, "=", text, ": \"", piece,
-          "\" is not an integer (expected comma-separated integers such as "
-          "2048,4096)"));
-    }
-    values.push_back(value);
-  }
-  return values;
-}
-
 absl::StatusOr<DType> ParseComputeDType(const std::string& name) {
   for (DType dtype : {DType::kFloat64, DType::kFloat32, DType::kBFloat16}) {
     if (name == DTypeName(dtype)) return dtype;
@@ -152,9 +125,9 @@ absl::StatusOr<AttentionConfig> ConfigFromFlags() {
     dilation_rates = kDefaultDilationRates;
   }
   LC_ASSIGN_OR_RETURN(config.dilated.segment_lengths,
-                      ParseIntList("segment_lengths", segment_lengths));
+                      ParseIntListFlag("segment_lengths", segment_lengths));
   LC_ASSIGN_OR_RETURN(config.dilated.dilation_rates,
-                      ParseIntList("dilation_rates", dilation_rates));
+                      ParseIntListFlag("dilation_rates", dilation_rates));
   LC_ASSIGN_OR_RETURN(
       config.dilated.head_layout,
       ForFlag("head_layout",

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "core/cuda.h"
@@ -36,6 +37,23 @@ absl::StatusOr<Device> ParseDeviceFlag(const std::string& text) {
         " CUDA devices (expected a CUDA device to exist, or --device=cpu)"));
   }
   return Device::Cuda(index);
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
+                                                      const std::string& text) {
+  std::vector<int64_t> values;
+  if (text.empty()) return values;
+  for (absl::string_view piece : absl::StrSplit(text, ',')) {
+    int64_t value;
+    if (!absl::SimpleAtoi(piece, &value)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", flag, "=", text, ": \"", piece,
+          "\" is not an integer (expected comma-separated integers such as "
+          "2048,4096)"));
+    }
+    values.push_back(value);
+  }
+  return values;
 }
 
 int RunTool(const char* name, int argc, char** argv,

@@ -1,15 +1,20 @@
 // Helpers shared by the command-line tools: paths relative to where `bazel
-// run` was called, the --device=cpu|cuda|cuda:N flag, and the body of a
-// main() that parses flags, refuses positional arguments and prints a failure
-// as one line on stderr (attention_cli, train and scaling use them).
+// run` was called, the --device=cpu|cuda|cuda:N flag, integer-list flags,
+// flag names in parse errors, and the body of a main() that parses flags,
+// refuses positional arguments and prints a failure as one line on stderr
+// (attention_cli, train and scaling use them).
 #ifndef LONGCTX_CORE_CLI_H_
 #define LONGCTX_CORE_CLI_H_
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "core/device.h"
 
 namespace lc {
@@ -25,6 +30,21 @@ std::string UserPath(const std::string& path);
 // this machine does not have (the message names the flag value and
 // CudaDeviceCount()).
 absl::StatusOr<Device> ParseDeviceFlag(const std::string& text);
+
+// The value of an integer-list flag --FLAG=TEXT: "2048,4096" -> {2048, 4096},
+// "" -> {}. InvalidArgumentError naming the flag, the text and the piece
+// that is not an integer.
+absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
+                                                      const std::string& text);
+
+// `parsed` with its error, if any, prefixed by "--FLAG: ".
+template <typename T>
+absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {
+  if (parsed.ok()) return parsed;
+  return absl::Status(
+      parsed.status().code(),
+      absl::StrCat("--", flag, ": ", parsed.status().message()));
+}
 
 // The body of a tool's main(): parses the flags (absl::ParseCommandLine; call
 // absl::SetProgramUsageMessage first), refuses positional arguments, calls

@@ -127,31 +127,6 @@ ABSL_FLAG(std::string, dtype, "",
 namespace lc {
 namespace {
 
-absl::StatusOr<std::vector<int64_t>> ParseIntList(absl::string_view flag,
-                                                  const std::string& text) {
-  std::vector<int64_t> values;
-  if (text.empty()) return values;
-  for (absl::string_view piece : absl::StrSplit(text, ',')) {
-    int64_t value;
-    if (!absl::SimpleAtoi(piece, &value)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--", flag, "=", text, ": \"", piece,
-          "\" is not an integer (expected comma-separated integers such as "
-          "256,4096)"));
-    }
-    values.push_back(value);
-  }
-  return values;
-}
-
-template <typename T>
-absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {
-  if (parsed.ok()) return parsed;
-  return absl::Status(
-      parsed.status().code(),
-      absl::StrCat("--", flag, ": ", parsed.status().message()));
-}
-
 absl::StatusOr<DType> ParseComputeDType(const std::string& text,
                                         Device device) {
   if (text.empty()) {
@@ -196,12 +171,12 @@ absl::StatusOr<TrainOptions> OptionsFromFlags() {
   LC_ASSIGN_OR_RETURN(
       attention.type,
       ForFlag("attention", ParseAttentionType(absl::GetFlag(FLAGS_attention))));
-  LC_ASSIGN_OR_RETURN(
-      attention.dilated.segment_lengths,
-      ParseIntList("segment_lengths", absl::GetFlag(FLAGS_segment_lengths)));
+  LC_ASSIGN_OR_RETURN(attention.dilated.segment_lengths,
+                      ParseIntListFlag("segment_lengths",
+                                       absl::GetFlag(FLAGS_segment_lengths)));
   LC_ASSIGN_OR_RETURN(
       attention.dilated.dilation_rates,
-      ParseIntList("dilation_rates", absl::GetFlag(FLAGS_dilation_rates)));
+      ParseIntListFlag("dilation_rates", absl::GetFlag(FLAGS_dilation_rates)));
   LC_ASSIGN_OR_RETURN(
       attention.dilated.head_layout,
       ForFlag("head_layout",
