@@ -61,7 +61,8 @@ ABSL_FLAG(std::string, head_layout, "head_groups",
           "head_groups (dilated-attention-pytorch) or all_heads (LongNet).");
 ABSL_FLAG(int64_t, ranks, 1,
           "Context-parallel thread ranks: each holds context/ranks tokens; "
-          "gives the same losses as 1 rank up to float32 rounding.");
+          "gives the same losses as 1 rank up to float32 rounding (not with "
+          "--dropout > 0: each rank draws the masks of its own tokens).");
 ABSL_FLAG(std::string, layout, "contiguous",
           "How the sequence is cut among ranks: contiguous or zigzag.");
 
