@@ -34,6 +34,7 @@
 #include "attention/attention.h"
 #include "attention/attention_config.h"
 #include "core/autograd.h"
+#include "core/cli.h"
 #include "core/random.h"
 #include "core/tensor.h"
 
@@ -66,23 +67,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-[[noreturn]] void Fail(const std::string& message) {
-  std::fprintf(stderr, "attention_benchmark: %s\n", message.c_str());
-  std::exit(2);
-}
+constexpr char kName[] = "attention_benchmark";
 
-std::vector<int64_t> ParseList(const std::vector<std::string>& items,
-                               const char* flag) {
-  std::vector<int64_t> values;
-  for (const std::string& item : items) {
-    int64_t value;
-    if (!absl::SimpleAtoi(item, &value) || value < 1) {
-      Fail(absl::StrCat("--", flag, " has \"", item,
-                        "\" (expected positive integers)"));
-    }
-    values.push_back(value);
-  }
-  return values;
+[[noreturn]] void Fail(const std::string& message) {
+  ExitWithError(kName, message);
 }
 
 // CPU time of the whole process (all threads), in milliseconds.
@@ -211,7 +199,7 @@ bool AllFinite(const Tensor& t) {
 
 int Run() {
   const std::vector<int64_t> lengths =
-      ParseList(absl::GetFlag(FLAGS_lengths), "lengths");
+      PositiveIntegersOrExit(kName, "lengths", absl::GetFlag(FLAGS_lengths));
   const int64_t batch = absl::GetFlag(FLAGS_batch);
   const int64_t heads = absl::GetFlag(FLAGS_heads);
   const int64_t head_dim = absl::GetFlag(FLAGS_head_dim);
@@ -227,10 +215,10 @@ int Run() {
   AttentionConfig config;
   config.type = AttentionType::kDilated;
   config.causal = causal;
-  config.dilated.segment_lengths =
-      ParseList(absl::GetFlag(FLAGS_segment_lengths), "segment_lengths");
-  config.dilated.dilation_rates =
-      ParseList(absl::GetFlag(FLAGS_dilation_rates), "dilation_rates");
+  config.dilated.segment_lengths = PositiveIntegersOrExit(
+      kName, "segment_lengths", absl::GetFlag(FLAGS_segment_lengths));
+  config.dilated.dilation_rates = PositiveIntegersOrExit(
+      kName, "dilation_rates", absl::GetFlag(FLAGS_dilation_rates));
   absl::StatusOr<HeadLayout> layout =
       ParseHeadLayout(absl::GetFlag(FLAGS_head_layout));
   if (!layout.ok()) Fail(std::string(layout.status().message()));

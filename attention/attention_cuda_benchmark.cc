@@ -43,6 +43,7 @@
 #include "attention/pattern.h"
 #include "attention/ring_attention.h"
 #include "core/autograd.h"
+#include "core/cli.h"
 #include "core/cuda.h"
 #include "core/memory.h"
 #include "core/tensor.h"
@@ -67,23 +68,10 @@ ABSL_FLAG(int, device, 0, "CUDA device index.");
 namespace lc {
 namespace {
 
-[[noreturn]] void Fail(const std::string& message) {
-  std::fprintf(stderr, "attention_cuda_benchmark: %s\n", message.c_str());
-  std::exit(2);
-}
+constexpr char kName[] = "attention_cuda_benchmark";
 
-std::vector<int64_t> ParseList(const std::vector<std::string>& items,
-                               const char* flag) {
-  std::vector<int64_t> values;
-  for (const std::string& item : items) {
-    int64_t value;
-    if (!absl::SimpleAtoi(item, &value) || value < 1) {
-      Fail(absl::StrCat("--", flag, " has \"", item,
-                        "\" (expected positive integers)"));
-    }
-    values.push_back(value);
-  }
-  return values;
+[[noreturn]] void Fail(const std::string& message) {
+  ExitWithError(kName, message);
 }
 
 // A bfloat16 tensor on `device` with values uniform in [-sqrt(3), sqrt(3))
@@ -284,7 +272,8 @@ int Main() {
       pattern.head_patterns = *patterns;
       const bool causal = absl::GetFlag(FLAGS_dilated_causal);
       for (int64_t n :
-           ParseList(absl::GetFlag(FLAGS_dilated_lengths), "dilated_lengths")) {
+           PositiveIntegersOrExit(kName, "dilated_lengths",
+                                  absl::GetFlag(FLAGS_dilated_lengths))) {
         Run(absl::StrCat("dilated h", heads, " d64", causal ? " causal" : ""),
             n, heads, 64, pattern, causal, device);
       }

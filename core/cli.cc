@@ -1,5 +1,6 @@
 #include "core/cli.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <vector>
@@ -50,6 +51,25 @@ absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
           "--", flag, "=", text, ": \"", piece,
           "\" is not an integer (expected comma-separated integers such as "
           "2048,4096)"));
+    }
+    values.push_back(value);
+  }
+  return values;
+}
+
+void ExitWithError(const char* name, const std::string& message) {
+  std::fprintf(stderr, "%s: %s\n", name, message.c_str());
+  std::exit(2);
+}
+
+std::vector<int64_t> PositiveIntegersOrExit(
+    const char* name, const char* flag, const std::vector<std::string>& items) {
+  std::vector<int64_t> values;
+  for (const std::string& item : items) {
+    int64_t value;
+    if (!absl::SimpleAtoi(item, &value) || value < 1) {
+      ExitWithError(name, absl::StrCat("--", flag, " has \"", item,
+                                       "\" (expected positive integers)"));
     }
     values.push_back(value);
   }

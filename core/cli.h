@@ -37,6 +37,16 @@ absl::StatusOr<Device> ParseDeviceFlag(const std::string& text);
 absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
                                                       const std::string& text);
 
+// The benchmarks' answer to a bad flag or a failed check: prints
+// "NAME: message" on stderr and exits with status 2.
+[[noreturn]] void ExitWithError(const char* name, const std::string& message);
+
+// The items of a list flag (absl's std::vector<std::string> flags, "a,b,c")
+// as positive integers; any other item is ExitWithError(name, "--FLAG has
+// \"ITEM\" (expected positive integers)").
+std::vector<int64_t> PositiveIntegersOrExit(
+    const char* name, const char* flag, const std::vector<std::string>& items);
+
 // `parsed` with its error, if any, prefixed by "--FLAG: ".
 template <typename T>
 absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {

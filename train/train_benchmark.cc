@@ -45,6 +45,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "attention/attention_config.h"
+#include "core/cli.h"
 #include "core/cuda.h"
 #include "core/memory.h"
 #include "core/random.h"
@@ -86,23 +87,10 @@ ABSL_FLAG(std::string, json, "", "File to write every figure to (JSON).");
 namespace lc {
 namespace {
 
-[[noreturn]] void Fail(const std::string& message) {
-  std::fprintf(stderr, "train_benchmark: %s\n", message.c_str());
-  std::exit(2);
-}
+constexpr char kName[] = "train_benchmark";
 
-std::vector<int64_t> ParseList(const std::vector<std::string>& items,
-                               const char* flag) {
-  std::vector<int64_t> values;
-  for (const std::string& item : items) {
-    int64_t value;
-    if (!absl::SimpleAtoi(item, &value) || value < 1) {
-      Fail(absl::StrCat("--", flag, " has \"", item,
-                        "\" (expected positive integers)"));
-    }
-    values.push_back(value);
-  }
-  return values;
+[[noreturn]] void Fail(const std::string& message) {
+  ExitWithError(kName, message);
 }
 
 std::vector<bool> ParseRecompute(const std::vector<std::string>& items) {
@@ -134,10 +122,10 @@ TransformerConfig ModelConfig(int64_t n, bool recompute) {
   m.num_heads = absl::GetFlag(FLAGS_heads);
   m.recompute = recompute;
   m.attention.type = AttentionType::kDilated;
-  m.attention.dilated.segment_lengths =
-      ParseList(absl::GetFlag(FLAGS_segment_lengths), "segment_lengths");
-  m.attention.dilated.dilation_rates =
-      ParseList(absl::GetFlag(FLAGS_dilation_rates), "dilation_rates");
+  m.attention.dilated.segment_lengths = PositiveIntegersOrExit(
+      kName, "segment_lengths", absl::GetFlag(FLAGS_segment_lengths));
+  m.attention.dilated.dilation_rates = PositiveIntegersOrExit(
+      kName, "dilation_rates", absl::GetFlag(FLAGS_dilation_rates));
   m.attention.dilated.head_layout = HeadLayout::kHeadGroups;
   m.attention.causal = true;
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
@@ -256,7 +244,7 @@ std::string Bench(int device) {
 
 std::string MaxContext(int device) {
   const std::vector<int64_t> lengths =
-      ParseList(absl::GetFlag(FLAGS_lengths), "lengths");
+      PositiveIntegersOrExit(kName, "lengths", absl::GetFlag(FLAGS_lengths));
   std::printf("%9s %8s %-14s %8s %7s\n", "recompute", "n", "result", "peak GiB",
               "seconds");
   std::vector<std::string> results;
