@@ -4,16 +4,22 @@
 #   scripts/gpu_suite.sh stage   # here: build the GPU binaries (-c opt) and
 #                                # copy them into .device_bin/ (git-ignored)
 #   scripts/gpu_suite.sh run [STEP...]
-#                                # there: run the steps (default: all) from
-#                                # .device_bin/, logs under $OUT (or
+#                                # there: run the steps from .device_bin/
+#                                # (default: env tests sanitize attention
+#                                # train cli), logs under $OUT (or
 #                                # ./gpu_suite_out), a summary table last
 #
-# Steps: env tests sanitize attention train cli maxctx scaling profile. Each step's
-# full output is in $OUT/<step>.log (the scaling CSVs and plots in
-# $OUT/scaling.tgz); every step is cut off after STEP_TIMEOUT seconds
-# (default 300); the summary prints one line per step and the tail of each
-# log. PyTorch (python3 with torch) is used only as the
-# yardstick of the benchmarks; nothing of the project depends on it.
+# Steps: env (GPU, driver, ldd), tests (cuda_test, nccl_test), sanitize
+# (compute-sanitizer memcheck and racecheck), attention (our kernels, the
+# ring, then PyTorch's SDPA), train (the training step, then PyTorch's),
+# cli (attention_cli against a float64 oracle), maxctx (longest context,
+# ours and PyTorch's), scaling (the experiments, SCALING_EXPERIMENTS to pick,
+# each cut off after SCALING_TIMEOUT s; CSVs in $OUT/scaling.tgz), profile
+# (Nsight Compute: every kernel of a training step, summed by name). Each
+# step's full output is in $OUT/<step>.log; every step is cut off after
+# STEP_TIMEOUT seconds (default 300). PyTorch (python3 with torch) is used
+# only as the yardstick of the benchmarks; nothing of the project depends
+# on it.
 set -uo pipefail
 
 SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
@@ -130,11 +136,12 @@ step_scaling() {
   return $rc
 }
 
-# Where a training step's GPU time goes: every kernel of one step (after
-# one warm-up step) timed by Nsight Compute, summed by kernel name.
+# Where a training step's GPU time goes: every kernel of two steps (the
+# benchmark's warm-up step and its timed one) timed by Nsight Compute,
+# summed by kernel name.
 step_profile() {
   ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-    --print-units base --launch-skip "${PROFILE_SKIP:-0}" \
+    --print-units base \
     "$BIN/train_benchmark" --warmup=1 --repeats=1 --recompute=off \
     >"$OUT/profile.csv" || return 1
   python3 - "$OUT/profile.csv" <<'PY'
