@@ -332,7 +332,8 @@ absl::Status Run() {
   if (pattern.block_mask != nullptr) {
     const BlockMask& mask = *pattern.block_mask;
     Tensor bits = Empty({mask.num_blocks(), mask.num_blocks()}, DType::kUInt8);
-    std::memcpy(bits.data<uint8_t>(), mask.bits().data(), mask.bits().size());
+    const std::vector<uint8_t> dense = mask.ToDense();
+    std::memcpy(bits.data<uint8_t>(), dense.data(), dense.size());
     outputs["block_mask"] = bits;
   }
   LC_RETURN_IF_ERROR(WriteSafetensors(output_path, outputs));

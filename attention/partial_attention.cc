@@ -194,8 +194,15 @@ bool Scores(const RowSet<const T>& q, const RowSet<const T>& k, int64_t d,
     }
     for (int64_t j = allowed_end; j < k.count; ++j) row[j] = neg_inf;
     if (mask.block_mask != nullptr) {
+      // Keys in increasing position: one walk along the query block's
+      // increasing on key blocks.
+      const int64_t bs = mask.block_mask->block_size();
+      const absl::Span<const int32_t> on = mask.block_mask->Row(t / bs);
+      auto it = on.begin();
       for (int64_t j = 0; j < allowed_end; ++j) {
-        if (!mask.block_mask->Allows(t, k.PositionOf(j))) row[j] = neg_inf;
+        const int64_t kb = k.PositionOf(j) / bs;
+        while (it != on.end() && *it < kb) ++it;
+        if (it == on.end() || *it != kb) row[j] = neg_inf;
       }
     }
     if (mask.key_padding != nullptr) {

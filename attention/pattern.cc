@@ -1,9 +1,12 @@
 #include "attention/pattern.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/check.h"
 #include "core/random.h"
 
 namespace lc {
@@ -68,16 +71,53 @@ DilatedPattern DensePattern(int64_t n) {
   return DilatedPattern{n > 0 ? n : 1, 1, 0};
 }
 
-BlockMask::BlockMask(int64_t block_size, int64_t num_blocks)
-    : block_size_(block_size),
-      num_blocks_(num_blocks),
-      bits_(num_blocks * num_blocks, 0) {}
+BlockMask::BlockMask(
+    int64_t block_size, int64_t num_blocks,
+    absl::FunctionRef<void(int64_t, std::vector<int32_t>*)> row)
+    : block_size_(block_size), num_blocks_(num_blocks) {
+  LC_CHECK(block_size >= 1 && num_blocks >= 0 &&
+           num_blocks <= std::numeric_limits<int32_t>::max())
+      << block_size << " " << num_blocks;
+  row_begin_.reserve(num_blocks + 1);
+  for (int64_t q = 0; q < num_blocks; ++q) {
+    const size_t begin = keys_.size();
+    row(q, &keys_);
+    for (size_t i = begin; i < keys_.size(); ++i) {
+      LC_CHECK(keys_[i] >= 0 && keys_[i] < num_blocks &&
+               (i == begin || keys_[i] > keys_[i - 1]))
+          << "row " << q << ": key block " << keys_[i] << " (expected "
+          << "increasing blocks below " << num_blocks << ")";
+    }
+    row_begin_.push_back(static_cast<int64_t>(keys_.size()));
+  }
+}
+
+BlockMask BlockMask::FromPairs(int64_t block_size, int64_t num_blocks,
+                               absl::FunctionRef<bool(int64_t, int64_t)> on) {
+  return BlockMask(block_size, num_blocks,
+                   [&](int64_t q, std::vector<int32_t>* keys) {
+                     for (int64_t k = 0; k < num_blocks; ++k) {
+                       if (on(q, k)) keys->push_back(static_cast<int32_t>(k));
+                     }
+                   });
+}
+
+bool BlockMask::on(int64_t query_block, int64_t key_block) const {
+  const absl::Span<const int32_t> row = Row(query_block);
+  return std::binary_search(row.begin(), row.end(), key_block);
+}
 
 double BlockMask::Density() const {
-  if (bits_.empty()) return 0;
-  int64_t on = 0;
-  for (uint8_t b : bits_) on += b;
-  return static_cast<double>(on) / bits_.size();
+  if (num_blocks_ == 0) return 0;
+  return static_cast<double>(OnPairs()) / (num_blocks_ * num_blocks_);
+}
+
+std::vector<uint8_t> BlockMask::ToDense() const {
+  std::vector<uint8_t> bits(num_blocks_ * num_blocks_, 0);
+  for (int64_t q = 0; q < num_blocks_; ++q) {
+    for (int32_t k : Row(q)) bits[q * num_blocks_ + k] = 1;
+  }
+  return bits;
 }
 
 absl::StatusOr<SparsePattern> ParseSparsePattern(const std::string& name) {
@@ -104,7 +144,6 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
         absl::StrCat("sequence length ", n, " (expected >= 1)"));
   }
   const int64_t blocks = (n + bs - 1) / bs;
-  BlockMask mask(bs, blocks);
   const int64_t window_blocks = (options.window + bs - 1) / bs;
   switch (options.pattern) {
     case SparsePattern::kLocalWindow:
@@ -119,40 +158,44 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
           return absl::InvalidArgumentError(absl::StrCat(
               "global_tokens ", options.global_tokens, " (expected >= 0)"));
         }
-        global_blocks = (options.global_tokens + bs - 1) / bs;
+        global_blocks = std::min((options.global_tokens + bs - 1) / bs, blocks);
       }
-      for (int64_t q = 0; q < blocks; ++q) {
-        for (int64_t k = 0; k < blocks; ++k) {
-          mask.set(q, k,
-                   std::llabs(q - k) <= window_blocks || q < global_blocks ||
-                       k < global_blocks);
+      // Pair (q, k) is on when |q - k| <= window_blocks, q < global_blocks
+      // or k < global_blocks: the global keys, then the window past them.
+      return BlockMask(bs, blocks, [&](int64_t q, std::vector<int32_t>* keys) {
+        const int64_t window_begin =
+            q < global_blocks ? 0 : std::max<int64_t>(0, q - window_blocks);
+        const int64_t window_end =
+            q < global_blocks ? blocks
+                              : std::min(blocks, q + window_blocks + 1);
+        for (int64_t k = 0; k < std::min(global_blocks, window_begin); ++k) {
+          keys->push_back(static_cast<int32_t>(k));
         }
-      }
-      break;
+        for (int64_t k = window_begin; k < window_end; ++k) {
+          keys->push_back(static_cast<int32_t>(k));
+        }
+      });
     }
     case SparsePattern::kDilatedSparse:
       if (options.stride < 1) {
         return absl::InvalidArgumentError(
             absl::StrCat("stride ", options.stride, " (expected >= 1)"));
       }
-      for (int64_t q = 0; q < blocks; ++q) {
-        for (int64_t k = 0; k < blocks; ++k) {
-          mask.set(q, k, std::llabs(q - k) % options.stride == 0);
+      // |q - k| % stride == 0: every stride-th block from q % stride.
+      return BlockMask(bs, blocks, [&](int64_t q, std::vector<int32_t>* keys) {
+        for (int64_t k = q % options.stride; k < blocks; k += options.stride) {
+          keys->push_back(static_cast<int32_t>(k));
         }
-      }
-      break;
+      });
     case SparsePattern::kRandom:
       if (!(options.density >= 0 && options.density <= 1)) {
         return absl::InvalidArgumentError(
             absl::StrCat("density ", options.density, " (expected in [0, 1])"));
       }
-      for (int64_t q = 0; q < blocks; ++q) {
-        for (int64_t k = 0; k < blocks; ++k) {
-          const double u = UniformAt(options.seed, 0, q * blocks + k);
-          mask.set(q, k, q == k || u < options.density);
-        }
-      }
-      break;
+      return BlockMask::FromPairs(bs, blocks, [&](int64_t q, int64_t k) {
+        return q == k ||
+               UniformAt(options.seed, 0, q * blocks + k) < options.density;
+      });
     case SparsePattern::kExplicit:
       if (static_cast<int64_t>(options.explicit_mask.size()) !=
           blocks * blocks) {
@@ -161,14 +204,13 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
             " entries (expected ", blocks, " x ", blocks, " = ",
             blocks * blocks, " for n = ", n, " and block_size ", bs, ")"));
       }
-      for (int64_t q = 0; q < blocks; ++q) {
-        for (int64_t k = 0; k < blocks; ++k) {
-          mask.set(q, k, options.explicit_mask[q * blocks + k] != 0);
-        }
-      }
-      break;
+      return BlockMask::FromPairs(bs, blocks, [&](int64_t q, int64_t k) {
+        return options.explicit_mask[q * blocks + k] != 0;
+      });
   }
-  return mask;
+  LC_CHECK(false) << "unknown sparse pattern "
+                  << static_cast<int>(options.pattern);
+  return BlockMask();
 }
 
 }  // namespace lc

@@ -16,7 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 
 namespace lc {
 
@@ -61,33 +63,50 @@ absl::StatusOr<std::vector<std::vector<DilatedPattern>>> DilatedHeadPatterns(
 DilatedPattern DensePattern(int64_t n);
 
 // On/off for each (query block, key block) pair of a sequence cut into
-// blocks of block_size tokens (the last block may be short).
+// blocks of block_size tokens (the last block may be short), held as the
+// sorted key blocks that are on in each query block's row (compressed rows):
+// memory and planning grow with the pairs that are on, not with
+// num_blocks^2 (a 256-token local window over 4M tokens in blocks of 64
+// takes under 3 MiB, where a byte per pair took 4 GiB).
 class BlockMask {
  public:
   BlockMask() = default;
-  BlockMask(int64_t block_size, int64_t num_blocks);
+  // Row q (for q = 0, 1, ... in order) is what `row(q, &keys)` appends to
+  // keys: strictly increasing key blocks below num_blocks (checked).
+  BlockMask(int64_t block_size, int64_t num_blocks,
+            absl::FunctionRef<void(int64_t, std::vector<int32_t>*)> row);
+  // Asks on(q, k) of every pair, row by row: O(num_blocks^2), for small or
+  // dense masks.
+  static BlockMask FromPairs(int64_t block_size, int64_t num_blocks,
+                             absl::FunctionRef<bool(int64_t, int64_t)> on);
 
   int64_t block_size() const { return block_size_; }
   int64_t num_blocks() const { return num_blocks_; }
-  bool on(int64_t query_block, int64_t key_block) const {
-    return bits_[query_block * num_blocks_ + key_block] != 0;
+  // The key blocks that are on in row query_block, increasing.
+  absl::Span<const int32_t> Row(int64_t query_block) const {
+    return absl::MakeConstSpan(keys_.data() + row_begin_[query_block],
+                               keys_.data() + row_begin_[query_block + 1]);
   }
-  void set(int64_t query_block, int64_t key_block, bool on) {
-    bits_[query_block * num_blocks_ + key_block] = on ? 1 : 0;
-  }
+  bool on(int64_t query_block, int64_t key_block) const;
   // Whether query position t may attend key position u.
   bool Allows(int64_t t, int64_t u) const {
     return on(t / block_size_, u / block_size_);
   }
-  // Fraction of pairs that are on.
+  // The number of pairs that are on, and their fraction of all pairs.
+  int64_t OnPairs() const { return static_cast<int64_t>(keys_.size()); }
   double Density() const;
-  // Row-major [num_blocks, num_blocks] of 0/1.
-  const std::vector<uint8_t>& bits() const { return bits_; }
+  // Row-major [num_blocks, num_blocks] of 0/1 (for output and tests).
+  std::vector<uint8_t> ToDense() const;
+  // The compressed rows: row q's keys are keys()[row_begin()[q] ..
+  // row_begin()[q + 1]).
+  const std::vector<int64_t>& row_begin() const { return row_begin_; }
+  const std::vector<int32_t>& keys() const { return keys_; }
 
  private:
   int64_t block_size_ = 0;
   int64_t num_blocks_ = 0;
-  std::vector<uint8_t> bits_;
+  std::vector<int64_t> row_begin_ = {0};  // [num_blocks + 1]
+  std::vector<int32_t> keys_;
 };
 
 enum class SparsePattern {

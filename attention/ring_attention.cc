@@ -750,7 +750,8 @@ int64_t BlockMaskFingerprint(const BlockMask* mask) {
   if (mask != nullptr) {
     f.Add(mask->block_size());
     f.Add(mask->num_blocks());
-    f.AddBytes(mask->bits().data(), static_cast<int64_t>(mask->bits().size()));
+    for (int64_t b : mask->row_begin()) f.Add(b);
+    for (int32_t k : mask->keys()) f.Add(k);
   }
   return f.value();
 }

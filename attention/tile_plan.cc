@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -43,25 +42,6 @@ void SelectedRun(int64_t seg_begin, int64_t seg_end, const DilatedPattern& p,
   const int64_t j_hi = (hi - start + r - 1) / r;
   *first = start + j_lo * r;
   *count = std::max<int64_t>(0, j_hi - j_lo);
-}
-
-// Calls fn(b) for every b < count with row[b] != 0, in ascending order,
-// stepping over 8 zero bytes at a time.
-template <typename Fn>
-void ForEachNonZero(const uint8_t* row, int64_t count, Fn&& fn) {
-  int64_t b = 0;
-  while (b < count) {
-    if (b + 8 <= count) {
-      uint64_t word;
-      std::memcpy(&word, row + b, sizeof(word));
-      if (word == 0) {
-        b += 8;
-        continue;
-      }
-    }
-    if (row[b] != 0) fn(b);
-    ++b;
-  }
 }
 
 }  // namespace
@@ -133,9 +113,9 @@ void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
       const int64_t nq = q_tiles.size(), nk = k_tiles.size();
       if (options.order == TileOrder::kRowMajor && block_size > 0) {
         // The key tiles of one block are consecutive (tiles never straddle
-        // blocks): a scan of the query block's mask row, 8 bytes at a time
-        // past blocks that are off, replaces a visit per key tile, which
-        // made plans of long block-sparse sequences quadratic in tiles.
+        // blocks): walking the query block's row of on key blocks replaces
+        // a visit per key tile, which made plans of long block-sparse
+        // sequences quadratic in tiles.
         const int64_t first_block = k_tiles.front().position / block_size;
         const int64_t blocks =
             k_tiles.back().position / block_size - first_block + 1;
@@ -145,17 +125,16 @@ void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
           if (begin[b] < 0) begin[b] = ki;
           end[b] = ki + 1;
         }
-        const BlockMask& mask = *options.block_mask;
         for (int64_t qi = 0; qi < nq; ++qi) {
-          const uint8_t* row =
-              mask.bits().data() +
-              (q_tiles[qi].position / block_size) * mask.num_blocks() +
-              first_block;
-          ForEachNonZero(row, blocks, [&](int64_t b) {
+          const absl::Span<const int32_t> row =
+              options.block_mask->Row(q_tiles[qi].position / block_size);
+          for (auto it = std::lower_bound(row.begin(), row.end(), first_block);
+               it != row.end() && *it < first_block + blocks; ++it) {
+            const int64_t b = *it - first_block;
             for (int64_t ki = begin[b]; ki >= 0 && ki < end[b]; ++ki) {
               visit(qi, ki);
             }
-          });
+          }
         }
       } else if (options.order == TileOrder::kRowMajor) {
         for (int64_t qi = 0; qi < nq; ++qi) {

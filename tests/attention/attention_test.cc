@@ -471,9 +471,9 @@ TEST(AttentionTest, HilbertAndRowMajorTileOrdersAgree) {
 }
 
 // With a block mask, the row-major plan visits only the on blocks' tiles
-// (scanning mask rows 8 bytes at a time): it must list exactly the tiles the
-// Hilbert walk (which visits every cell and asks the mask) lists, in
-// row-major order. Masks of 149 blocks (not a multiple of 8), several key
+// (walking the mask's rows): it must list exactly the tiles the Hilbert
+// walk (which visits every cell and asks the mask) lists, in row-major
+// order. Masks of 149 blocks (not a multiple of 8), several key
 // tiles per block, dilated rows, causal or not, and query and key ranges
 // apart (a ring step).
 TEST(AttentionTest, BlockMaskPlansVisitExactlyTheOnBlocksInRowMajorOrder) {
@@ -483,12 +483,9 @@ TEST(AttentionTest, BlockMaskPlansVisitExactlyTheOnBlocksInRowMajorOrder) {
     Generator gen(static_cast<uint64_t>(density * 1000) + 7);
     const std::vector<double> draws =
         Rand({blocks, blocks}, gen, DType::kFloat64).ToVector();
-    BlockMask mask(block_size, blocks);
-    for (int64_t i = 0; i < blocks; ++i) {
-      for (int64_t j = 0; j < blocks; ++j) {
-        mask.set(i, j, draws[i * blocks + j] < density);
-      }
-    }
+    const BlockMask mask = BlockMask::FromPairs(
+        block_size, blocks,
+        [&](int64_t i, int64_t j) { return draws[i * blocks + j] < density; });
     for (const DilatedPattern& pattern :
          {DilatedPattern{n, 1, 0}, DilatedPattern{n, 2, 1},
           DilatedPattern{512, 1, 0}}) {
@@ -698,6 +695,46 @@ TEST(BlockMaskTest, ExplicitMaskPassesUnchanged) {
   EXPECT_EQ(MaskRows(o, 45), rows);
 }
 
+// The compressed rows answer every question the dense matrix would.
+TEST(BlockMaskTest, CompressedRowsAnswerLikeTheDenseMatrix) {
+  const int64_t block = 4, blocks = 7;
+  auto rule = [](int64_t q, int64_t k) { return (q + 2 * k) % 3 == 0; };
+  const BlockMask mask = BlockMask::FromPairs(block, blocks, rule);
+  const std::vector<uint8_t> dense = mask.ToDense();
+  ASSERT_EQ(dense.size(), static_cast<size_t>(blocks * blocks));
+  int64_t on = 0;
+  for (int64_t q = 0; q < blocks; ++q) {
+    std::vector<int32_t> expected;
+    for (int64_t k = 0; k < blocks; ++k) {
+      EXPECT_EQ(mask.on(q, k), rule(q, k)) << q << ", " << k;
+      EXPECT_EQ(dense[q * blocks + k], rule(q, k) ? 1 : 0);
+      if (rule(q, k)) expected.push_back(static_cast<int32_t>(k));
+    }
+    const absl::Span<const int32_t> row = mask.Row(q);
+    EXPECT_EQ(std::vector<int32_t>(row.begin(), row.end()), expected);
+    on += static_cast<int64_t>(expected.size());
+  }
+  EXPECT_EQ(mask.OnPairs(), on);
+  EXPECT_DOUBLE_EQ(mask.Density(), static_cast<double>(on) / (blocks * blocks));
+  for (int64_t t = 0; t < block * blocks; t += 3) {
+    for (int64_t u = 0; u < block * blocks; u += 5) {
+      EXPECT_EQ(mask.Allows(t, u), rule(t / block, u / block));
+    }
+  }
+}
+
+TEST(BlockMaskTest, RowsOutOfOrderOrRangeAreAnInternalError) {
+  auto build = [](std::vector<int32_t> row) {
+    return BlockMask(4, 3, [&](int64_t, std::vector<int32_t>* keys) {
+      keys->insert(keys->end(), row.begin(), row.end());
+    });
+  };
+  EXPECT_EQ(build({0, 2}).OnPairs(), 6);
+  EXPECT_DEATH(build({1, 1}), "increasing blocks below 3");
+  EXPECT_DEATH(build({2, 0}), "increasing blocks below 3");
+  EXPECT_DEATH(build({3}), "key block 3");
+}
+
 // The test's transcription (SpecBlockMask) agrees with every hand-written
 // mask above by construction of the same rules; here it is checked against
 // MakeBlockMask over a sweep of options, so the oracle and the code under
@@ -719,7 +756,7 @@ TEST(BlockMaskTest, MakeBlockMaskEqualsTheSpecTranscription) {
                                     static_cast<int>(pattern), " knob ", knob));
           absl::StatusOr<BlockMask> mask = MakeBlockMask(o, n);
           ASSERT_TRUE(mask.ok()) << mask.status();
-          EXPECT_EQ(mask->bits(), testing::SpecBlockMask(o, n));
+          EXPECT_EQ(mask->ToDense(), testing::SpecBlockMask(o, n));
         }
       }
     }

@@ -49,9 +49,8 @@ TEST(ReferenceAttentionTest, PairCountsCountPatternsPerPair) {
 
   // Block mask of 3-token blocks, only the diagonal on.
   AttentionPattern blocked = pattern;
-  auto mask = std::make_shared<BlockMask>(3, 3);
-  for (int b = 0; b < 3; ++b) mask->set(b, b, true);
-  blocked.block_mask = mask;
+  blocked.block_mask = std::make_shared<BlockMask>(
+      BlockMask::FromPairs(3, 3, [](int64_t q, int64_t k) { return q == k; }));
   const Tensor cb = PairCounts(blocked, false, Tensor(), 1, 8);
   EXPECT_EQ(cb.at({0, 0, 6, 4}), 0);  // blocks 2 and 1
   EXPECT_EQ(cb.at({0, 0, 7, 6}), 1);  // block 2, same 4-segment

@@ -628,10 +628,8 @@ TEST(RingRegressionTest, GradientsReturnToOwner) {
   const int64_t block = 5;  // 8 blocks: one per zigzag chunk with k = 4
   const int64_t blocks = n / block;
   auto mask_pattern = [&](const std::function<bool(int64_t, int64_t)>& on) {
-    auto mask = std::make_shared<BlockMask>(block, blocks);
-    for (int64_t qb = 0; qb < blocks; ++qb) {
-      for (int64_t kb = 0; kb < blocks; ++kb) mask->set(qb, kb, on(qb, kb));
-    }
+    auto mask = std::make_shared<BlockMask>(BlockMask::FromPairs(
+        block, blocks, [&](int64_t qb, int64_t kb) { return on(qb, kb); }));
     AttentionPattern pattern = testing::DenseHeads(heads, n);
     pattern.block_mask = mask;
     return pattern;

@@ -235,9 +235,10 @@ void ExpectBlockMask(const std::map<std::string, Tensor>& written,
   EXPECT_EQ(it->second.dtype(), DType::kUInt8);
   EXPECT_EQ(it->second.shape(), Shape({mask.num_blocks(), mask.num_blocks()}));
   const std::vector<double> bits = it->second.ToVector();
-  ASSERT_EQ(bits.size(), mask.bits().size());
+  const std::vector<uint8_t> expected = mask.ToDense();
+  ASSERT_EQ(bits.size(), expected.size());
   for (size_t i = 0; i < bits.size(); ++i) {
-    EXPECT_EQ(bits[i], mask.bits()[i]) << "block_mask at flat index " << i;
+    EXPECT_EQ(bits[i], expected[i]) << "block_mask at flat index " << i;
   }
 }
 
