@@ -36,29 +36,6 @@ PatternSpec BlockSparseSpec(const BlockSparseOptions& options,
   return spec;
 }
 
-AttentionPattern DenseHeads(int64_t heads, int64_t n) {
-  AttentionPattern pattern;
-  pattern.head_patterns.assign(heads, {DensePattern(n)});
-  return pattern;
-}
-
-AttentionPattern DilatedHeads(const DilatedOptions& options, int64_t heads) {
-  auto patterns = DilatedHeadPatterns(options, heads);
-  LC_CHECK(patterns.ok()) << patterns.status();
-  AttentionPattern pattern;
-  pattern.head_patterns = *std::move(patterns);
-  return pattern;
-}
-
-AttentionPattern BlockSparseHeads(const BlockSparseOptions& options,
-                                  int64_t heads, int64_t n) {
-  auto mask = MakeBlockMask(options, n);
-  LC_CHECK(mask.ok()) << mask.status();
-  AttentionPattern pattern = DenseHeads(heads, n);
-  pattern.block_mask = std::make_shared<const BlockMask>(*std::move(mask));
-  return pattern;
-}
-
 AttentionCase MakeAttentionCase(std::string name, int64_t n, int64_t heads,
                                 PatternSpec spec) {
   AttentionCase c;

@@ -16,6 +16,7 @@
 #include "attention/pattern.h"
 #include "core/random.h"
 #include "core/tensor.h"
+#include "tests/attention/pattern_builders.h"
 #include "tests/op_test_util.h"
 
 namespace lc {
@@ -54,15 +55,6 @@ struct AttentionCase {
 // (DilatedHeadPatterns, DensePattern, MakeBlockMask).
 AttentionCase MakeAttentionCase(std::string name, int64_t n, int64_t heads,
                                 PatternSpec spec);
-
-// DensePattern(n) for every head.
-AttentionPattern DenseHeads(int64_t heads, int64_t n);
-// DilatedHeadPatterns(options, heads), which must succeed.
-AttentionPattern DilatedHeads(const DilatedOptions& options, int64_t heads);
-// Block-sparse: the dense pattern for every head plus MakeBlockMask(options,
-// n), which must succeed.
-AttentionPattern BlockSparseHeads(const BlockSparseOptions& options,
-                                  int64_t heads, int64_t n);
 
 // The test's own reading of SPEC section 2, independent of attention/:
 // a dilated pattern (w, r, o) of one head.

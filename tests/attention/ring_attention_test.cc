@@ -29,6 +29,7 @@
 #include "ops/elementwise.h"
 #include "ops/shape_ops.h"
 #include "tests/attention/attention_test_util.h"
+#include "tests/distributed/ring_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace lc {
@@ -65,34 +66,6 @@ Inputs RandomInputs(const RingCase& c, DType dtype, Generator& gen) {
 struct Results {
   Tensor out, lse, dq, dk, dv;
 };
-
-// This rank's rows of a [batch, heads, n] statistic.
-Tensor SplitStat(const Tensor& stat, int k, int rank, SequenceLayout layout) {
-  return SplitSequence(stat.transpose(1, 2), k, rank, layout).transpose(1, 2);
-}
-
-// The whole [batch, n, ...] tensor from each rank's rows (RankSpans order).
-Tensor GatherRows(const std::vector<Tensor>& per_rank, int64_t n,
-                  SequenceLayout layout) {
-  const int k = static_cast<int>(per_rank.size());
-  // Every non-empty span of every rank, sorted by position.
-  std::vector<std::pair<int64_t, Tensor>> by_position;
-  for (int r = 0; r < k; ++r) {
-    int64_t row = 0;
-    for (const PositionSpan& span : RankSpans(n, k, r, layout)) {
-      if (span.size() > 0) {
-        by_position.push_back(
-            {span.begin, per_rank[r].slice(1, row, row + span.size())});
-      }
-      row += span.size();
-    }
-  }
-  std::sort(by_position.begin(), by_position.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<Tensor> ordered;
-  for (auto& [begin, t] : by_position) ordered.push_back(t);
-  return Concat(ordered, 1);
-}
 
 Results SingleRank(const RingCase& c, const Inputs& in, bool backward = true) {
   Tensors leaves = {in.q.detach(), in.k.detach(), in.v.detach()};
@@ -142,8 +115,9 @@ RingRun RunRing(const RingCase& c, const Inputs& in, int k,
     AttentionResult res = RingAttention(comm, local[0], local[1], local[2], c.n,
                                         c.pattern, options, ring);
     if (backward) {
-      Backward({res.out, res.lse}, {SplitSequence(in.grad_out, k, r, layout),
-                                    SplitStat(in.grad_lse, k, r, layout)});
+      Backward({res.out, res.lse},
+               {SplitSequence(in.grad_out, k, r, layout),
+                testing::SplitStat(in.grad_lse, k, r, layout)});
     }
     run.ranks[r] = {res.out.detach(), res.lse.detach(), local[0].grad(),
                     local[1].grad(), local[2].grad()};
@@ -186,8 +160,8 @@ void ExpectRanksMatch(const RingRun& got, const Results& want, int k,
     testing::ExpectAllClose(g.out, SplitSequence(want.out, k, r, layout), tol,
                             "out");
     // Equal infinities match: -inf rows (queries with no key) must agree.
-    testing::ExpectAllClose(g.lse, SplitStat(want.lse, k, r, layout), tol,
-                            "lse");
+    testing::ExpectAllClose(g.lse, testing::SplitStat(want.lse, k, r, layout),
+                            tol, "lse");
     if (!want.dq.defined()) continue;
     testing::ExpectAllClose(g.dq, SplitSequence(want.dq, k, r, layout), dq_tol,
                             "grad q");
@@ -547,8 +521,9 @@ TEST(RingRegressionTest, KeyNotOverwrittenByValue) {
         ring.layout = layout;
         AttentionResult res = RingAttention(comm, local[0], local[1], local[2],
                                             c.n, c.pattern, c.options, ring);
-        Backward({res.out, res.lse}, {SplitSequence(in.grad_out, k, r, layout),
-                                      SplitStat(in.grad_lse, k, r, layout)});
+        Backward({res.out, res.lse},
+                 {SplitSequence(in.grad_out, k, r, layout),
+                  testing::SplitStat(in.grad_lse, k, r, layout)});
         run.ranks[r] = {res.out, res.lse, local[0].grad(), local[1].grad(),
                         local[2].grad()};
         for (int i = 0; i < 3; ++i) {
@@ -585,8 +560,8 @@ TEST(RingRegressionTest, CausalMaskPerChunkPair) {
         outs.push_back(r.out);
         lses.push_back(r.lse.transpose(1, 2));
       }
-      const Tensor base_out = GatherRows(outs, c.n, layout);
-      const Tensor base_lse = GatherRows(lses, c.n, layout);
+      const Tensor base_out = testing::GatherRows(outs, c.n, layout);
+      const Tensor base_lse = testing::GatherRows(lses, c.n, layout);
       const Inputs noise = RandomInputs(c, DType::kFloat64, gen);
       for (int64_t t = 0; t < c.n; ++t) {
         SCOPED_TRACE(absl::StrCat("keys after t = ", t, " changed"));
@@ -606,11 +581,11 @@ TEST(RingRegressionTest, CausalMaskPerChunkPair) {
         }
         // Bit for bit: the changed keys must not enter these rows at all.
         EXPECT_TRUE(testing::BitwiseEqual(
-            GatherRows(outs, c.n, layout).slice(1, 0, t + 1),
+            testing::GatherRows(outs, c.n, layout).slice(1, 0, t + 1),
             base_out.slice(1, 0, t + 1)))
             << "out up to t changed";
         EXPECT_TRUE(testing::BitwiseEqual(
-            GatherRows(lses, c.n, layout).slice(1, 0, t + 1),
+            testing::GatherRows(lses, c.n, layout).slice(1, 0, t + 1),
             base_lse.slice(1, 0, t + 1)))
             << "lse up to t changed";
       }

@@ -25,6 +25,7 @@
 #include "distributed/thread_communicator.h"
 #include "gtest/gtest.h"
 #include "tests/attention/attention_test_util.h"
+#include "tests/distributed/ring_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace lc {
@@ -47,49 +48,6 @@ double SecondsSince(Clock::time_point start) {
 bool Contains(absl::string_view text, absl::string_view piece) {
   return text.find(piece) != absl::string_view::npos;
 }
-
-// Forwards everything to `inner`, except that the `fail_at`-th Send (1 =
-// the first) is refused with an Unavailable error.
-class FailingCommunicator : public Communicator {
- public:
-  FailingCommunicator(Communicator& inner, int fail_at)
-      : inner_(inner), fail_at_(fail_at) {}
-
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  absl::StatusOr<std::unique_ptr<Work>> Send(const Tensor& tensor, int dst,
-                                             int tag) override {
-    if (++sends_ == fail_at_) {
-      return absl::UnavailableError(
-          absl::StrCat("injected failure of send ", sends_));
-    }
-    return inner_.Send(tensor, dst, tag);
-  }
-  absl::StatusOr<std::unique_ptr<Work>> Recv(const Tensor& tensor, int src,
-                                             int tag) override {
-    return inner_.Recv(tensor, src, tag);
-  }
-  absl::Status StartBatch() override { return inner_.StartBatch(); }
-  absl::Status EndBatch() override { return inner_.EndBatch(); }
-  absl::Status AllReduceSum(const Tensor& tensor) override {
-    return inner_.AllReduceSum(tensor);
-  }
-  absl::Status AllGather(const Tensor& input, const Tensor& output) override {
-    return inner_.AllGather(input, output);
-  }
-  absl::Status Broadcast(const Tensor& tensor, int root) override {
-    return inner_.Broadcast(tensor, root);
-  }
-  absl::Status Barrier() override { return inner_.Barrier(); }
-  void Abort(const absl::Status& reason) override { inner_.Abort(reason); }
-  CommStats stats() const override { return inner_.stats(); }
-  void ResetStats() override { inner_.ResetStats(); }
-
- private:
-  Communicator& inner_;
-  const int fail_at_;
-  int sends_ = 0;
-};
 
 // Inputs for one group: whole-sequence q, k, v, grad_out.
 struct Whole {
@@ -188,7 +146,7 @@ TEST(RingFaultTest, FailingRankStopsEveryRankPromptly) {
        "injected failure on rank 2"},
       {"a forward send fails",
        [&](Communicator& comm) {
-         FailingCommunicator failing(comm, comm.rank() == bad ? 2 : 0);
+         testing::FailingCommunicator failing(comm, comm.rank() == bad ? 2 : 0);
          RingForwardBackward(failing, w);
        },
        "injected failure of send 2"},
@@ -197,7 +155,7 @@ TEST(RingFaultTest, FailingRankStopsEveryRankPromptly) {
          // Rank 2 of 4, causal contiguous: 6 forward sends (K and V of
          // chunks 2, 1, 0), then K and V of chunk 2 in backward step 0 (its
          // own dK and dV stay home); send 9 is step 1's K.
-         FailingCommunicator failing(comm, comm.rank() == bad ? 9 : 0);
+         testing::FailingCommunicator failing(comm, comm.rank() == bad ? 9 : 0);
          RingForwardBackward(failing, w);
        },
        "injected failure of send 9"},
@@ -241,7 +199,7 @@ TEST(RingFaultTest, RootCauseWinsOverTheAbortsItCaused) {
   const GroupOutcome outcome = RunGroup(
       k,
       [&](Communicator& comm) {
-        FailingCommunicator failing(comm, comm.rank() == bad ? 9 : 0);
+        testing::FailingCommunicator failing(comm, comm.rank() == bad ? 9 : 0);
         try {
           RingForwardBackward(failing, w);
         } catch (const Error&) {

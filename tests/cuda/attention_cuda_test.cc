@@ -26,6 +26,7 @@
 #include "core/status.h"
 #include "core/tensor.h"
 #include "gtest/gtest.h"
+#include "tests/attention/pattern_builders.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace lc {
@@ -39,29 +40,6 @@ struct Case {
   AttentionPattern pattern;
   AttentionOptions options;
 };
-
-AttentionPattern Dense(int64_t heads, int64_t n) {
-  AttentionPattern p;
-  p.head_patterns.assign(heads, {DensePattern(n)});
-  return p;
-}
-
-AttentionPattern Dilated(std::vector<int64_t> w, std::vector<int64_t> r,
-                         HeadLayout layout, int64_t heads) {
-  DilatedOptions o;
-  o.segment_lengths = std::move(w);
-  o.dilation_rates = std::move(r);
-  o.head_layout = layout;
-  AttentionPattern p;
-  p.head_patterns = *DilatedHeadPatterns(o, heads);
-  return p;
-}
-
-AttentionPattern BlockSparse(BlockSparseOptions o, int64_t heads, int64_t n) {
-  AttentionPattern p = Dense(heads, n);
-  p.block_mask = std::make_shared<const BlockMask>(*MakeBlockMask(o, n));
-  return p;
-}
 
 BlockSparseOptions Sparse(SparsePattern pattern, int64_t block_size) {
   BlockSparseOptions o;
@@ -101,51 +79,67 @@ std::vector<uint8_t> ExplicitMask(int64_t blocks, uint64_t seed) {
 // key tiles per query tile all occur.
 std::vector<Case> PatternCases() {
   std::vector<Case> cases;
-  cases.push_back(MakeCase("dense", 300, 2, Dense(2, 300)));
-  cases.push_back(
-      MakeCase("head_groups w{64,256} r{1,2}", 300, 4,
-               Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4)));
+  cases.push_back(MakeCase("dense", 300, 2, testing::DenseHeads(2, 300)));
+  cases.push_back(MakeCase(
+      "head_groups w{64,256} r{1,2}", 300, 4,
+      testing::DilatedHeads(
+          DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kHeadGroups}, 4)));
   // 5 heads in 3 groups (2, 2, 1), offsets 0, 1, 2; last segments short.
-  cases.push_back(
-      MakeCase("head_groups 5 heads 3 groups", 333, 5,
-               Dilated({48, 96, 160}, {1, 2, 4}, HeadLayout::kHeadGroups, 5)));
+  cases.push_back(MakeCase(
+      "head_groups 5 heads 3 groups", 333, 5,
+      testing::DilatedHeads(
+          DilatedOptions{{48, 96, 160}, {1, 2, 4}, HeadLayout::kHeadGroups},
+          5)));
   // Fewer heads than groups: the last group is empty.
-  cases.push_back(
-      MakeCase("head_groups 2 heads 3 groups", 200, 2,
-               Dilated({32, 64, 128}, {1, 2, 4}, HeadLayout::kHeadGroups, 2)));
+  cases.push_back(MakeCase(
+      "head_groups 2 heads 3 groups", 200, 2,
+      testing::DilatedHeads(
+          DilatedOptions{{32, 64, 128}, {1, 2, 4}, HeadLayout::kHeadGroups},
+          2)));
   // Several patterns per head: one launch per pattern index, merged.
-  cases.push_back(
-      MakeCase("all_heads w{64,256} r{1,2}", 290, 3,
-               Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3)));
-  cases.push_back(
-      MakeCase("all_heads w{40,100,260} r{1,3,5}", 301, 5,
-               Dilated({40, 100, 260}, {1, 3, 5}, HeadLayout::kAllHeads, 5)));
+  cases.push_back(MakeCase(
+      "all_heads w{64,256} r{1,2}", 290, 3,
+      testing::DilatedHeads(
+          DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kAllHeads}, 3)));
+  cases.push_back(MakeCase(
+      "all_heads w{40,100,260} r{1,3,5}", 301, 5,
+      testing::DilatedHeads(
+          DilatedOptions{{40, 100, 260}, {1, 3, 5}, HeadLayout::kAllHeads},
+          5)));
   // Long dilated segments: several 64-key chunks of stride-4 rows.
-  cases.push_back(MakeCase("head_groups w{1024} r{4}", 1100, 2,
-                           Dilated({1024}, {4}, HeadLayout::kHeadGroups, 2)));
+  cases.push_back(
+      MakeCase("head_groups w{1024} r{4}", 1100, 2,
+               testing::DilatedHeads(
+                   DilatedOptions{{1024}, {4}, HeadLayout::kHeadGroups}, 2)));
   const int64_t n = 270;
   BlockSparseOptions local = Sparse(SparsePattern::kLocalWindow, 64);
   local.window = 64;
-  cases.push_back(MakeCase("local_window", n, 2, BlockSparse(local, 2, n)));
+  cases.push_back(
+      MakeCase("local_window", n, 2, testing::BlockSparseHeads(local, 2, n)));
   BlockSparseOptions dilated = Sparse(SparsePattern::kDilatedSparse, 32);
   dilated.stride = 2;
-  cases.push_back(MakeCase("dilated_sparse", n, 2, BlockSparse(dilated, 2, n)));
+  cases.push_back(MakeCase("dilated_sparse", n, 2,
+                           testing::BlockSparseHeads(dilated, 2, n)));
   BlockSparseOptions global = Sparse(SparsePattern::kGlobalLocal, 32);
   global.global_tokens = 32;
   global.window = 32;
-  cases.push_back(MakeCase("global_local", n, 2, BlockSparse(global, 2, n)));
+  cases.push_back(
+      MakeCase("global_local", n, 2, testing::BlockSparseHeads(global, 2, n)));
   BlockSparseOptions random = Sparse(SparsePattern::kRandom, 48);
   random.seed = 7;
   random.density = 0.3;
-  cases.push_back(MakeCase("random", n, 2, BlockSparse(random, 2, n)));
+  cases.push_back(
+      MakeCase("random", n, 2, testing::BlockSparseHeads(random, 2, n)));
   BlockSparseOptions explicit_mask = Sparse(SparsePattern::kExplicit, 64);
   explicit_mask.explicit_mask = ExplicitMask(5, 11);
-  cases.push_back(MakeCase("explicit", n, 2, BlockSparse(explicit_mask, 2, n)));
+  cases.push_back(MakeCase("explicit", n, 2,
+                           testing::BlockSparseHeads(explicit_mask, 2, n)));
   // A dilated pattern intersected with a block mask (block 40).
-  AttentionPattern both = Dilated({64, 128}, {1, 2}, HeadLayout::kAllHeads, 2);
+  AttentionPattern both = testing::DilatedHeads(
+      DilatedOptions{{64, 128}, {1, 2}, HeadLayout::kAllHeads}, 2);
   BlockSparseOptions window40 = Sparse(SparsePattern::kLocalWindow, 40);
   window40.window = 40;
-  both.block_mask = BlockSparse(window40, 2, n).block_mask;
+  both.block_mask = testing::BlockSparseHeads(window40, 2, n).block_mask;
   cases.push_back(MakeCase("dilated x local_window", n, 2, both));
   return cases;
 }
@@ -266,8 +260,10 @@ TEST_F(CudaTest, AttentionFloat32AndOddHeadDimsMatchCpu) {
   }
   // bfloat16 with head dims the tensor-core kernels do not take: the FMA
   // kernels in float32.
-  Case dilated = MakeCase("all_heads odd d", 290, 3,
-                          Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3));
+  Case dilated = MakeCase(
+      "all_heads odd d", 290, 3,
+      testing::DilatedHeads(
+          DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kAllHeads}, 3));
   for (int64_t head_dim : {8, 40, 96, 200}) {
     ExpectMatchesCpu(dilated, head_dim, DType::kBFloat16, seed += 10,
                      kBf16Tolerance);
@@ -278,9 +274,12 @@ TEST_F(CudaTest, AttentionKeyPaddingMatchesCpuWithMaskOnEitherDevice) {
   uint64_t seed = 400;
   for (Device mask_device : {Device::Cpu(), kGpu}) {
     for (Case c :
-         {MakeCase("dense padded", 300, 2, Dense(2, 300)),
-          MakeCase("head_groups padded", 300, 4,
-                   Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4))}) {
+         {MakeCase("dense padded", 300, 2, testing::DenseHeads(2, 300)),
+          MakeCase(
+              "head_groups padded", 300, 4,
+              testing::DilatedHeads(
+                  DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kHeadGroups},
+                  4))}) {
       // Random padding, and batch element 1 padded entirely: its queries
       // get no key (out 0, lse -inf).
       Generator gen(seed);
@@ -305,9 +304,11 @@ TEST_F(CudaTest, AttentionKeyPaddingMatchesCpuWithMaskOnEitherDevice) {
 TEST_F(CudaTest, AttentionDropoutMatchesCpuMask) {
   uint64_t seed = 500;
   for (Case c :
-       {MakeCase("dense dropout", 300, 2, Dense(2, 300)),
+       {MakeCase("dense dropout", 300, 2, testing::DenseHeads(2, 300)),
         MakeCase("all_heads dropout", 290, 3,
-                 Dilated({64, 256}, {1, 2}, HeadLayout::kAllHeads, 3))}) {
+                 testing::DilatedHeads(
+                     DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kAllHeads},
+                     3))}) {
     c.options.dropout = 0.2;
     for (bool causal : {false, true}) {
       c.options.causal = causal;
@@ -321,8 +322,10 @@ TEST_F(CudaTest, AttentionDropoutMatchesCpuMask) {
 
 // Non-contiguous q, k, v (views of [batch, heads, n, head_dim] buffers).
 TEST_F(CudaTest, AttentionTakesNonContiguousInputs) {
-  Case c = MakeCase("head_groups", 300, 4,
-                    Dilated({64, 256}, {1, 2}, HeadLayout::kHeadGroups, 4));
+  Case c = MakeCase(
+      "head_groups", 300, 4,
+      testing::DilatedHeads(
+          DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kHeadGroups}, 4));
   c.options.causal = true;
   const Inputs in = MakeInputs(c, 64, DType::kBFloat16, 600);
   const Results want = RunAttention(c, in, DType::kFloat64, Device::Cpu());
@@ -360,8 +363,10 @@ bool BitwiseEqual(const Tensor& a, const Tensor& b) {
 }
 
 TEST_F(CudaTest, AttentionIsDeterministic) {
-  Case c = MakeCase("all_heads", 1100, 3,
-                    Dilated({256, 1024}, {1, 2}, HeadLayout::kAllHeads, 3));
+  Case c = MakeCase(
+      "all_heads", 1100, 3,
+      testing::DilatedHeads(
+          DilatedOptions{{256, 1024}, {1, 2}, HeadLayout::kAllHeads}, 3));
   c.options.causal = true;
   c.options.dropout = 0.1;
   for (DType dtype : {DType::kBFloat16, DType::kFloat32}) {
@@ -382,7 +387,7 @@ TEST_F(CudaTest, AttentionQueryWithoutKeysGivesZeroOutNegInfLseNoGradient) {
   const int64_t n = 270;
   BlockSparseOptions o = Sparse(SparsePattern::kExplicit, 64);
   o.explicit_mask = ExplicitMask(5, 13);
-  const Case c = MakeCase("explicit", n, 2, BlockSparse(o, 2, n));
+  const Case c = MakeCase("explicit", n, 2, testing::BlockSparseHeads(o, 2, n));
   for (auto [dtype, head_dim] :
        {std::pair<DType, int64_t>{DType::kBFloat16, 64},
         {DType::kBFloat16, 128},
@@ -413,8 +418,9 @@ TEST_F(CudaTest, AttentionQueryWithoutKeysGivesZeroOutNegInfLseNoGradient) {
 // matrix 4 GiB.
 TEST_F(CudaTest, AttentionMemoryIsLinearInN) {
   const int64_t batch = 1, n = 32768, heads = 4, head_dim = 64;
-  const AttentionPattern pattern =
-      Dilated({2048, 4096, 8192}, {1, 2, 4}, HeadLayout::kHeadGroups, heads);
+  const AttentionPattern pattern = testing::DilatedHeads(
+      DilatedOptions{{2048, 4096, 8192}, {1, 2, 4}, HeadLayout::kHeadGroups},
+      heads);
   const Shape shape = {batch, n, heads, head_dim};
   const Tensor q =
       RandomNormal(shape, DType::kBFloat16, kGpu, 900).set_requires_grad(true);
@@ -477,8 +483,8 @@ TokenLayout PackedKeys(const AttentionPattern& pattern, int64_t n,
 // head): the same accumulations as the CPU drivers, forward and backward.
 TEST_F(CudaTest, CudaDriversMatchCpuDriversOnRingLayouts) {
   const int64_t batch = 2, n = 1000, heads = 3;
-  const AttentionPattern pattern =
-      Dilated({128, 512}, {1, 2}, HeadLayout::kAllHeads, heads);
+  const AttentionPattern pattern = testing::DilatedHeads(
+      DilatedOptions{{128, 512}, {1, 2}, HeadLayout::kAllHeads}, heads);
   const TokenLayout ql = TokenLayoutOf({{100, 350}, {650, 900}});
   const TokenLayout zigzag = TokenLayoutOf({{0, 250}, {750, 1000}});
   const TokenLayout packed = PackedKeys(pattern, n, {600, 1000});
@@ -574,7 +580,7 @@ void ExpectError(const std::function<void()>& fn,
 
 TEST_F(CudaTest, AttentionBadInputOnCudaIsAClearError) {
   const Shape shape = {1, 16, 2, 8};
-  const AttentionPattern pattern = Dense(2, 16);
+  const AttentionPattern pattern = testing::DenseHeads(2, 16);
   const Tensor gpu = Zeros(shape, DType::kFloat32, kGpu);
   const Tensor cpu = Zeros(shape, DType::kFloat32);
   ExpectError([&] { Attention(gpu, cpu, gpu, pattern); },

@@ -35,7 +35,9 @@
 #include "ops/elementwise.h"
 #include "ops/matmul.h"
 #include "ops/shape_ops.h"
+#include "tests/attention/pattern_builders.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/distributed/ring_test_util.h"
 
 namespace lc {
 namespace {
@@ -435,29 +437,6 @@ struct RingCase {
   uint64_t dropout_seed = 0;
 };
 
-AttentionPattern Dense(int64_t heads, int64_t n) {
-  AttentionPattern p;
-  p.head_patterns.assign(heads, {DensePattern(n)});
-  return p;
-}
-
-AttentionPattern Dilated(std::vector<int64_t> w, std::vector<int64_t> r,
-                         HeadLayout layout, int64_t heads) {
-  DilatedOptions o;
-  o.segment_lengths = std::move(w);
-  o.dilation_rates = std::move(r);
-  o.head_layout = layout;
-  AttentionPattern p;
-  p.head_patterns = *DilatedHeadPatterns(o, heads);
-  return p;
-}
-
-AttentionPattern BlockSparse(BlockSparseOptions o, int64_t heads, int64_t n) {
-  AttentionPattern p = Dense(heads, n);
-  p.block_mask = std::make_shared<const BlockMask>(*MakeBlockMask(o, n));
-  return p;
-}
-
 RingCase MakeRingCase(std::string name, int64_t n, AttentionPattern pattern) {
   RingCase c;
   c.name = std::move(name);
@@ -474,13 +453,17 @@ std::vector<RingCase> DilatedCases(int64_t n, int k, HeadLayout layout) {
   const std::string name =
       layout == HeadLayout::kHeadGroups ? "head groups" : "all heads";
   return {
-      MakeRingCase(name + ", segments 16,32 rates 1,2", n,
-                   Dilated({16, 32}, {1, 2}, layout, 4)),
+      MakeRingCase(
+          name + ", segments 16,32 rates 1,2", n,
+          testing::DilatedHeads(DilatedOptions{{16, 32}, {1, 2}, layout}, 4)),
       MakeRingCase(absl::StrCat(name, ", segments ", chunk, ",", 2 * chunk,
                                 " rates 1,2"),
-                   n, Dilated({chunk, 2 * chunk}, {1, 2}, layout, 4)),
-      MakeRingCase(name + ", segments 64,n rates 2,4", n,
-                   Dilated({64, n}, {2, 4}, layout, 4)),
+                   n,
+                   testing::DilatedHeads(
+                       DilatedOptions{{chunk, 2 * chunk}, {1, 2}, layout}, 4)),
+      MakeRingCase(
+          name + ", segments 64,n rates 2,4", n,
+          testing::DilatedHeads(DilatedOptions{{64, n}, {2, 4}, layout}, 4)),
   };
 }
 
@@ -494,8 +477,9 @@ std::vector<RingCase> BlockSparseCases(int64_t n) {
   global.block_size = 16;
   global.window = 16;
   global.global_tokens = 16;
-  return {MakeRingCase("local window", n, BlockSparse(local, 4, n)),
-          MakeRingCase("global local", n, BlockSparse(global, 4, n))};
+  return {
+      MakeRingCase("local window", n, testing::BlockSparseHeads(local, 4, n)),
+      MakeRingCase("global local", n, testing::BlockSparseHeads(global, 4, n))};
 }
 
 // The whole-sequence inputs and the gradients fed back into out and lse.
@@ -531,33 +515,6 @@ Results SingleRank(const RingCase& c, const Inputs& in) {
   Backward({r.out, r.lse}, {in.grad_out, in.grad_lse});
   return {r.out.detach(), r.lse.detach(), leaves[0].grad(), leaves[1].grad(),
           leaves[2].grad()};
-}
-
-// This rank's rows of a [batch, heads, n] statistic.
-Tensor SplitStat(const Tensor& stat, int k, int rank, SequenceLayout layout) {
-  return SplitSequence(stat.transpose(1, 2), k, rank, layout).transpose(1, 2);
-}
-
-// The whole [batch, n, ...] tensor from each rank's rows (RankSpans order).
-Tensor GatherRows(const std::vector<Tensor>& per_rank, int64_t n,
-                  SequenceLayout layout) {
-  const int k = static_cast<int>(per_rank.size());
-  std::vector<std::pair<int64_t, Tensor>> by_position;
-  for (int r = 0; r < k; ++r) {
-    int64_t row = 0;
-    for (const PositionSpan& span : RankSpans(n, k, r, layout)) {
-      if (span.size() > 0) {
-        by_position.push_back(
-            {span.begin, per_rank[r].slice(1, row, row + span.size())});
-      }
-      row += span.size();
-    }
-  }
-  std::sort(by_position.begin(), by_position.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<Tensor> ordered;
-  for (auto& [begin, t] : by_position) ordered.push_back(t);
-  return Concat(ordered, 1);
 }
 
 struct RingRun {
@@ -596,8 +553,9 @@ RingRun RunRing(const RingCase& c, const Inputs& in, int k,
         AttentionResult res = RingAttention(comm, local[0], local[1], local[2],
                                             c.n, c.pattern, options, ring);
         run.forward[r] = run.total[r];
-        Backward({res.out, res.lse}, {SplitSequence(in.grad_out, k, r, layout),
-                                      SplitStat(in.grad_lse, k, r, layout)});
+        Backward({res.out, res.lse},
+                 {SplitSequence(in.grad_out, k, r, layout),
+                  testing::SplitStat(in.grad_lse, k, r, layout)});
         run.ranks[r] = {res.out.detach(), res.lse.detach(), local[0].grad(),
                         local[1].grad(), local[2].grad()};
         return absl::OkStatus();
@@ -614,11 +572,11 @@ void ExpectRingMatches(const RingRun& run, const Results& want, int64_t n,
   const auto gather = [&](Tensor Results::*field) {
     std::vector<Tensor> parts;
     for (const Results& r : run.ranks) parts.push_back(r.*field);
-    return GatherRows(parts, n, layout);
+    return testing::GatherRows(parts, n, layout);
   };
   std::vector<Tensor> lse_parts;
   for (const Results& r : run.ranks) lse_parts.push_back(r.lse.transpose(1, 2));
-  const Tensor lse = GatherRows(lse_parts, n, layout).transpose(1, 2);
+  const Tensor lse = testing::GatherRows(lse_parts, n, layout).transpose(1, 2);
   for (const Results& r : run.ranks) {
     EXPECT_EQ(r.out.device(), kGpu);
     EXPECT_EQ(r.out.dtype(), want.out.dtype());
@@ -696,8 +654,9 @@ void CheckRingCases(
 
 TEST_F(RingCudaTest, DenseMatchesSingleRank) {
   CheckRingCases([](int) {
-    return std::vector<RingCase>{MakeRingCase("dense", 192, Dense(4, 192)),
-                                 MakeRingCase("dense", 203, Dense(4, 203))};
+    return std::vector<RingCase>{
+        MakeRingCase("dense", 192, testing::DenseHeads(4, 192)),
+        MakeRingCase("dense", 203, testing::DenseHeads(4, 203))};
   });
 }
 
@@ -719,7 +678,8 @@ TEST_F(RingCudaTest, BlockSparseMatchesSingleRank) {
 // every rank and on one rank.
 TEST_F(RingCudaTest, DropoutMatchesSingleRank) {
   CheckRingCases([](int) {
-    RingCase c = MakeRingCase("dense, dropout 0.2", 160, Dense(4, 160));
+    RingCase c =
+        MakeRingCase("dense, dropout 0.2", 160, testing::DenseHeads(4, 160));
     c.options.dropout = 0.2;
     c.dropout_seed = 1234;
     return std::vector<RingCase>{c};
@@ -728,9 +688,10 @@ TEST_F(RingCudaTest, DropoutMatchesSingleRank) {
 
 // Strided (non-contiguous) inputs and an odd head_dim (the FMA kernels).
 TEST_F(RingCudaTest, StridedInputsAndOddHeadDim) {
-  RingCase c =
-      MakeRingCase("dilated, head_dim 40", 101,
-                   Dilated({32, 101}, {1, 3}, HeadLayout::kAllHeads, 4));
+  RingCase c = MakeRingCase(
+      "dilated, head_dim 40", 101,
+      testing::DilatedHeads(
+          DilatedOptions{{32, 101}, {1, 3}, HeadLayout::kAllHeads}, 4));
   c.head_dim = 40;
   c.options.causal = true;
   const Inputs in = RandomInputs(c, DType::kFloat32, c.name);
@@ -751,15 +712,17 @@ TEST_F(RingCudaTest, BadInputIsAClearError) {
       EachRank(1, [&](Communicator& comm) -> absl::Status {
         const Tensor q = Zeros({1, 8, 2, 16}, DType::kFloat32, kGpu);
         const Tensor k_cpu = Zeros({1, 8, 2, 16}, DType::kFloat32);
-        const absl::Status mixed = StatusFromCall(
-            [&] { RingAttention(comm, q, k_cpu, q, 8, Dense(2, 8)); });
+        const absl::Status mixed = StatusFromCall([&] {
+          RingAttention(comm, q, k_cpu, q, 8, testing::DenseHeads(2, 8));
+        });
         EXPECT_EQ(mixed.code(), absl::StatusCode::kInvalidArgument) << mixed;
         EXPECT_TRUE(absl::StrContains(mixed.message(),
                                       "q on cuda:0, k on cpu, v on cuda:0"))
             << mixed;
         const Tensor wide = Zeros({1, 8, 2, 300}, DType::kFloat32, kGpu);
-        const absl::Status head_dim = StatusFromCall(
-            [&] { RingAttention(comm, wide, wide, wide, 8, Dense(2, 8)); });
+        const absl::Status head_dim = StatusFromCall([&] {
+          RingAttention(comm, wide, wide, wide, 8, testing::DenseHeads(2, 8));
+        });
         EXPECT_EQ(head_dim.code(), absl::StatusCode::kInvalidArgument)
             << head_dim;
         EXPECT_TRUE(absl::StrContains(head_dim.message(), "head_dim 300"))
@@ -769,56 +732,14 @@ TEST_F(RingCudaTest, BadInputIsAClearError) {
   for (const absl::Status& s : statuses) EXPECT_TRUE(s.ok()) << s;
 }
 
-// Forwards everything to `inner`, except that the `fail_at`-th Send (1 =
-// the first) is refused with an Unavailable error.
-class FailingCommunicator : public Communicator {
- public:
-  FailingCommunicator(Communicator& inner, int fail_at)
-      : inner_(inner), fail_at_(fail_at) {}
-
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  absl::StatusOr<std::unique_ptr<Work>> Send(const Tensor& tensor, int dst,
-                                             int tag) override {
-    if (++sends_ == fail_at_) {
-      return absl::UnavailableError(
-          absl::StrCat("injected failure of send ", sends_));
-    }
-    return inner_.Send(tensor, dst, tag);
-  }
-  absl::StatusOr<std::unique_ptr<Work>> Recv(const Tensor& tensor, int src,
-                                             int tag) override {
-    return inner_.Recv(tensor, src, tag);
-  }
-  absl::Status StartBatch() override { return inner_.StartBatch(); }
-  absl::Status EndBatch() override { return inner_.EndBatch(); }
-  absl::Status AllReduceSum(const Tensor& tensor) override {
-    return inner_.AllReduceSum(tensor);
-  }
-  absl::Status AllGather(const Tensor& input, const Tensor& output) override {
-    return inner_.AllGather(input, output);
-  }
-  absl::Status Broadcast(const Tensor& tensor, int root) override {
-    return inner_.Broadcast(tensor, root);
-  }
-  absl::Status Barrier() override { return inner_.Barrier(); }
-  void Abort(const absl::Status& reason) override { inner_.Abort(reason); }
-  CommStats stats() const override { return inner_.stats(); }
-  void ResetStats() override { inner_.ResetStats(); }
-
- private:
-  Communicator& inner_;
-  const int fail_at_;
-  int sends_ = 0;
-};
-
 // A rank whose send fails mid-ring (in forward, or in backward) or that
 // throws between forward and backward: every rank returns an error, the
 // failing rank its own, the others Aborted carrying it, long before the
 // timeout.
 TEST_F(RingCudaTest, FailingRankStopsEveryRankPromptly) {
   const int k = 4, bad = 2;
-  const RingCase c = MakeRingCase("dense causal", 256, Dense(4, 256));
+  const RingCase c =
+      MakeRingCase("dense causal", 256, testing::DenseHeads(4, 256));
   const Inputs in = RandomInputs(c, DType::kBFloat16, "fault");
   SynchronizeCudaStream(0);
   struct Variant {
@@ -844,7 +765,8 @@ TEST_F(RingCudaTest, FailingRankStopsEveryRankPromptly) {
         k,
         [&](Communicator& comm) {
           const int r = comm.rank();
-          FailingCommunicator failing(comm, r == bad ? variant.fail_at : 0);
+          testing::FailingCommunicator failing(comm,
+                                               r == bad ? variant.fail_at : 0);
           const absl::Status status = StatusFromCall([&] {
             Tensors local;
             for (const Tensor* t : {&in.q, &in.k, &in.v}) {

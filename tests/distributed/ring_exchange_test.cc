@@ -21,6 +21,7 @@
 #include "distributed/thread_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/distributed/ring_test_util.h"
 
 namespace lc {
 namespace {
@@ -74,47 +75,6 @@ void ExpectAllOk(const std::vector<absl::Status>& statuses) {
     EXPECT_TRUE(statuses[r].ok()) << "rank " << r << ": " << statuses[r];
   }
 }
-
-// Forwards everything to `inner`, but refuses the `fail_at`-th Send (1 =
-// the first) with an Unavailable error.
-class FailingCommunicator : public Communicator {
- public:
-  FailingCommunicator(Communicator& inner, int fail_at)
-      : inner_(inner), fail_at_(fail_at) {}
-
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  absl::StatusOr<std::unique_ptr<Work>> Send(const Tensor& tensor, int dst,
-                                             int tag) override {
-    if (++sends_ == fail_at_) {
-      return absl::UnavailableError(
-          absl::StrCat("injected failure of send ", sends_));
-    }
-    return inner_.Send(tensor, dst, tag);
-  }
-  absl::StatusOr<std::unique_ptr<Work>> Recv(const Tensor& tensor, int src,
-                                             int tag) override {
-    return inner_.Recv(tensor, src, tag);
-  }
-  absl::Status AllReduceSum(const Tensor& tensor) override {
-    return inner_.AllReduceSum(tensor);
-  }
-  absl::Status AllGather(const Tensor& input, const Tensor& output) override {
-    return inner_.AllGather(input, output);
-  }
-  absl::Status Broadcast(const Tensor& tensor, int root) override {
-    return inner_.Broadcast(tensor, root);
-  }
-  absl::Status Barrier() override { return inner_.Barrier(); }
-  void Abort(const absl::Status& reason) override { inner_.Abort(reason); }
-  CommStats stats() const override { return inner_.stats(); }
-  void ResetStats() override { inner_.ResetStats(); }
-
- private:
-  Communicator& inner_;
-  const int fail_at_;
-  int sends_ = 0;
-};
 
 // The specs of a bundle like `bundle`.
 std::vector<TensorSpec> SpecsOf(const std::vector<Tensor>& bundle) {
@@ -319,7 +279,7 @@ TEST(RingExchangeTest, FailureMidExchangeIsAnErrorOnEveryRank) {
         k,
         [&](Communicator& c) {
           // The 7th send: step 3's K.
-          FailingCommunicator failing(c, c.rank() == bad ? 7 : 0);
+          testing::FailingCommunicator failing(c, c.rank() == bad ? 7 : 0);
           return ring(failing, 10);
         },
         Timeout(5000));
