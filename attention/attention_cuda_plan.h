@@ -45,7 +45,8 @@ CudaWorkListHost BuildCudaWorkList(const AttentionProblem& p,
 // BuildCudaWorkList through a process-wide cache of the most recent lists
 // (keyed by everything a list depends on: heads' patterns, n, causality, the
 // block mask, layouts and kind), so that repeated calls of one geometry
-// (layers, training steps, ring steps) skip the planning. Thread-safe.
+// (layers, training steps, ring steps) skip the host planning; the upload to
+// the device (CudaPlanCache) is still made per call. Thread-safe.
 std::shared_ptr<const CudaWorkListHost> CachedCudaWorkList(
     const AttentionProblem& p, const TokenLayout& ql, const TokenLayout& kl,
     CudaWorkKind kind);

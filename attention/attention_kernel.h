@@ -120,16 +120,17 @@ void RowDelta(const AttentionProblem& p, int64_t rows, const T* out,
 // The CUDA drivers: the same contracts on contiguous CUDA tensors of the
 // problem's device. q, k, v (and grad_out) are of the inputs' dtype
 // (bfloat16, float32 or float64), buffers of their layouts (q's shared:
-// [batch, rows, heads, head_dim]; k's shared or packed: [batch, rows,
-// head_dim]); out_acc, lse, delta, grad_lse and the gradients are in the
-// accumulator dtype (float64 for float64 inputs, float32 otherwise). Work is
-// queued on the current stream of the device; results are merged or added
-// into the accumulators (so several calls compose: ring steps, patterns), in
-// an order fixed by the plan (bit-identical results for equal inputs).
-// For bfloat16 inputs with one pattern per head, out_acc (and dq, dk, dv
-// together) may instead be bfloat16: the kernels then write each row once
-// (rows without pairs keep their values), for a call that is the only one
-// contributing to those buffers (lse stays float32 and is written too).
+// [batch, rows, heads, head_dim]; k's shared: [batch, rows, heads,
+// head_dim], or packed: [batch, rows, head_dim]); out_acc, lse, delta, grad_lse
+// and the gradients are in the accumulator dtype (float64 for float64 inputs,
+// float32 otherwise). Work is queued on the current stream of the device;
+// results are merged or added into the accumulators (so several calls compose:
+// ring steps, patterns), in an order fixed by the plan (bit-identical results
+// for equal inputs). For bfloat16 inputs with one pattern per head, out_acc
+// (and dq, dk, dv together) may instead be bfloat16: the kernels then write
+// each row once (rows without pairs keep their values), for a call that is the
+// only one contributing to those buffers (lse stays float32 and is written
+// too).
 void AttentionForwardTilesCuda(const AttentionProblem& p, const TokenLayout& ql,
                                const Tensor& q, const TokenLayout& kl,
                                const Tensor& k, const Tensor& v,

@@ -10,17 +10,16 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/strings/numbers.h"
 #include "attention/attention_config.h"
 #include "attention/attention_cuda_plan.h"
 #include "attention/attention_kernel.h"
+#include "core/cli.h"
 #include "core/tensor.h"
 
 ABSL_FLAG(std::vector<std::string>, lengths,
@@ -64,6 +63,8 @@ void PlanOnce(const AttentionConfig& config, int64_t n, int64_t heads) {
 
 void Run() {
   const int64_t heads = absl::GetFlag(FLAGS_heads);
+  const std::vector<int64_t> lengths = PositiveIntegersOrExit(
+      "attention_plan_benchmark", "lengths", absl::GetFlag(FLAGS_lengths));
   std::printf(
       "host planning, %lld heads: dilated = segments 2048,4096,8192 rates "
       "1,2,4; block_sparse = local_window 256, blocks of 64\n",
@@ -78,13 +79,7 @@ void Run() {
       config.dilated.segment_lengths = {2048, 4096, 8192};
       config.dilated.dilation_rates = {1, 2, 4};
     }
-    for (const std::string& text : absl::GetFlag(FLAGS_lengths)) {
-      int64_t n = 0;
-      if (!absl::SimpleAtoi(text, &n) || n < 1) {
-        std::fprintf(stderr, "--lengths: \"%s\" is not a positive integer\n",
-                     text.c_str());
-        std::exit(1);
-      }
+    for (int64_t n : lengths) {
       PlanOnce(config, n, heads);
     }
   }

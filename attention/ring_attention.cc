@@ -367,10 +367,11 @@ auto DispatchCpu(DType dtype, Fn&& fn) {
 // CUDA drivers (bfloat16, float32 or float64 inputs). out, lse and the
 // gradient accumulators (dQ, and dK/dV that travel) are of acc(): the
 // inputs' dtype on the CPU, CudaAccumulatorDType on CUDA. On CUDA every
-// kernel is queued on the current stream, and the construction does the
-// host work and uploads up front (the row maps of this rank's cut-down
-// copies and home-coming accumulators, the kernels' work lists of every
-// step), so the ring loop never waits for the device.
+// kernel is queued on the current stream, and the host work and uploads are
+// done before the ring loop (the row maps of this rank's cut-down copies and
+// home-coming accumulators and the forward's work lists at construction,
+// the backward's in PrepareBackward), so the loop never waits for the
+// device. Each call plans and uploads again (see CachedCudaWorkList).
 class RingKernels {
  public:
   RingKernels(std::shared_ptr<const AttentionProblem> p,

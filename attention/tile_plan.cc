@@ -99,16 +99,20 @@ void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
           Split(q_first, r, q_count, options.query_tile, block_size);
       const std::vector<TileRows> k_tiles =
           Split(k_first, r, k_count, options.key_tile, block_size);
-      auto visit = [&](size_t qi, size_t ki) {
+      // Visits a tile whose block pair is on (or that has no mask).
+      auto visit_on = [&](size_t qi, size_t ki) {
         const TileRows& q = q_tiles[qi];
         const TileRows& k = k_tiles[ki];
         if (options.causal && k.position > q.last()) return;
+        fn(Tile{q, k, static_cast<int>(pi)});
+      };
+      auto visit = [&](size_t qi, size_t ki) {
         if (block_size > 0 &&
-            !options.block_mask->on(q.position / block_size,
-                                    k.position / block_size)) {
+            !options.block_mask->on(q_tiles[qi].position / block_size,
+                                    k_tiles[ki].position / block_size)) {
           return;
         }
-        fn(Tile{q, k, static_cast<int>(pi)});
+        visit_on(qi, ki);
       };
       const int64_t nq = q_tiles.size(), nk = k_tiles.size();
       if (options.order == TileOrder::kRowMajor && block_size > 0) {
@@ -132,7 +136,7 @@ void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
                it != row.end() && *it < first_block + blocks; ++it) {
             const int64_t b = *it - first_block;
             for (int64_t ki = begin[b]; ki >= 0 && ki < end[b]; ++ki) {
-              visit(qi, ki);
+              visit_on(qi, ki);
             }
           }
         }
