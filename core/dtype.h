@@ -38,6 +38,24 @@ struct bfloat16 {
 
 // Bytes per element.
 int64_t DTypeSize(DType dtype);
+
+// Calls fn(T{}) with T the storage type of `dtype` (bfloat16 as its bits):
+// for code that treats every dtype alike (fills, copies, conversions).
+template <typename Fn>
+void DispatchAll(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return fn(float{});
+    case DType::kFloat64:
+      return fn(double{});
+    case DType::kBFloat16:
+      return fn(bfloat16{});
+    case DType::kInt64:
+      return fn(int64_t{});
+    case DType::kUInt8:
+      return fn(uint8_t{});
+  }
+}
 // "float32", "float64", "bfloat16", "int64" or "uint8".
 std::string DTypeName(DType dtype);
 // Whether values of `dtype` are floating point (the dtypes ops differentiate).

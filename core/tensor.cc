@@ -26,23 +26,6 @@ To Cast(From v) {
   }
 }
 
-// Runs fn.template operator()<T>() with T the storage type of `dtype`.
-template <typename Fn>
-void DispatchAll(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(float{});
-    case DType::kFloat64:
-      return fn(double{});
-    case DType::kBFloat16:
-      return fn(bfloat16{});
-    case DType::kInt64:
-      return fn(int64_t{});
-    case DType::kUInt8:
-      return fn(uint8_t{});
-  }
-}
-
 double ReadElement(const void* ptr, DType dtype) {
   double out = 0;
   DispatchAll(dtype, [&](auto tag) {

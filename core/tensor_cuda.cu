@@ -28,23 +28,6 @@ cudaStream_t LaunchStream(int device) {
   return CurrentCudaStream(device);
 }
 
-// Runs fn(T{}) with T the storage type of `dtype` (bfloat16 as its bits).
-template <typename Fn>
-void DispatchAll(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return fn(float{});
-    case DType::kFloat64:
-      return fn(double{});
-    case DType::kBFloat16:
-      return fn(bfloat16{});
-    case DType::kInt64:
-      return fn(int64_t{});
-    case DType::kUInt8:
-      return fn(uint8_t{});
-  }
-}
-
 __device__ __forceinline__ float BFloat16ToFloat(bfloat16 v) {
   return __uint_as_float(static_cast<uint32_t>(v.bits) << 16);
 }

@@ -18,15 +18,6 @@ void CheckFloatingInputs(const char* op, absl::Span<const Tensor> inputs) {
   }
 }
 
-void CheckFloatingCpuInputs(const char* op, absl::Span<const Tensor> inputs) {
-  CheckFloatingInputs(op, inputs);
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    LC_REQUIRE(inputs[i].device().is_cpu(), op, ": input ", i, " is on ",
-               inputs[i].device().ToString(),
-               "; this op has only a CPU kernel (expected cpu)");
-  }
-}
-
 Shape BroadcastStrides(const Tensor& t, const Shape& shape) {
   const size_t rank = shape.size();
   const size_t lead = rank - t.shape().size();

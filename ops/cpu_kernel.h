@@ -41,10 +41,6 @@ namespace lc {
 // on one device (the CPU or one CUDA device).
 void CheckFloatingInputs(const char* op, absl::Span<const Tensor> inputs);
 
-// CheckFloatingInputs, and every tensor on the CPU: for ops (or op paths)
-// that have only a CPU kernel.
-void CheckFloatingCpuInputs(const char* op, absl::Span<const Tensor> inputs);
-
 // Calls fn(o0, ..., oN-1) for every index of `shape` in row-major order,
 // where oK is the element offset of that index under strides[K] (a stride of
 // 0 broadcasts). Offsets are relative to each tensor's data<T>().

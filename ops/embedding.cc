@@ -9,12 +9,14 @@ Tensor Embedding(const Tensor& weight, const Tensor& indices) {
   CheckFloatingInputs("Embedding", {weight});
   LC_REQUIRE(weight.dim() == 2, "Embedding: weight has shape ",
              ShapeToString(weight.shape()), " (expected 2-D [V, D])");
-  // Checked here too so that the message names Embedding and V.
+  // Checked here (once: on CUDA the check waits for the device) so that the
+  // message names Embedding and V.
   CheckIndicesInRange("Embedding", "indices", indices, weight.size(0),
                       weight.device());
   Shape out_shape = indices.shape();
   out_shape.push_back(weight.size(1));
-  return IndexSelect(weight, 0, indices.reshape({-1})).reshape(out_shape);
+  return internal::IndexSelectChecked(weight, 0, indices.reshape({-1}))
+      .reshape(out_shape);
 }
 
 namespace nn {

@@ -64,7 +64,8 @@ Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
   const Device device = logits.device();
   const Tensor x = logits.detach().contiguous();
   const Tensor target = targets.to(device).contiguous();
-  // The row count lives on the device, so neither pass waits for the host.
+  // The row count stays on the device: the two passes queue without a
+  // round trip (the target check before them has already waited).
   const Tensor lse = Empty({x.size(0)}, ComputeDType(x.dtype()), device);
   const Tensor count = Empty({1}, DType::kInt64, device);
   Tensor loss = Empty({}, x.dtype(), device);

@@ -1,5 +1,5 @@
 // CUDA kernels of ops/norm.cc: the forward and backward of LayerNorm and
-// RmsNorm over the last dim, one block per row, statistics in float32
+// RmsNorm over the last dim, one warp per row, statistics in float32
 // (float64 for float64 tensors), weight and bias gradients reduced in a fixed
 // order (no atomics: equal inputs give bit-identical gradients).
 #ifndef LONGCTX_OPS_NORM_CUDA_H_

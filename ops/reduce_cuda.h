@@ -1,8 +1,8 @@
 // CUDA kernels of ops/reduce.cc: scaled sums over any set of dims and the
 // maximum along one dim with its gradient, for float32, float64 and bfloat16
 // tensors of any strides. Deterministic: no atomics, and the summation order
-// depends only on the shapes, so equal inputs give bit-identical results on
-// every run and every device.
+// depends only on the shapes and strides, so equal inputs give bit-identical
+// results on every run and every device.
 #ifndef LONGCTX_OPS_REDUCE_CUDA_H_
 #define LONGCTX_OPS_REDUCE_CUDA_H_
 
@@ -22,7 +22,8 @@ namespace internal {
 // the reduced dims) are cut into slices of consecutive r; within a slice,
 // thread t of the output's group of G threads adds r = t, t + G, ... in
 // order, the G partial sums are added in a fixed tree, and the slices' sums
-// are added in slice order. G and the slice count depend only on the shapes.
+// are added in a fixed order. G and the slice count depend only on the
+// shapes and strides.
 void SumCuda(const Tensor& x, const std::vector<bool>& mask, double scale,
              const Tensor& out);
 

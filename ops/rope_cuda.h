@@ -9,8 +9,8 @@
 namespace lc {
 namespace internal {
 
-// The largest head_dim RotaryCuda takes (its cos/sin table of one position
-// sits in shared memory).
+// The largest head_dim RotaryCuda takes (each block keeps the head_dim / 2
+// inverse frequencies in shared memory, in float64).
 constexpr int64_t kMaxRotaryHeadDimCuda = 4096;
 
 // out = x rotated by sign * angle (see ApplyRotary in ops/rope.h) for x

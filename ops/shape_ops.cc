@@ -170,10 +170,17 @@ Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices) {
   CheckIndicesInRange("IndexSelect", "indices", indices, x.size(d), x.device());
   LC_REQUIRE(indices.dim() == 1, "IndexSelect: indices have shape ",
              ShapeToString(indices.shape()), " (expected 1-D)");
+  return internal::IndexSelectChecked(x, d, indices);
+}
+
+namespace internal {
+
+Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices) {
   const bool cuda = x.device().is_cuda();
   if (x.dtype() == DType::kBFloat16 && !cuda) {
     return ComputeInFloat32(
-        [&](const Tensor& x32) { return IndexSelect(x32, d, indices); }, x);
+        [&](const Tensor& x32) { return IndexSelectChecked(x32, d, indices); },
+        x);
   }
 
   const Tensor xc = x.detach().contiguous();
@@ -213,4 +220,5 @@ Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices) {
   return out;
 }
 
+}  // namespace internal
 }  // namespace lc

@@ -29,6 +29,13 @@ std::vector<Tensor> Split(const Tensor& x, const std::vector<int64_t>& sizes,
 // in a fixed order (bit-identical on every run).
 Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices);
 
+namespace internal {
+// IndexSelect along dim d (normalized) of 1-D indices the caller has already
+// checked with CheckIndicesInRange: on CUDA that check waits for the device,
+// so callers that check with their own message (Embedding) skip a second.
+Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices);
+}  // namespace internal
+
 // Throws lc::Error naming `op` and `name` unless `indices` is a defined int64
 // tensor on the CPU or on `device` (an op's data device: index tensors of an
 // op on CUDA may stay on the host).
