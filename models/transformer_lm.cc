@@ -352,7 +352,10 @@ Tensor TransformerLM::Forward(const Tensor& tokens,
   if (sp != nullptr) sp_copy = *sp;
 
   if (twins_ != nullptr) RefreshTwins();
-  Tensor x = embed_->Forward(tokens.to(config_.device)).to(config_.dtype);
+  // Tokens stay where they are: Embedding takes host indices for a device
+  // table (copying them over), and checking them there needs no wait for the
+  // device.
+  Tensor x = embed_->Forward(tokens).to(config_.dtype);
   for (const auto& block : run_blocks_) {
     if (config_.recompute && GradEnabled()) {
       x = Checkpoint(
@@ -398,7 +401,7 @@ Tensor TransformerLM::Loss(const Tensor& tokens, const Tensor& targets,
   const int64_t rows = logits.size(0) * logits.size(1);
   const Tensor mean =
       CrossEntropy(logits.reshape({rows, config_.vocab_size}),
-                   targets.to(config_.device).reshape({rows}), -100);
+                   targets.reshape({rows}), -100);  // host targets: as tokens
   // mean = sum / local_count (0 when every target is ignored).
   const double weight =
       global_count > 0 ? static_cast<double>(local_count) / global_count : 0;

@@ -45,6 +45,10 @@ void ExpectCudaClose(const Tensor& actual, const Tensor& expected, double rtol,
 // inputs, and a failing case reruns on the same ones.
 uint64_t SeedOfCase(const std::string& name);
 
+// The floating dtypes every op is checked in.
+inline constexpr DType kFloatingDTypes[] = {DType::kFloat64, DType::kFloat32,
+                                            DType::kBFloat16};
+
 // Runs op on CUDA leaves (standard normal values of `shapes` in `dtype`,
 // seeded by `what`) and on float64 CPU copies of them, expects the outputs to
 // agree within relative tolerance `tol`, then backpropagates one random

@@ -20,19 +20,6 @@
 namespace lc {
 namespace {
 
-constexpr DType kDTypes[] = {DType::kFloat64, DType::kFloat32,
-                             DType::kBFloat16};
-
-// A stable seed per case (FNV-1a of its name): every case gets fresh inputs,
-// and a failing case reruns on the same ones.
-uint64_t SeedOf(const std::string& name) {
-  uint64_t hash = 0xcbf29ce484222325ull;
-  for (char c : name) {
-    hash = (hash ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
-  }
-  return hash;
-}
-
 // The reference input: a CUDA tensor's values on the CPU in float64.
 Tensor Cpu64(const Tensor& t) {
   return t.to(Device::Cpu()).to(DType::kFloat64);
@@ -81,7 +68,7 @@ Tensor CudaInput(const Shape& shape, DType dtype, Layout layout,
       break;
   }
   Tensor values =
-      RandomNormal(base, DType::kFloat64, Device::Cpu(), SeedOf(name));
+      RandomNormal(base, DType::kFloat64, Device::Cpu(), SeedOfCase(name));
   if (positive) values = AddScalar(Square(values), 0.5);
   const Tensor t = values.to(dtype).to(Device::Cuda(0));
   switch (layout) {
@@ -150,7 +137,7 @@ void ExpectOpMatchesCpu(
   ASSERT_EQ(y.dtype(), dtype);
   ExpectCudaClose(y, y_ref, tol, what + " forward");
   const Tensor g = RandomNormal(y.shape(), dtype, Device::Cuda(0),
-                                SeedOf(what + " gradient"));
+                                SeedOfCase(what + " gradient"));
   y.backward(g);
   y_ref.backward(Cpu64(g));
   for (size_t k = 0; k < cuda_inputs.size(); ++k) {
@@ -173,7 +160,7 @@ TEST_F(ElementwiseCudaTest, UnaryOpsMatchCpuForwardAndBackward) {
       {{}, Layout::kContiguous},        {{3, 0, 5}, Layout::kContiguous},
   };
   for (const UnaryCase& c : UnaryCases()) {
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       for (const auto& [shape, layout] : inputs) {
         const std::string what = c.name + " " + DTypeName(dtype) + " " +
                                  ShapeToString(shape) + " " +
@@ -210,7 +197,7 @@ TEST_F(ElementwiseCudaTest, BinaryOpsBroadcastAndMatchCpu) {
       {{48}, Layout::kContiguous, {9, 48}},
   };
   for (const auto& [name, op] : ops) {
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       for (const Operands& o : operands) {
         const std::string what =
             name + " " + DTypeName(dtype) + " " + ShapeToString(o.a) + " " +

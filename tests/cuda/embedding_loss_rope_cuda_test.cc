@@ -28,9 +28,6 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-constexpr DType kDTypes[] = {DType::kFloat64, DType::kFloat32,
-                             DType::kBFloat16};
-
 // An int64 CPU tensor of `shape` with values uniform in [low, high).
 Tensor RandomIndices(const Shape& shape, int64_t low, int64_t high,
                      uint64_t seed) {
@@ -61,7 +58,7 @@ TEST_F(EmbeddingLossRopeCudaTest, EmbeddingMatchesCpu) {
   const std::vector<EmbeddingCase> cases = {
       {50, 33, {4, 77}}, {1, 1, {5}}, {1000, 130, {3000}}, {7, 64, {2, 3, 5}}};
   for (const EmbeddingCase& c : cases) {
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       for (bool on_device : {false, true}) {
         const std::string name = "Embedding [" + std::to_string(c.vocab) +
                                  ", " + std::to_string(c.dim) + "] " +
@@ -136,7 +133,7 @@ TEST_F(EmbeddingLossRopeCudaTest, IndicesOnAnotherDeviceAreAnError) {
 
 TEST_F(EmbeddingLossRopeCudaTest, IndexSelectMatchesCpu) {
   const Tensor indices = FromVector({0, 8, 8, 3, 8, 1}, {6}, DType::kInt64);
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (bool on_device : {false, true}) {
       const std::string suffix =
           std::string(" ") + DTypeName(dtype) + Where(on_device);
@@ -173,7 +170,7 @@ TEST_F(EmbeddingLossRopeCudaTest, IndexSelectGathersIntegerTensors) {
 }
 
 TEST_F(EmbeddingLossRopeCudaTest, ConcatAndSplitMatchCpu) {
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     const std::string suffix = std::string(" ") + DTypeName(dtype);
     ExpectLeavesMatchCpu(
         "Concat" + suffix,
@@ -201,7 +198,7 @@ TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyMatchesCpu) {
                                        {33, 256, false},  {1000, 33, false},
                                        {64, 5000, false}, {40, 9, true}};
   for (const LossCase& c : cases) {
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       for (bool on_device : {false, true}) {
         const std::string name = "CrossEntropy [" + std::to_string(c.rows) +
                                  ", " + std::to_string(c.classes) + "]" +
@@ -235,7 +232,7 @@ TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyMatchesCpu) {
 
 TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyWithOtherIgnoreIndex) {
   const Tensor target = FromVector({3, 1, 3, 0}, {4}, DType::kInt64);
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     ExpectLeavesMatchCpu(
         std::string("CrossEntropy ignore_index 3 ") + DTypeName(dtype),
         [&](const std::vector<Tensor>& in) {
@@ -314,7 +311,7 @@ TEST_F(EmbeddingLossRopeCudaTest, ApplyRotaryMatchesCpu) {
     Shape leaf = c.x;
     if (c.layout == Layout::kTransposed) std::swap(leaf[1], leaf[2]);
     if (c.layout == Layout::kSliced) leaf[3] *= 2;
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       for (bool on_device : {false, true}) {
         const std::string name = "ApplyRotary " + ShapeToString(c.x) + " " +
                                  std::to_string(static_cast<int>(c.layout)) +

@@ -27,9 +27,6 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-constexpr DType kDTypes[] = {DType::kFloat64, DType::kFloat32,
-                             DType::kBFloat16};
-
 // Restores AllowTf32() when it goes out of scope.
 class Tf32Guard {
  public:
@@ -125,7 +122,7 @@ std::vector<MatmulCase> MatmulCases() {
 
 TEST_F(MatmulNormCudaTest, MatmulMatchesCpu) {
   for (const MatmulCase& c : MatmulCases()) {
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       ExpectLeavesMatchCpu(
           "Matmul " + c.name + " " + DTypeName(dtype),
           [&c](const std::vector<Tensor>& in) {
@@ -173,7 +170,7 @@ TEST_F(MatmulNormCudaTest, MatmulOfTensorsOnTwoDevicesIsAnError) {
 }
 
 TEST_F(MatmulNormCudaTest, LinearMatchesCpu) {
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     const std::string suffix = std::string(" ") + DTypeName(dtype);
     ExpectLeavesMatchCpu(
         "Linear with bias" + suffix,
@@ -224,7 +221,7 @@ Shape LeafShape(const NormCase& c) {
 TEST_F(MatmulNormCudaTest, LayerNormMatchesCpu) {
   for (const NormCase& c : NormCases()) {
     const Shape dim = {c.x.back()};
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       const std::string name = "LayerNorm " + ShapeToString(c.x) +
                                (c.transposed ? " transposed " : " ") +
                                DTypeName(dtype);
@@ -247,7 +244,7 @@ TEST_F(MatmulNormCudaTest, LayerNormMatchesCpu) {
 TEST_F(MatmulNormCudaTest, RmsNormMatchesCpu) {
   for (const NormCase& c : NormCases()) {
     const Shape dim = {c.x.back()};
-    for (DType dtype : kDTypes) {
+    for (DType dtype : kFloatingDTypes) {
       const std::string name = "RmsNorm " + ShapeToString(c.x) +
                                (c.transposed ? " transposed " : " ") +
                                DTypeName(dtype);

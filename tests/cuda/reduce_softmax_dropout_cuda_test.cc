@@ -25,19 +25,6 @@
 namespace lc {
 namespace {
 
-constexpr DType kDTypes[] = {DType::kFloat64, DType::kFloat32,
-                             DType::kBFloat16};
-
-// A stable seed per case (FNV-1a of its name): every case gets fresh inputs,
-// and a failing case reruns on the same ones.
-uint64_t SeedOf(const std::string& name) {
-  uint64_t hash = 0xcbf29ce484222325ull;
-  for (char c : name) {
-    hash = (hash ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
-  }
-  return hash;
-}
-
 // A case's input: `shape` on CUDA in `dtype` with standard normal values;
 // transposed means it is the transpose of a contiguous tensor (its first two
 // dims swapped), sliced that it is every third element of the last dim of a
@@ -60,7 +47,7 @@ Tensor CudaInput(const Case& c, DType dtype, const std::string& name) {
   if (c.layout == Layout::kTransposed) std::swap(base[0], base[1]);
   if (c.layout == Layout::kSliced) base.back() *= 3;
   const Tensor t =
-      RandomNormal(base, dtype, Device::Cuda(0), SeedOf(name + " input"));
+      RandomNormal(base, dtype, Device::Cuda(0), SeedOfCase(name + " input"));
   if (c.layout == Layout::kTransposed) return t.transpose(0, 1);
   if (c.layout == Layout::kSliced) return t.slice(-1, 0, base.back(), 3);
   return t;
@@ -96,7 +83,7 @@ void ExpectOpMatchesCpu(const std::string& what,
   }
   ExpectCudaClose(y, y_ref, tol, what + " forward", atol);
   const Tensor g = RandomNormal(y.shape(), x.dtype(), Device::Cuda(0),
-                                SeedOf(what + " gradient"));
+                                SeedOfCase(what + " gradient"));
   y.backward(g);
   y_ref.backward(g.to(Device::Cpu()).to(DType::kFloat64));
   ASSERT_TRUE(x.grad().defined());
@@ -124,7 +111,7 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, SumAndMeanMatchCpu) {
       {{{3, 0, 4}, Layout::kContiguous}, {1}, false},
       {{{}, Layout::kContiguous}, {}, false},
   };
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const SumCase& c : cases) {
       for (bool mean : {false, true}) {
         // The mean of no elements is NaN on both devices.
@@ -147,7 +134,7 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, SumAndMeanMatchCpu) {
 
 TEST_F(ReduceSoftmaxDropoutCudaTest, SumToShapeMatchesCpu) {
   const std::vector<Shape> targets = {{33, 1}, {65}, {7, 1, 65}, {}};
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const Shape& target : targets) {
       const Case input{{7, 33, 65}, Layout::kSliced};
       const std::string what =
@@ -174,7 +161,7 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, MaxMatchesCpu) {
       {{{1000003}, Layout::kContiguous}, 0, false},
       {{{}, Layout::kContiguous}, 0, false},
   };
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const MaxCase& c : cases) {
       const std::string what = CaseName("Max", dtype, c.input) + " dim " +
                                std::to_string(c.dim) +
@@ -195,7 +182,7 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, MaxBreaksTiesAndTreatsNanLikeCpu) {
                                 -0.0, 0.0, -1, -2,  -3, -4};
   std::vector<double> long_row(100, 1.0);
   long_row[40] = long_row[77] = 7;
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const auto& [data, shape] :
          {std::make_pair(values, Shape{3, 6}),
           std::make_pair(long_row, Shape{1, 100})}) {
@@ -225,11 +212,11 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, MaxBreaksTiesAndTreatsNanLikeCpu) {
 }
 
 TEST_F(ReduceSoftmaxDropoutCudaTest, ReductionsAreBitIdenticalRunToRun) {
-  for (DType dtype : kDTypes) {
-    const Tensor long_line =
-        RandomNormal({1000003}, dtype, Device::Cuda(0), SeedOf("long line"));
+  for (DType dtype : kFloatingDTypes) {
+    const Tensor long_line = RandomNormal({1000003}, dtype, Device::Cuda(0),
+                                          SeedOfCase("long line"));
     const Tensor rows =
-        RandomNormal({4097, 33}, dtype, Device::Cuda(0), SeedOf("rows"));
+        RandomNormal({4097, 33}, dtype, Device::Cuda(0), SeedOfCase("rows"));
     const std::vector<std::function<Tensor()>> runs = {
         [&] { return Sum(long_line); },
         [&] { return Mean(long_line); },
@@ -264,7 +251,7 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, SoftmaxAndLogSoftmaxMatchCpu) {
       {{{262, 4097}, Layout::kContiguous}, 1},  // over a million elements
       {{{}, Layout::kContiguous}, 0},
   };
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const SoftmaxCase& c : cases) {
       for (bool log : {false, true}) {
         const std::string what =
@@ -287,14 +274,14 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, DropoutMaskIsBitIdenticalToCpu) {
       {{33, 65}, Layout::kTransposed},
       {{5, 6, 7}, Layout::kSliced},
   };
-  for (DType dtype : kDTypes) {
+  for (DType dtype : kFloatingDTypes) {
     for (const Case& c : cases) {
       const std::string what = CaseName("Dropout", dtype, c);
       SCOPED_TRACE(what);
       const Tensor x = CudaInput(c, dtype, what);
       const Tensor x_cpu = x.to(Device::Cpu()).set_requires_grad(true);
       x.set_requires_grad(true);
-      Generator gen(SeedOf(what)), gen_cpu(SeedOf(what));
+      Generator gen(SeedOfCase(what)), gen_cpu(SeedOfCase(what));
       gen.set_offset(5);
       gen_cpu.set_offset(5);
       const double p = 0.3;
@@ -303,8 +290,8 @@ TEST_F(ReduceSoftmaxDropoutCudaTest, DropoutMaskIsBitIdenticalToCpu) {
       EXPECT_EQ(gen.offset(), gen_cpu.offset());
       ASSERT_TRUE(y.device() == Device::Cuda(0)) << y.device();
       EXPECT_EQ(y.to(Device::Cpu()).ToVector(), y_cpu.ToVector());
-      const Tensor g =
-          RandomNormal(y.shape(), dtype, Device::Cuda(0), SeedOf(what + " g"));
+      const Tensor g = RandomNormal(y.shape(), dtype, Device::Cuda(0),
+                                    SeedOfCase(what + " g"));
       y.backward(g);
       y_cpu.backward(g.to(Device::Cpu()));
       EXPECT_EQ(x.grad().to(Device::Cpu()).ToVector(), x_cpu.grad().ToVector());
