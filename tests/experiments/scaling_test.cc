@@ -7,11 +7,9 @@
 // missing GPU.
 #include "experiments/scaling.h"
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -27,6 +25,7 @@
 #include "core/cuda.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/tools/run_program.h"
 
 namespace lc {
 namespace {
@@ -280,29 +279,10 @@ TEST(ScalingTest, BadOptionsNameTheValue) {
 constexpr char kScaling[] = "experiments/scaling";
 constexpr char kPython[] = "/usr/bin/python3";
 
-struct Result {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
+using Result = testing::ProgramResult;
 
 Result RunScaling(const std::vector<std::string>& args) {
-  std::string command = kScaling;
-  for (const std::string& arg : args) absl::StrAppend(&command, " '", arg, "'");
-  absl::StrAppend(&command, " 2>&1");
-  Result result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "cannot run " << command;
-    return result;
-  }
-  char buffer[4096];
-  size_t read;
-  while ((read = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-    result.output.append(buffer, read);
-  }
-  const int status = pclose(pipe);
-  if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
-  return result;
+  return testing::RunProgram(kScaling, args);
 }
 
 bool HaveMatplotlib() {

@@ -3,15 +3,14 @@
 // what it writes with RunAttention + Backward called in this process; and on
 // bad flags, files and tensors, each of which must exit non-zero with one
 // line naming the problem.
-#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -23,6 +22,7 @@
 #include "core/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/op_test_util.h"
+#include "tests/tools/run_program.h"
 
 namespace lc {
 namespace {
@@ -41,38 +41,18 @@ std::string TempPath(const std::string& name) {
   return absl::StrCat(::testing::TempDir(), "/", name);
 }
 
-struct CliResult {
-  int exit_code = -1;  // -1 when the process did not exit normally
-  std::string output;  // stdout and stderr together
-};
+using CliResult = testing::ProgramResult;
 
 // Runs the CLI with `args` (each passed as one shell word), with
 // BUILD_WORKING_DIRECTORY set to `working_directory` unless it is empty (as
 // `bazel run` sets it).
 CliResult RunCli(const std::vector<std::string>& args,
                  const std::string& working_directory = "") {
-  std::string command;
+  std::vector<std::pair<std::string, std::string>> env;
   if (!working_directory.empty()) {
-    absl::StrAppend(&command, "BUILD_WORKING_DIRECTORY='", working_directory,
-                    "' ");
+    env.emplace_back("BUILD_WORKING_DIRECTORY", working_directory);
   }
-  absl::StrAppend(&command, kCli);
-  for (const std::string& arg : args) absl::StrAppend(&command, " '", arg, "'");
-  absl::StrAppend(&command, " 2>&1");
-  CliResult result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "cannot run " << command;
-    return result;
-  }
-  char buffer[4096];
-  size_t read;
-  while ((read = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-    result.output.append(buffer, read);
-  }
-  const int status = pclose(pipe);
-  if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
-  return result;
+  return testing::RunProgram(kCli, args, env);
 }
 
 // Appends the bit pattern of `value` as little-endian bytes (Bits: the

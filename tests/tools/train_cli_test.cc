@@ -5,11 +5,9 @@
 // train/plot_metrics.py turns its metrics into a PNG; bad flags, a stray
 // argument and a missing data file each exit 1 with one line naming the
 // problem.
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -26,6 +24,7 @@
 #include "core/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/tools/run_program.h"
 
 namespace lc {
 namespace {
@@ -64,33 +63,8 @@ std::string FreshDir(const std::string& name) {
   return dir;
 }
 
-struct Result {
-  int exit_code = -1;  // -1 when the process did not exit normally
-  std::string output;  // stdout and stderr together
-};
-
-// Runs `program` with `args`, each passed as one shell word, and collects
-// what it prints through a pipe (so stdout is not a terminal).
-Result RunProgram(const std::string& program,
-                  const std::vector<std::string>& args) {
-  std::string command = program;
-  for (const std::string& arg : args) absl::StrAppend(&command, " '", arg, "'");
-  absl::StrAppend(&command, " 2>&1");
-  Result result;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) {
-    ADD_FAILURE() << "cannot run " << command;
-    return result;
-  }
-  char buffer[4096];
-  size_t read;
-  while ((read = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) {
-    result.output.append(buffer, read);
-  }
-  const int status = pclose(pipe);
-  if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
-  return result;
-}
+using Result = testing::ProgramResult;
+using testing::RunProgram;
 
 Result RunTrain(const std::vector<std::string>& flags) {
   std::vector<std::string> args = kTiny;
