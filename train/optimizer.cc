@@ -248,17 +248,23 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
                        " (expected float32/64 on the CPU, float32 on CUDA)"));
     }
   }
+  // The defined gradients, made contiguous once (the kernels below walk
+  // dense memory, and the scaling writes through to param.grad()).
+  std::vector<Tensor> grads;
+  for (const Tensor& param : params) {
+    Tensor grad = param.grad();
+    if (!grad.defined()) continue;
+    if (!grad.is_contiguous()) {
+      grad = grad.contiguous();
+      param.set_grad(grad);
+    }
+    grads.push_back(grad);
+  }
   const bool cuda = device && device->is_cuda();
   std::vector<MultiTensorEntry> cuda_entries;
   double sum_of_squares = 0;
   if (cuda) {
-    for (const Tensor& param : params) {
-      Tensor grad = param.grad();
-      if (!grad.defined()) continue;
-      if (!grad.is_contiguous()) {
-        grad = grad.contiguous();
-        param.set_grad(grad);
-      }
+    for (const Tensor& grad : grads) {
       MultiTensorEntry entry;
       entry.grad = grad.data<float>();
       entry.numel = grad.numel();
@@ -266,9 +272,7 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
     }
     sum_of_squares = SumOfSquaresCuda(device->index, cuda_entries);
   } else {
-    for (const Tensor& param : params) {
-      const Tensor grad = param.grad();
-      if (!grad.defined()) continue;
+    for (const Tensor& grad : grads) {
       sum_of_squares += grad.dtype() == DType::kFloat32
                             ? SumOfSquares<float>(grad)
                             : SumOfSquares<double>(grad);
@@ -296,13 +300,7 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
       return norm;
     }
     NoGradGuard no_grad;
-    for (const Tensor& param : params) {
-      Tensor grad = param.grad();
-      if (!grad.defined()) continue;
-      if (!grad.is_contiguous()) {
-        grad = grad.contiguous();
-        param.set_grad(grad);
-      }
+    for (const Tensor& grad : grads) {
       if (grad.dtype() == DType::kFloat32) {
         ScaleInPlace<float>(grad, factor);
       } else {
