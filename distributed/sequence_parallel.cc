@@ -136,7 +136,8 @@ absl::Status AllReduceGradients(Communicator& communicator,
     }
   }
   // Large dense gradients are reduced where they are, in parameter order;
-  // the others are packed per dtype, in parameter order.
+  // the others are packed per dtype, in parameter order. A group of one has
+  // nothing to add: its missing gradients become zeros, as on more ranks.
   std::map<DType, std::vector<Tensor>> packed;
   for (const Tensor& param : params) {
     Tensor grad = param.grad();
@@ -144,6 +145,7 @@ absl::Status AllReduceGradients(Communicator& communicator,
       grad = Zeros(param.shape(), param.dtype(), param.device());
       param.set_grad(grad);
     }
+    if (communicator.size() == 1) continue;
     if (grad.is_contiguous() &&
         grad.numel() * DTypeSize(grad.dtype()) >= kFuseBelowBytes) {
       LC_RETURN_IF_ERROR(communicator.AllReduceSum(grad));

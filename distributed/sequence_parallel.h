@@ -72,7 +72,8 @@ absl::StatusOr<Tensor> GatherSequence(Communicator& communicator,
 // per dtype and reduced together; larger ones are reduced in place one by
 // one. Every rank must pass the same parameters (shapes and dtypes) in the
 // same order. Sums are exact float64 sums in rank order (see AllReduceSum),
-// so the result is the same on every rank.
+// so the result is the same on every rank. A group of one rank only fills
+// the missing gradients (nothing is copied or sent).
 absl::Status AllReduceGradients(Communicator& communicator,
                                 const std::vector<Tensor>& params);
 

@@ -449,7 +449,7 @@ absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
     loss_tensor = state.model->Loss(tokens, targets, global_count, sp_ptr);
     loss_tensor.backward();
   }));
-  if (k > 1) LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
+  LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
   // On CUDA, reading the norm is the step's one wait for the device; the
   // loss, computed before it, is then ready to read.
   LC_ASSIGN_OR_RETURN(const double norm,
