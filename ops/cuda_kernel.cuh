@@ -15,6 +15,7 @@
 #include "core/cuda.h"
 #include "core/dtype.h"
 #include "core/shape.h"
+#include "core/status.h"
 
 namespace lc {
 namespace cuda {
@@ -81,8 +82,13 @@ struct StridedIndexer {
 template <int N>
 StridedIndexer<N> MakeStridedIndexer(const Shape& shape,
                                      const Shape* const (&strides)[N]) {
-  LC_CHECK_LE(shape.size(), static_cast<size_t>(kMaxDims))
-      << "CUDA kernels take tensors of at most " << kMaxDims << " dims";
+  // A user's strided view can get here (nothing merges its dims): an
+  // error, as CopyInto gives for the same view, not an abort.
+  LC_REQUIRE(shape.size() <= static_cast<size_t>(kMaxDims),
+             "a CUDA kernel got a view of shape ", ShapeToString(shape), ", ",
+             shape.size(),
+             " dims after merging contiguous ones (expected at most ", kMaxDims,
+             ")");
   StridedIndexer<N> indexer;
   indexer.rank = static_cast<int>(shape.size());
   for (int d = 0; d < indexer.rank; ++d) {

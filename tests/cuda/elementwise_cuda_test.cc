@@ -227,6 +227,21 @@ TEST_F(ElementwiseCudaTest, InputsOnTwoDevicesAreAClearError) {
   }
 }
 
+TEST_F(ElementwiseCudaTest, ViewOfTooManyDimsIsAClearError) {
+  // Every second element along each of 9 dims: no two dims merge, and the
+  // kernels index at most 8.
+  Tensor x = Ones(Shape(9, 3), DType::kFloat32, Device::Cuda(0));
+  for (int64_t d = 0; d < 9; ++d) x = x.slice(d, 0, 3, 2);
+  try {
+    Add(x, x);
+    ADD_FAILURE() << "expected an error for a 9-dim strided view";
+  } catch (const Error& e) {
+    const std::string message(e.status().message());
+    EXPECT_NE(message.find("9 dims"), std::string::npos) << message;
+    EXPECT_NE(message.find("at most 8"), std::string::npos) << message;
+  }
+}
+
 TEST_F(ElementwiseCudaTest, NonFloatingInputIsAClearError) {
   const Tensor ints = Zeros({4}, DType::kInt64, Device::Cuda(0));
   try {
