@@ -76,8 +76,11 @@ Tensors AccumulateGrad::Apply(Tensors grad_outputs) {
   return {};
 }
 
-FunctionNode::FunctionNode(std::string name, BackwardFn backward)
-    : Node(std::move(name)), backward_(std::move(backward)) {}
+FunctionNode::FunctionNode(std::string name, BackwardFn backward,
+                           MissingGrad missing)
+    : Node(std::move(name)),
+      backward_(std::move(backward)),
+      missing_(missing) {}
 
 Tensors FunctionNode::Apply(Tensors grad_outputs) {
   LC_CHECK(backward_ != nullptr) << name() << " ran after its release";
@@ -117,10 +120,11 @@ void SetHistory(const std::shared_ptr<Node>& node,
 }
 
 void RecordOp(std::string name, absl::Span<const Tensor> inputs,
-              absl::Span<Tensor* const> outputs, BackwardFn backward) {
-  SetHistory(
-      std::make_shared<FunctionNode>(std::move(name), std::move(backward)),
-      inputs, outputs);
+              absl::Span<Tensor* const> outputs, BackwardFn backward,
+              MissingGrad missing) {
+  SetHistory(std::make_shared<FunctionNode>(std::move(name),
+                                            std::move(backward), missing),
+             inputs, outputs);
 }
 
 class Engine {
@@ -201,7 +205,7 @@ void Engine::Run(absl::Span<const Tensor> roots,
     if (any) {
       grads.resize(node->outputs_.size());
       for (size_t i = 0; i < grads.size(); ++i) {
-        if (grads[i].defined()) continue;
+        if (grads[i].defined() || !node->MaterializesGrads()) continue;
         const OutputInfo& info = node->outputs_[i];
         grads[i] = Zeros(info.shape, info.dtype, info.device);
       }

@@ -48,6 +48,9 @@ class Node {
   // none) and returns one gradient per next edge, undefined where the input
   // needs none.
   virtual Tensors Apply(Tensors grad_outputs) = 0;
+  // Whether Apply gets zeros (true) or undefined tensors for outputs that
+  // got no gradient (it always gets at least one defined gradient).
+  virtual bool MaterializesGrads() const { return true; }
   // Drops the tensors saved for backward; called after Apply unless the
   // graph is retained.
   virtual void ReleaseSaved() {}
@@ -85,17 +88,27 @@ class AccumulateGrad : public Node {
   std::shared_ptr<TensorImpl> leaf_;
 };
 
+// What a FunctionNode's backward gets for an output no gradient reached:
+// zeros of the output's shape (the default), or an undefined tensor, for
+// ops that can skip the work (PyTorch's ctx.set_materialize_grads(False)).
+enum class MissingGrad { kZeros, kUndefined };
+
 // A node whose backward is a function; saved tensors live in its captures
 // and are freed by ReleaseSaved.
 using BackwardFn = std::function<Tensors(const Tensors& grad_outputs)>;
 class FunctionNode : public Node {
  public:
-  FunctionNode(std::string name, BackwardFn backward);
+  FunctionNode(std::string name, BackwardFn backward,
+               MissingGrad missing = MissingGrad::kZeros);
   Tensors Apply(Tensors grad_outputs) override;
   void ReleaseSaved() override { backward_ = nullptr; }
+  bool MaterializesGrads() const override {
+    return missing_ == MissingGrad::kZeros;
+  }
 
  private:
   BackwardFn backward_;
+  MissingGrad missing_;
 };
 
 // Whether gradients are recorded on this thread (default: yes).
@@ -128,7 +141,8 @@ void SetHistory(const std::shared_ptr<Node>& node,
 //       const Tensors& g) -> Tensors { return {Mul(g[0], y)}; });
 // Capture saved tensors detached (no history), so the graph has no cycles.
 void RecordOp(std::string name, absl::Span<const Tensor> inputs,
-              absl::Span<Tensor* const> outputs, BackwardFn backward);
+              absl::Span<Tensor* const> outputs, BackwardFn backward,
+              MissingGrad missing = MissingGrad::kZeros);
 
 // Backpropagates gradients `grad_roots` (one per root; undefined means 1 for
 // one-element roots) from `roots` through the graph, accumulating into

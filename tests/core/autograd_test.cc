@@ -113,5 +113,24 @@ TEST(AutogradTest, UnusedOutputOfMultiOutputNodeGetsZeros) {
   EXPECT_EQ(seen[1].ToVector(), (std::vector<double>{5, 6}));
 }
 
+// MissingGrad::kUndefined: the unused output's gradient arrives undefined.
+TEST(AutogradTest, UnusedOutputGetsUndefinedWhenTheOpAsks) {
+  Tensor x = Leaf({1, 2});
+  Tensor a = Empty({2}, DType::kFloat64), b = Empty({2}, DType::kFloat64);
+  Tensors seen;
+  RecordOp(
+      "TwoOutputs", {x}, {&a, &b},
+      [&seen](const Tensors& g) -> Tensors {
+        seen = g;
+        return {g[1]};
+      },
+      MissingGrad::kUndefined);
+  b.backward(FromVector({5, 6}, {2}, DType::kFloat64));
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_FALSE(seen[0].defined());
+  EXPECT_EQ(seen[1].ToVector(), (std::vector<double>{5, 6}));
+  EXPECT_EQ(x.grad().ToVector(), (std::vector<double>{5, 6}));
+}
+
 }  // namespace
 }  // namespace lc
