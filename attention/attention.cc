@@ -2,8 +2,10 @@
 
 #include <limits>
 #include <memory>
+#include <optional>
 #include <vector>
 
+#include "attention/attention_cudnn.h"
 #include "attention/attention_kernel.h"
 #include "core/autograd.h"
 #include "core/status.h"
@@ -20,10 +22,37 @@ DType CudaOutputDType(const AttentionProblem& p, DType dtype) {
              : CudaAccumulatorDType(dtype);
 }
 
-// Attention on a CUDA device: the kernels compute bfloat16 natively (float32
-// arithmetic; with several patterns per head, float32 accumulators
-// converted at the end), float32 and float64 in their own precision. out has
-// q's dtype, lse the accumulator dtype (float32, float64 for float64 inputs).
+// The cuDNN launches of problem p under `options`: none for kOwn or
+// for a call cuDNN cannot run under kAuto; an error naming why for kCudnn.
+std::optional<std::vector<CudnnAttentionLaunch>> CudnnLaunchesFor(
+    const AttentionProblem& p, DType dtype, const AttentionOptions& options) {
+  const AttentionBackend backend = options.backend;
+  if (backend == AttentionBackend::kOwn) return std::nullopt;
+  absl::StatusOr<std::vector<CudnnAttentionLaunch>> launches =
+      CudnnAttentionLaunches(p, dtype);
+  if (launches.ok()) return *std::move(launches);
+  if (backend == AttentionBackend::kCudnn) ThrowIfError(launches.status());
+  return std::nullopt;
+}
+
+// A cuDNN status under `backend`: true when cuDNN ran, false when kAuto
+// should run ours instead (cuDNN has no engine, or its workspace does not
+// fit: ours needs none); throws otherwise.
+bool RanOnCudnn(const absl::Status& status, AttentionBackend backend) {
+  if (status.ok()) return true;
+  if (backend == AttentionBackend::kAuto &&
+      (absl::IsUnimplemented(status) || absl::IsResourceExhausted(status))) {
+    return false;
+  }
+  ThrowIfError(status);
+  return false;
+}
+
+// Attention on a CUDA device: cuDNN's fused attention or our kernels
+// (options.backend). Ours compute bfloat16 natively (float32 arithmetic;
+// with several patterns per head, float32 accumulators converted at the
+// end), float32 and float64 in their own precision. out has q's dtype, lse
+// the accumulator dtype (float32, float64 for float64 inputs).
 AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
                               const AttentionPattern& pattern,
                               const AttentionOptions& options) {
@@ -36,33 +65,69 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
   const DType dtype = q.dtype();
   const DType acc = CudaAccumulatorDType(dtype);
   const DType written = CudaOutputDType(*p, dtype);
-  Tensor out = Zeros(q.shape(), written, device);
-  Tensor lse = Full({p->batch, p->heads, n},
-                    -std::numeric_limits<double>::infinity(), acc, device);
-  AttentionForwardTilesCuda(*p, all, qc, all, kc, vc, out, lse);
+  const AttentionBackend backend = options.backend;
+  const std::optional<std::vector<CudnnAttentionLaunch>> cudnn =
+      CudnnLaunchesFor(*p, dtype, options);
+  auto fresh_out = [&] { return Zeros(q.shape(), written, device); };
+  auto fresh_lse = [&] {
+    return Full({p->batch, p->heads, n},
+                -std::numeric_limits<double>::infinity(), acc, device);
+  };
+  Tensor out = fresh_out(), lse = fresh_lse();
+  const bool on_cudnn =
+      cudnn.has_value() &&
+      RanOnCudnn(CudnnAttentionForward(*cudnn, qc, kc, vc, out, lse), backend);
+  if (!on_cudnn) {
+    if (cudnn.has_value()) out = fresh_out(), lse = fresh_lse();
+    AttentionForwardTilesCuda(*p, all, qc, all, kc, vc, out, lse);
+  }
   if (written != dtype) out = out.to(dtype);
   if (NeedsGrad({qc, kc, vc})) {
     RecordOp(
         "Attention", {qc, kc, vc}, {&out, &lse},
-        [p, all, q = qc.detach(), k = kc.detach(), v = vc.detach(),
-         out = out.detach(), lse = lse.detach()](const Tensors& g) -> Tensors {
-          const Tensor grad_out = g[0].contiguous();
-          const Tensor grad_lse = g[1].contiguous();
+        [p, all, backend, deterministic = options.deterministic,
+         cudnn = on_cudnn ? cudnn : std::nullopt, q = qc.detach(),
+         k = kc.detach(), v = vc.detach(), out = out.detach(),
+         lse = lse.detach()](const Tensors& g) -> Tensors {
+          const Tensor grad_out =
+              g[0].defined() ? g[0].contiguous() : ZerosLike(out);
           const Device device = q.device();
           const DType dtype = q.dtype();
           const DType acc = CudaAccumulatorDType(dtype);
           const DType written = CudaOutputDType(*p, dtype);
-          Tensor delta = Empty({p->batch, p->heads, p->n}, acc, device);
-          RowDeltaCuda(*p, p->n, out, grad_out, delta);
           Tensor dq = Zeros(q.shape(), written, device);
           Tensor dk = Zeros(k.shape(), written, device);
           Tensor dv = Zeros(v.shape(), written, device);
+          const bool cudnn_backward =
+              cudnn.has_value() && !g[1].defined() && !deterministic;
+          if (cudnn_backward &&
+              RanOnCudnn(CudnnAttentionBackward(*cudnn, q, k, v, out, grad_out,
+                                                lse, dq, dk, dv),
+                         backend)) {
+            return {dq, dk, dv};
+          }
+          LC_REQUIRE(backend != AttentionBackend::kCudnn || cudnn_backward,
+                     "Attention: backend kCudnn has no backward ",
+                     deterministic ? "that is deterministic (cuDNN adds dq "
+                                     "with atomics)"
+                                   : "that takes a gradient through lse",
+                     " (use kAuto or kOwn)");
+          const Tensor grad_lse =
+              g[1].defined() ? g[1].contiguous() : ZerosLike(lse);
+          if (cudnn.has_value()) {  // cuDNN wrote some rows before failing
+            dq = Zeros(q.shape(), written, device);
+            dk = Zeros(k.shape(), written, device);
+            dv = Zeros(v.shape(), written, device);
+          }
+          Tensor delta = Empty({p->batch, p->heads, p->n}, acc, device);
+          RowDeltaCuda(*p, p->n, out, grad_out, delta);
           AttentionBackwardTilesCuda(*p, all, q, all, k, v, grad_out, lse,
                                      delta, grad_lse, dq, dk, dv);
           if (written == dtype) return {dq, dk, dv};
           delta = Tensor();  // freed before the conversions allocate
           return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
-        });
+        },
+        MissingGrad::kUndefined);
   }
   return {out, lse};
 }

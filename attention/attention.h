@@ -24,6 +24,18 @@ struct AttentionPattern {
   std::shared_ptr<const BlockMask> block_mask;             // may be null
 };
 
+// Which kernels run attention on a CUDA device (the CPU has one path).
+enum class AttentionBackend {
+  // cuDNN's fused flash attention where it applies (bfloat16, head_dim a
+  // multiple of 8 up to 128, one dilated pattern per head whose segment
+  // length divides n, no block mask, dropout or padding mask) and has an
+  // engine and workspace, else ours. The backward runs on ours too for a
+  // gradient through lse (cuDNN's takes none) or when `deterministic`.
+  kAuto,
+  kOwn,    // our fused kernels (attention_cuda.h) for every call
+  kCudnn,  // cuDNN only: calls it cannot run are an error naming why
+};
+
 struct AttentionOptions {
   bool causal = false;
   std::optional<double> scale;  // default 1 / sqrt(head_dim)
@@ -38,6 +50,11 @@ struct AttentionOptions {
   TileOrder tile_order = TileOrder::kRowMajor;
   int64_t query_tile = 128;  // rows per tile (block-sparse: one block)
   int64_t key_tile = 256;
+  AttentionBackend backend = AttentionBackend::kAuto;
+  // Bit-reproducible gradients on CUDA: cuDNN's backward adds dq with
+  // atomics, so with kAuto the backward then runs on our kernels, which
+  // always are (kCudnn refuses it).
+  bool deterministic = false;
 };
 
 struct AttentionResult {

@@ -20,6 +20,15 @@ absl::StatusOr<AttentionType> ParseAttentionType(const std::string& name) {
                    "ring_block_sparse)"));
 }
 
+absl::StatusOr<AttentionBackend> ParseAttentionBackend(
+    const std::string& name) {
+  if (name == "auto") return AttentionBackend::kAuto;
+  if (name == "own") return AttentionBackend::kOwn;
+  if (name == "cudnn") return AttentionBackend::kCudnn;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "attention backend \"", name, "\" (expected auto, own or cudnn)"));
+}
+
 std::string AttentionTypeName(AttentionType type) {
   switch (type) {
     case AttentionType::kDense:
@@ -115,6 +124,8 @@ AttentionOptions MakeAttentionOptions(const AttentionConfig& config,
   options.scale = config.scale;
   options.dropout = training ? config.dropout : 0.0;
   options.tile_order = config.tile_order;
+  options.backend = config.backend;
+  options.deterministic = config.deterministic;
   return options;
 }
 

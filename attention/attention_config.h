@@ -1,7 +1,8 @@
 // One description of an attention layer's pattern and options, shared by the
 // multihead module, the factory and the command-line tool: the type (dense,
 // dilated, block_sparse and their ring versions), the dilated and
-// block-sparse parameters, causality, scale, dropout and tile order.
+// block-sparse parameters, causality, scale, dropout, tile order and the
+// CUDA backend.
 #ifndef LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 #define LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 
@@ -30,6 +31,9 @@ enum class AttentionType {
 absl::StatusOr<AttentionType> ParseAttentionType(const std::string& name);
 std::string AttentionTypeName(AttentionType type);
 
+// Parses auto, own, cudnn (AttentionBackend).
+absl::StatusOr<AttentionBackend> ParseAttentionBackend(const std::string& name);
+
 struct AttentionConfig {
   AttentionType type = AttentionType::kDilated;
   // Dilated patterns (dilated types). For block-sparse types, when
@@ -40,6 +44,10 @@ struct AttentionConfig {
   std::optional<double> scale;  // default 1 / sqrt(head_dim)
   double dropout = 0;           // attention dropout probability
   TileOrder tile_order = TileOrder::kRowMajor;
+  // CUDA kernels of single-rank attention (the ring runs ours) and whether
+  // gradients must be bit-reproducible (AttentionOptions).
+  AttentionBackend backend = AttentionBackend::kAuto;
+  bool deterministic = false;
   int64_t ranks = 1;  // ring types: ranks of the sequence-parallel group
   SequenceLayout layout = SequenceLayout::kContiguous;  // ring types
 };

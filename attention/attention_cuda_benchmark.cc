@@ -44,6 +44,7 @@
 #include "core/cli.h"
 #include "core/cuda.h"
 #include "core/memory.h"
+#include "core/status.h"
 #include "core/tensor.h"
 #include "distributed/thread_communicator.h"
 
@@ -59,6 +60,10 @@ ABSL_FLAG(int64_t, dense_length, 16384, "Sequence length of the dense runs.");
 ABSL_FLAG(int64_t, dense_heads, 16, "Heads of the dense runs (head_dim 128).");
 ABSL_FLAG(int64_t, ring_length, 65536,
           "Sequence length of the ring workload (8 heads of head_dim 128).");
+ABSL_FLAG(std::vector<std::string>, backends,
+          std::vector<std::string>({"own", "cudnn"}),
+          "Backends of the dilated and dense runs: own (our kernels), cudnn "
+          "(cuDNN's fused attention).");
 ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
 ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
 ABSL_FLAG(int, device, 0, "CUDA device index.");
@@ -143,20 +148,26 @@ Measurement Measure(Device device, Fn&& fn) {
   return {ms[ms.size() / 2], peak_extra};
 }
 
-void PrintRow(const std::string& name, int64_t n, double pairs,
+// "beyond results": the forward+backward peak extra minus the bytes of what
+// the call returns (bfloat16 out, dq, dk, dv and float32 lse), i.e. the
+// workspace.
+void PrintRow(const std::string& name, int64_t n, int64_t heads, double pairs,
               int64_t head_dim, const Measurement& fwd,
               const Measurement& both) {
   const double fwd_flops = 4.0 * head_dim * pairs;
-  std::printf("%-26s %9lld %10.3f %8.1f %12.3f %8.1f %10.1f\n", name.c_str(),
-              static_cast<long long>(n), fwd.ms, fwd_flops / (fwd.ms * 1e9),
-              both.ms, 3.5 * fwd_flops / (both.ms * 1e9),
-              both.peak_extra / (1 << 20));
+  const double results = 4.0 * n * heads * head_dim * 2 + 4.0 * n * heads;
+  std::printf("%-36s %9lld %10.3f %8.1f %12.3f %8.1f %10.1f %10.1f\n",
+              name.c_str(), static_cast<long long>(n), fwd.ms,
+              fwd_flops / (fwd.ms * 1e9), both.ms,
+              3.5 * fwd_flops / (both.ms * 1e9), both.peak_extra / (1 << 20),
+              (both.peak_extra - results) / (1 << 20));
   std::fflush(stdout);
 }
 
-// Forward and forward+backward of one configuration.
-void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
-         const AttentionPattern& pattern, bool causal, Device device) {
+// Forward and forward+backward of one configuration on one backend.
+void RunOn(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
+           const AttentionPattern& pattern, bool causal,
+           AttentionBackend backend, Device device) {
   const Shape shape = {1, n, heads, head_dim};
   const Tensor q = RandomBf16(shape, 1, device);
   const Tensor k = RandomBf16(shape, 2, device);
@@ -164,6 +175,7 @@ void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
   const Tensor grad = RandomBf16(shape, 4, device);
   AttentionOptions options;
   options.causal = causal;
+  options.backend = backend;
   const Measurement fwd = Measure(device, [&] {
     NoGradGuard no_grad;
     Attention(q, k, v, pattern, options);
@@ -174,7 +186,30 @@ void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
     const Tensor vg = v.detach().set_requires_grad(true);
     Attention(qg, kg, vg, pattern, options).out.backward(grad);
   });
-  PrintRow(name, n, UsefulPairs(pattern, n, causal), head_dim, fwd, both);
+  PrintRow(name, n, heads, UsefulPairs(pattern, n, causal), head_dim, fwd,
+           both);
+}
+
+// Forward and forward+backward of one configuration on each backend of
+// --backends (a backend that cannot run it prints why).
+void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
+         const AttentionPattern& pattern, bool causal, Device device) {
+  for (const std::string& backend : absl::GetFlag(FLAGS_backends)) {
+    if (backend != "own" && backend != "cudnn") {
+      Fail(absl::StrCat("--backends has \"", backend,
+                        "\" (expected own or cudnn)"));
+    }
+    const absl::Status status = StatusFromCall([&] {
+      RunOn(
+          absl::StrCat(name, " ", backend), n, heads, head_dim, pattern, causal,
+          backend == "own" ? AttentionBackend::kOwn : AttentionBackend::kCudnn,
+          device);
+    });
+    if (!status.ok()) {
+      std::printf("%-36s %9lld  %s\n", absl::StrCat(name, " ", backend).c_str(),
+                  static_cast<long long>(n), status.ToString().c_str());
+    }
+  }
 }
 
 // Per ring step on k thread ranks of `device`: the forward of dense ring
@@ -218,7 +253,10 @@ void RunRing(int64_t n, int64_t heads, int64_t head_dim, Device device) {
           [&] { RingAttention(comm, q, kk, v, k * local, whole); }, &with[r]));
       return time(
           [&] {
-            for (int s = 0; s < k; ++s) Attention(q, kk, v, chunk);
+            // Our kernels, as the ring's steps run them.
+            AttentionOptions own;
+            own.backend = AttentionBackend::kOwn;
+            for (int s = 0; s < k; ++s) Attention(q, kk, v, chunk, own);
           },
           &without[r]);
     });
@@ -254,9 +292,11 @@ int Main() {
   std::printf(
       "bfloat16; FLOPs: fwd 4*d*pairs, fwd+bwd 3.5x fwd (FlashAttention "
       "convention);\npeak extra: device bytes beyond q, k, v and the output "
-      "gradient.\n\n");
-  std::printf("%-26s %9s %10s %8s %12s %8s %10s\n", "workload", "n", "fwd ms",
-              "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "extra MiB");
+      "gradient (fwd+bwd);\nbeyond res: that minus the results (out, lse, "
+      "dq, dk, dv).\n\n");
+  std::printf("%-36s %9s %10s %8s %12s %8s %10s %10s\n", "workload", "n",
+              "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "extra MiB",
+              "beyond res");
   for (const std::string& workload : absl::GetFlag(FLAGS_workloads)) {
     if (workload == "dilated") {
       const int64_t heads = absl::GetFlag(FLAGS_heads);

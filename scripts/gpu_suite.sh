@@ -110,6 +110,7 @@ step_attention() {
 
 step_train() {
   "$BIN/train_benchmark"
+  "$BIN/train_benchmark" --attention_backend=own
   python3 train/pytorch_train_baseline.py bench
 }
 

@@ -76,6 +76,9 @@ ABSL_FLAG(std::vector<std::string>, segment_lengths,
           "Dilated segment lengths.");
 ABSL_FLAG(std::vector<std::string>, dilation_rates,
           std::vector<std::string>({"1", "2", "4"}), "Dilation rates.");
+ABSL_FLAG(std::string, attention_backend, "auto",
+          "Attention kernels: auto (cuDNN's fused attention where it applies), "
+          "own or cudnn.");
 ABSL_FLAG(std::string, dtype, "bfloat16",
           "Compute dtype: bfloat16 (mixed precision) or float32.");
 ABSL_FLAG(double, lr, 3e-3, "Learning rate (constant).");
@@ -128,6 +131,13 @@ TransformerConfig ModelConfig(int64_t n, bool recompute) {
       kName, "dilation_rates", absl::GetFlag(FLAGS_dilation_rates));
   m.attention.dilated.head_layout = HeadLayout::kHeadGroups;
   m.attention.causal = true;
+  absl::StatusOr<AttentionBackend> backend =
+      ParseAttentionBackend(absl::GetFlag(FLAGS_attention_backend));
+  if (!backend.ok()) {
+    ExitWithError(kName, absl::StrCat("--attention_backend: ",
+                                      backend.status().message()));
+  }
+  m.attention.backend = *backend;
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (dtype == "bfloat16") {
     m.dtype = DType::kBFloat16;
@@ -314,7 +324,7 @@ int Main() {
   std::printf(
       "longctx on %s: %lld layers, d_model %lld, %lld heads, vocab %lld, "
       "batch %lld, causal dilated attention segments %s rates %s (head "
-      "groups), %s, fused AdamW, clip %g\n",
+      "groups, attention backend %s), %s, fused AdamW, clip %g\n",
       props.name, static_cast<long long>(config.num_layers),
       static_cast<long long>(config.d_model),
       static_cast<long long>(config.num_heads),
@@ -322,6 +332,7 @@ int Main() {
       static_cast<long long>(absl::GetFlag(FLAGS_batch)),
       absl::StrJoin(config.attention.dilated.segment_lengths, ",").c_str(),
       absl::StrJoin(config.attention.dilated.dilation_rates, ",").c_str(),
+      absl::GetFlag(FLAGS_attention_backend).c_str(),
       config.dtype == DType::kBFloat16 ? "bfloat16 mixed precision" : "float32",
       absl::GetFlag(FLAGS_clip));
   const auto started = std::chrono::steady_clock::now();

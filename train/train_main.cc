@@ -57,6 +57,12 @@ ABSL_FLAG(std::string, segment_lengths, "256,4096",
           "per head group).");
 ABSL_FLAG(std::string, dilation_rates, "1,16",
           "Dilation rates r, one per segment length.");
+ABSL_FLAG(std::string, attention_backend, "auto",
+          "Attention kernels on CUDA: auto (cuDNN's fused attention where it "
+          "applies, else ours), own or cudnn.");
+ABSL_FLAG(bool, deterministic, false,
+          "Bit-reproducible GPU gradients (attention's backward then runs on "
+          "our kernels: cuDNN's adds with atomics).");
 ABSL_FLAG(std::string, head_layout, "head_groups",
           "head_groups (dilated-attention-pytorch) or all_heads (LongNet).");
 ABSL_FLAG(int64_t, ranks, 1,
@@ -183,6 +189,11 @@ absl::StatusOr<TrainOptions> OptionsFromFlags() {
       ForFlag("head_layout",
               ParseHeadLayout(absl::GetFlag(FLAGS_head_layout))));
   attention.causal = true;
+  LC_ASSIGN_OR_RETURN(
+      attention.backend,
+      ForFlag("attention_backend",
+              ParseAttentionBackend(absl::GetFlag(FLAGS_attention_backend))));
+  attention.deterministic = absl::GetFlag(FLAGS_deterministic);
   attention.ranks = absl::GetFlag(FLAGS_ranks);
   LC_ASSIGN_OR_RETURN(
       attention.layout,

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "attention/attention.h"
+#include "attention/attention_config.h"
 #include "attention/pattern.h"
 #include "attention/tile_plan.h"
 #include "gmock/gmock.h"
@@ -214,6 +215,10 @@ TEST(AttentionErrorsTest, ParsersNameTheChoices) {
                 {"\"strided\"", "local_window", "explicit"});
   ExpectInvalid(ParseTileOrder("zorder"),
                 {"\"zorder\"", "row_major or hilbert"});
+  ExpectInvalid(ParseAttentionBackend("flash"),
+                {"\"flash\"", "auto, own or cudnn"});
+  EXPECT_EQ(*ParseAttentionBackend("own"), AttentionBackend::kOwn);
+  EXPECT_EQ(*ParseAttentionBackend("cudnn"), AttentionBackend::kCudnn);
   EXPECT_EQ(*ParseHeadLayout("all_heads"), HeadLayout::kAllHeads);
   EXPECT_EQ(*ParseSparsePattern("global_local"), SparsePattern::kGlobalLocal);
   EXPECT_EQ(*ParseTileOrder("hilbert"), TileOrder::kHilbert);

@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "attention/attention.h"
 #include "attention/attention_kernel.h"
 #include "attention/pattern.h"
@@ -175,7 +177,8 @@ Inputs MakeInputs(const Case& c, int64_t head_dim, DType dtype, uint64_t seed) {
 // lse; every result copied to the CPU in float64. Dropout draws from a fresh
 // Generator(dropout_seed), so every run sees the same mask.
 Results RunAttention(const Case& c, const Inputs& in, DType dtype,
-                     Device device, uint64_t dropout_seed = 5) {
+                     Device device, uint64_t dropout_seed = 5,
+                     bool through_lse = true) {
   const DType stat = dtype == DType::kFloat64 ? dtype : DType::kFloat32;
   Generator gen(dropout_seed);
   AttentionOptions options = c.options;
@@ -188,8 +191,12 @@ Results RunAttention(const Case& c, const Inputs& in, DType dtype,
   EXPECT_EQ(r.out.dtype(), dtype) << c.name;
   EXPECT_EQ(r.lse.dtype(), stat) << c.name;
   EXPECT_EQ(r.out.device(), device) << c.name;
-  Backward({r.out, r.lse},
-           {in.grad_out.to(dtype).to(device), in.grad_lse.to(stat).to(device)});
+  if (through_lse) {
+    Backward({r.out, r.lse}, {in.grad_out.to(dtype).to(device),
+                              in.grad_lse.to(stat).to(device)});
+  } else {
+    Backward({r.out}, {in.grad_out.to(dtype).to(device)});
+  }
   auto host = [](const Tensor& t) {
     return t.to(Device::Cpu()).to(DType::kFloat64);
   };
@@ -208,15 +215,18 @@ void ExpectClose(const Results& got, const Results& want, double rtol,
 
 // The device result of `c` in `dtype` against the CPU float64 result on the
 // same (dtype-rounded) inputs.
+// (through_lse: the gradients flow from lse too, else from out only.)
 void ExpectMatchesCpu(const Case& c, int64_t head_dim, DType dtype,
-                      uint64_t seed, double rtol) {
+                      uint64_t seed, double rtol, bool through_lse = true) {
   const Inputs in = MakeInputs(c, head_dim, dtype, seed);
-  const Results want = RunAttention(c, in, DType::kFloat64, Device::Cpu());
-  const Results got = RunAttention(c, in, dtype, kGpu);
+  const Results want =
+      RunAttention(c, in, DType::kFloat64, Device::Cpu(), 5, through_lse);
+  const Results got = RunAttention(c, in, dtype, kGpu, 5, through_lse);
   ExpectClose(got, want, rtol,
               c.name + " " + DTypeName(dtype) + " d" +
                   std::to_string(head_dim) +
-                  (c.options.causal ? " causal" : ""));
+                  (c.options.causal ? " causal" : "") +
+                  (through_lse ? "" : " (gradient through out only)"));
 }
 
 // bfloat16: 2e-2 relative. The reference sees the same bfloat16-rounded
@@ -242,6 +252,7 @@ TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores) {
     for (bool causal : {false, true}) {
       for (Case c : PatternCases()) {
         c.options.causal = causal;
+        c.options.backend = AttentionBackend::kOwn;
         ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed += 10,
                          kBf16Tolerance);
       }
@@ -597,6 +608,153 @@ TEST_F(CudaTest, AttentionBadInputOnCudaIsAClearError) {
   options.key_padding_mask = Zeros({1, 15}, DType::kUInt8, kGpu);
   ExpectError([&] { Attention(gpu, gpu, gpu, pattern, options); },
               {"key_padding_mask", "expected uint8 [1, 16]"});
+}
+
+// Calls cuDNN runs: one pattern per head, segments dividing n (dense is
+// one segment of n), bfloat16, no dropout, mask or padding.
+std::vector<Case> CudnnCases() {
+  return {
+      MakeCase("cudnn dense", 320, 2, testing::DenseHeads(2, 320)),
+      MakeCase(
+          "cudnn head_groups w{64,256} r{1,2}", 512, 4,
+          testing::DilatedHeads(
+              DilatedOptions{{64, 256}, {1, 2}, HeadLayout::kHeadGroups}, 4)),
+      // 5 heads in groups of 2, 2, 1 with offsets 0, 1, 2.
+      MakeCase(
+          "cudnn head_groups 5 heads 3 groups", 480, 5,
+          testing::DilatedHeads(
+              DilatedOptions{{48, 96, 160}, {1, 2, 4}, HeadLayout::kHeadGroups},
+              5)),
+      // A rate that does not divide the segment: 342 rows per segment.
+      MakeCase("cudnn head_groups w{1024} r{3}", 2048, 2,
+               testing::DilatedHeads(
+                   DilatedOptions{{1024}, {3}, HeadLayout::kHeadGroups}, 2)),
+  };
+}
+
+// cuDNN's fused attention against the CPU in float64: out, lse and the
+// gradients through out (kCudnn), and through lse too (kAuto: cuDNN's
+// forward, our backward, which takes lse's gradient).
+TEST_F(CudaTest, AttentionOnCudnnMatchesCpu) {
+  for (int64_t head_dim : {64, 128}) {
+    for (bool causal : {false, true}) {
+      for (Case c : CudnnCases()) {
+        c.options.causal = causal;
+        const uint64_t seed =
+            SeedOfCase(c.name + std::to_string(head_dim) + (causal ? "c" : ""));
+        c.options.backend = AttentionBackend::kCudnn;
+        ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed, kBf16Tolerance,
+                         /*through_lse=*/false);
+        c.options.backend = AttentionBackend::kAuto;
+        ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed + 1,
+                         kBf16Tolerance, /*through_lse=*/true);
+      }
+    }
+  }
+}
+
+// With deterministic, kAuto runs cuDNN's forward and our backward: equal
+// inputs give bit-identical gradients; kCudnn refuses it.
+TEST_F(CudaTest, AttentionOnCudnnWithDeterministicRunsOurBackward) {
+  for (bool causal : {false, true}) {
+    Case c = CudnnCases()[1];
+    c.options.causal = causal;
+    c.options.deterministic = true;
+    const Inputs in = MakeInputs(c, 64, DType::kBFloat16, 900);
+    const Results a = RunAttention(c, in, DType::kBFloat16, kGpu, 5, false);
+    const Results b = RunAttention(c, in, DType::kBFloat16, kGpu, 5, false);
+    EXPECT_TRUE(BitwiseEqual(a.dq, b.dq)) << causal;
+    EXPECT_TRUE(BitwiseEqual(a.dk, b.dk)) << causal;
+    EXPECT_TRUE(BitwiseEqual(a.dv, b.dv)) << causal;
+    ExpectMatchesCpu(c, 64, DType::kBFloat16, 901, kBf16Tolerance, false);
+    c.options.backend = AttentionBackend::kCudnn;
+    ExpectError([&] { RunAttention(c, in, DType::kBFloat16, kGpu, 5, false); },
+                {"kCudnn has no backward that is deterministic"});
+  }
+}
+
+// Fails every allocation above `limit` bytes, like a device that is full.
+class CappedAllocator : public Allocator {
+ public:
+  CappedAllocator(Allocator* base, int64_t limit)
+      : base_(base), limit_(limit) {}
+  void* Allocate(int64_t bytes, Device device) override {
+    if (bytes > limit_) {
+      throw Error(absl::ResourceExhaustedError(
+          absl::StrCat("test cap: ", bytes, " bytes")));
+    }
+    return base_->Allocate(bytes, device);
+  }
+  void Deallocate(void* ptr, int64_t bytes, Device device) override {
+    base_->Deallocate(ptr, bytes, device);
+  }
+
+ private:
+  Allocator* base_;
+  int64_t limit_;
+};
+
+// When cuDNN's backward workspace (a float32 dq, 2 MiB here) does not fit,
+// kAuto runs our backward instead; kCudnn reports the shortage.
+TEST_F(CudaTest, AttentionOnCudnnFallsBackWhenItsWorkspaceDoesNotFit) {
+  Case c =
+      MakeCase("cudnn dense capped", 4096, 2, testing::DenseHeads(2, 4096));
+  c.batch = 1;
+  const Inputs in = MakeInputs(c, 64, DType::kBFloat16, 950);
+  const Results want = RunAttention(c, in, DType::kFloat64, Device::Cpu(), 5,
+                                    /*through_lse=*/false);
+  CappedAllocator capped(GetAllocator(kGpu), int64_t{3} << 19);  // 1.5 MiB
+  SetAllocator(DeviceType::kCuda, &capped);
+  const Results got = RunAttention(c, in, DType::kBFloat16, kGpu, 5, false);
+  c.options.backend = AttentionBackend::kCudnn;
+  ExpectError([&] { RunAttention(c, in, DType::kBFloat16, kGpu, 5, false); },
+              {"test cap"});
+  SetAllocator(DeviceType::kCuda, nullptr);
+  ExpectClose(got, want, kBf16Tolerance, c.name);
+}
+
+// kCudnn names what cuDNN does not run; kAuto runs ours for those calls
+// (the other tests check its results).
+TEST_F(CudaTest, AttentionOnCudnnRefusesWhatItCannotRun) {
+  const Shape shape = {1, 300, 2, 64};
+  const Tensor x = Zeros(shape, DType::kBFloat16, kGpu);
+  AttentionOptions options;
+  options.backend = AttentionBackend::kCudnn;
+  ExpectError(
+      [&] {
+        Attention(x, x, x,
+                  testing::DilatedHeads(
+                      DilatedOptions{{64}, {1}, HeadLayout::kHeadGroups}, 2),
+                  options);
+      },
+      {"segment length 64 does not divide n = 300"});
+  ExpectError(
+      [&] {
+        Attention(
+            x, x, x,
+            testing::DilatedHeads(
+                DilatedOptions{{100, 300}, {1, 2}, HeadLayout::kAllHeads}, 2),
+            options);
+      },
+      {"2 dilated patterns"});
+  const AttentionPattern dense = testing::DenseHeads(2, 300);
+  const Tensor f32 = Zeros(shape, DType::kFloat32, kGpu);
+  ExpectError([&] { Attention(f32, f32, f32, dense, options); },
+              {"inputs are float32", "it takes bfloat16"});
+  const Tensor odd = Zeros({1, 300, 2, 36}, DType::kBFloat16, kGpu);
+  ExpectError([&] { Attention(odd, odd, odd, dense, options); },
+              {"head_dim 36"});
+  AttentionOptions dropout = options;
+  dropout.dropout = 0.1;
+  ExpectError([&] { Attention(x, x, x, dense, dropout); }, {"dropout 0.1"});
+  // The gradient through lse: cuDNN's backward does not take it.
+  const Tensor q = RandomNormal(shape, DType::kBFloat16, kGpu, 1)
+                       .detach()
+                       .set_requires_grad(true);
+  AttentionResult r = Attention(q, q, q, dense, options);
+  ExpectError(
+      [&] { Backward({r.lse}, {Ones(r.lse.shape(), r.lse.dtype(), kGpu)}); },
+      {"kCudnn has no backward that takes a gradient through lse"});
 }
 
 }  // namespace

@@ -136,13 +136,15 @@ TEST_F(TrainCudaTest, Float32LossesMatchTheCpuRun) {
 }
 
 // An interrupted bfloat16 run with dropout, resumed from its checkpoint on
-// the GPU, continues bit for bit: every CUDA kernel of the step sums in a
-// fixed order, the masters, moments and dropout stream come back exactly,
-// and the bfloat16 copies are remade from the masters. The checkpoint is an
+// the GPU, continues bit for bit: with deterministic attention (cuDNN's
+// forward, our backward) every CUDA kernel of the step sums in a fixed
+// order, the masters, moments and dropout stream come back exactly, and the
+// bfloat16 copies are remade from the masters. The checkpoint is an
 // ordinary one: float32 tensors under the model's names.
 TEST_F(TrainCudaTest, ResumeOnTheGpuIsBitIdentical) {
   TrainOptions base = SmallOptions(Device::Cuda(0), DType::kBFloat16);
   base.model.dropout = 0.1;
+  base.model.attention.deterministic = true;
   base.steps = 6;
   const TrainResult reference = MustTrain(base);
   ASSERT_EQ(reference.steps.size(), 6u);
