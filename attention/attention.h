@@ -66,12 +66,14 @@ struct AttentionResult {
 // Attention of q over k, v ([batch, n, heads, head_dim], one dtype: float32,
 // float64, or bfloat16 computed in float32) under `pattern`. Differentiable
 // in q, k, v (and through lse). On a CUDA device (q, k, v on the same one;
-// head_dim <= 256) fused kernels compute bfloat16 natively on tensor cores
-// with float32 accumulation (head_dim 64 and 128; other head dims and
-// float32/float64 on FMA units); the key padding mask may be on the CPU or
-// the device. Throws lc::Error naming the bad value for mismatched shapes,
-// dtypes or devices, a pattern for a different number of heads, a block mask
-// for a different length, a bad dropout or padding mask.
+// head_dim <= 256) options.backend picks cuDNN's fused flash attention
+// (attention_cudnn.h) or our fused kernels, which compute bfloat16 natively
+// on tensor cores with float32 accumulation (head_dim 64 and 128; other head
+// dims and float32/float64 on FMA units); the key padding mask may be on the
+// CPU or the device. Throws lc::Error naming the bad value for mismatched
+// shapes, dtypes or devices, a pattern for a different number of heads, a
+// block mask for a different length, a bad dropout or padding mask, or a
+// call backend kCudnn cannot run.
 AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionPattern& pattern,
                           const AttentionOptions& options = {});
