@@ -78,11 +78,16 @@ void CopyBetweenCudaDevices(void* dst, int dst_device, const void* src,
 }  // namespace
 
 int CudaDeviceCount() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // Clear the sticky "no driver" error.
-    return 0;
-  }
+  // Devices do not come and go within a process: asked once (SetCudaDevice
+  // runs before every allocation and GEMM).
+  static const int count = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // Clear the sticky "no driver" error.
+      return 0;
+    }
+    return n;
+  }();
   return count;
 }
 
