@@ -24,6 +24,7 @@
 #include "models/transformer_lm.h"
 #include "ops/elementwise.h"
 #include "train/optimizer.h"
+#include "train/trainer.h"
 
 namespace lc {
 namespace scaling {
@@ -252,15 +253,12 @@ absl::StatusOr<std::vector<int64_t>> TrainingStepPeaks(
       LC_ASSIGN_OR_RETURN(AdamW optimizer,
                           AdamW::Create(model->NamedParameters()));
       const SequenceParallelContext sp{&comm, n};
-      const Tensor loss = model->Loss(SplitSequence(tokens, k, rank, layout),
-                                      SplitSequence(targets, k, rank, layout),
-                                      scored, k > 1 ? &sp : nullptr);
-      loss.backward();
-      const std::vector<Tensor> params = model->Parameters();
-      LC_RETURN_IF_ERROR(AllReduceGradients(comm, params));
       LC_RETURN_IF_ERROR(
-          ClipGradNorm(params, 1.0, k > 1 ? &comm : nullptr).status());
-      optimizer.Step(1e-3);
+          OptimizerStep(*model, optimizer, model->Parameters(),
+                        SplitSequence(tokens, k, rank, layout),
+                        SplitSequence(targets, k, rank, layout), scored,
+                        /*clip=*/1.0, /*lr=*/1e-3, &comm, k > 1 ? &sp : nullptr)
+              .status());
     }
     peaks[rank] = tracker->stats().peak_bytes;
     return absl::OkStatus();

@@ -52,6 +52,7 @@
 #include "core/status.h"
 #include "models/transformer_lm.h"
 #include "train/optimizer.h"
+#include "train/trainer.h"
 
 ABSL_FLAG(bool, max_context, false,
           "Find the longest n that trains (one step per length of --lengths) "
@@ -183,16 +184,13 @@ void Build(Run& run, int64_t n, bool recompute) {
   run.targets = all.slice(1, 1, n + 1).contiguous();
 }
 
-// One training step; returns the loss.
+// One training step (the trainer's); returns the loss.
 double Step(Run& run) {
-  const Tensor loss =
-      run.model->Loss(run.tokens, run.targets, run.targets.numel());
-  loss.backward();
-  ThrowIfError(ClipGradNorm(run.params, absl::GetFlag(FLAGS_clip)).status());
-  const double value = loss.item();
-  run.optimizer->Step(absl::GetFlag(FLAGS_lr));
-  run.model->ZeroGrad();
-  return value;
+  const StepOutput step = ValueOrThrow(OptimizerStep(
+      *run.model, *run.optimizer, run.params, run.tokens, run.targets,
+      run.targets.numel(), absl::GetFlag(FLAGS_clip), absl::GetFlag(FLAGS_lr),
+      /*comm=*/nullptr, /*sp=*/nullptr));
+  return step.loss.item();
 }
 
 void ResetPeaks(int device) {

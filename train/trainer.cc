@@ -418,6 +418,26 @@ absl::StatusOr<EvalResult> Evaluate(const TrainOptions& options,
   return result;
 }
 
+}  // namespace
+
+absl::StatusOr<StepOutput> OptimizerStep(
+    TransformerLM& model, AdamW& optimizer, const std::vector<Tensor>& params,
+    const Tensor& tokens, const Tensor& targets, int64_t scored, double clip,
+    double lr, Communicator* comm, const SequenceParallelContext* sp) {
+  StepOutput out;
+  LC_RETURN_IF_ERROR(StatusFromCall([&] {
+    out.loss = model.Loss(tokens, targets, scored, sp);
+    out.loss.backward();
+  }));
+  if (comm != nullptr) LC_RETURN_IF_ERROR(AllReduceGradients(*comm, params));
+  LC_ASSIGN_OR_RETURN(out.grad_norm, ClipGradNorm(params, clip, comm));
+  LC_RETURN_IF_ERROR(StatusFromCall([&] { optimizer.Step(lr); }));
+  model.ZeroGrad();
+  return out;
+}
+
+namespace {
+
 // One optimizer step of one rank; returns (summed loss, grad norm).
 absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
                                                     const DataSource& data,
@@ -444,24 +464,16 @@ absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
   LC_RETURN_IF_ERROR(comm.AllReduceSum(count));
   const int64_t global_count = static_cast<int64_t>(count.item());
 
-  Tensor loss_tensor;
-  LC_RETURN_IF_ERROR(StatusFromCall([&] {
-    loss_tensor = state.model->Loss(tokens, targets, global_count, sp_ptr);
-    loss_tensor.backward();
-  }));
-  LC_RETURN_IF_ERROR(AllReduceGradients(comm, state.params));
-  // On CUDA, reading the norm is the step's one wait for the device; the
-  // loss, computed before it, is then ready to read.
-  LC_ASSIGN_OR_RETURN(const double norm,
-                      ClipGradNorm(state.params, options.clip, &comm));
-  double local_loss = 0;
-  LC_RETURN_IF_ERROR(StatusFromCall([&] { local_loss = loss_tensor.item(); }));
   *lr = LearningRate(schedule, state.step);
-  LC_RETURN_IF_ERROR(StatusFromCall([&] { state.optimizer->Step(*lr); }));
-  state.model->ZeroGrad();
+  LC_ASSIGN_OR_RETURN(
+      const StepOutput step,
+      OptimizerStep(*state.model, *state.optimizer, state.params, tokens,
+                    targets, global_count, options.clip, *lr, &comm, sp_ptr));
+  double local_loss = 0;
+  LC_RETURN_IF_ERROR(StatusFromCall([&] { local_loss = step.loss.item(); }));
   ++state.step;
   LC_ASSIGN_OR_RETURN(const double loss, AllReduceScalar(comm, local_loss));
-  return std::make_pair(loss, norm);
+  return std::make_pair(loss, step.grad_norm);
 }
 
 std::string DescribeAttention(const AttentionConfig& a) {

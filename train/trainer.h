@@ -93,6 +93,26 @@ struct TrainOptions {
   std::function<void(const StepRecord&, const TransformerLM&)> on_step;
 };
 
+// What one optimizer step returns: the loss tensor (a scalar on the model's
+// device, not yet read: reading it may wait for the device) and the global
+// gradient norm before clipping.
+struct StepOutput {
+  Tensor loss;
+  double grad_norm = 0;
+};
+
+// One optimizer step of one rank, the step Train runs: the model's loss on
+// its tokens and targets (the mean over `scored`, the scored targets of the
+// whole group), backward, the gradients summed over `comm` (null: one rank,
+// nothing exchanged), clipped to global norm `clip` (0: measured only), an
+// AdamW step at learning rate `lr`, the gradients zeroed. params are
+// model.Parameters(); sp is the model's sequence-parallel context (null on
+// one rank). On CUDA, reading the norm is the step's one wait for the device.
+absl::StatusOr<StepOutput> OptimizerStep(
+    TransformerLM& model, AdamW& optimizer, const std::vector<Tensor>& params,
+    const Tensor& tokens, const Tensor& targets, int64_t scored, double clip,
+    double lr, Communicator* comm, const SequenceParallelContext* sp);
+
 // Checks the options (the model config through ValidateTransformerConfig,
 // the data options, the schedule, counts); errors name the value.
 absl::Status ValidateTrainOptions(const TrainOptions& options);
