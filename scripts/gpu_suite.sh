@@ -10,8 +10,9 @@
 #                                # ./gpu_suite_out), a summary table last
 #
 # Steps: env (GPU, driver, ldd), tests (cuda_test, nccl_test), sanitize
-# (compute-sanitizer memcheck and racecheck), attention (our kernels, the
-# ring, then PyTorch's SDPA), train (the training step, then PyTorch's),
+# (compute-sanitizer memcheck and racecheck; memcheck of the cuDNN path),
+# attention (our kernels and cuDNN's, the ring, then PyTorch's SDPA), train
+# (the training step on both attention backends, then PyTorch's),
 # cli (attention_cli against a float64 oracle), maxctx (longest context,
 # ours and PyTorch's), scaling (the experiments, SCALING_EXPERIMENTS to pick,
 # each cut off after SCALING_TIMEOUT s; CSVs in $OUT/scaling.tgz), profile
@@ -84,7 +85,7 @@ run() {
 step_env() {
   nvidia-smi -L
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
-  for b in "$BIN"/*; do echo "== ldd $b"; ldd "$b" | grep -E "not found|cuda|cublas|nccl" ; done
+  for b in "$BIN"/*; do echo "== ldd $b"; ldd "$b" | grep -E "not found|cuda|cublas|cudnn|nccl" ; done
 }
 
 step_tests() {
@@ -99,7 +100,11 @@ step_sanitize() {
   compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$BIN/cuda_test" --gtest_filter="$filter" --gtest_brief=1 || return 1
   compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$BIN/cuda_test" --gtest_filter="$filter" --gtest_brief=1
+    "$BIN/cuda_test" --gtest_filter="$filter" --gtest_brief=1 || return 1
+  # Our glue around cuDNN's attention (strided views, workspace, stats
+  # copies): memcheck only, since racecheck would inspect cuDNN's kernels.
+  compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$BIN/cuda_test" --gtest_filter='CudaTest.AttentionOnCudnn*' --gtest_brief=1
 }
 
 step_attention() {
