@@ -18,11 +18,12 @@
 namespace lc {
 namespace {
 
-// Throws lc::Error naming the cuDNN call, its status and cuDNN's last error
-// message; `unimplemented` marks calls whose failure means "no engine for
-// this graph" rather than a broken launch.
-void ThrowCudnnError(cudnnStatus_t status, const char* expr, bool unimplemented,
-                     const char* file, int line) {
+// Unless `status` is success, throws lc::Error naming the cuDNN call, its
+// status and cuDNN's last error message; `unimplemented` marks calls whose
+// failure means "no engine for this graph" rather than a broken launch.
+void CheckCudnn(cudnnStatus_t status, const char* expr, bool unimplemented,
+                const char* file, int line) {
+  if (status == CUDNN_STATUS_SUCCESS) return;
   char last[1024] = {0};
   cudnnGetLastErrorString(last, sizeof(last));
   std::string message = absl::StrCat("cuDNN: ", expr, " failed with ",
@@ -32,22 +33,11 @@ void ThrowCudnnError(cudnnStatus_t status, const char* expr, bool unimplemented,
                             : absl::InternalError(message));
 }
 
-#define LC_CUDNN_CHECK(expr)                                               \
-  do {                                                                     \
-    const cudnnStatus_t lc_cudnn_status_ = (expr);                         \
-    if (lc_cudnn_status_ != CUDNN_STATUS_SUCCESS) {                        \
-      ThrowCudnnError(lc_cudnn_status_, #expr, false, __FILE__, __LINE__); \
-    }                                                                      \
-  } while (false)
-
+// A launch: a failure is an Internal error.
+#define LC_CUDNN_CHECK(expr) \
+  CheckCudnn((expr), #expr, false, __FILE__, __LINE__)
 // Building a graph: a failure means cuDNN does not support it.
-#define LC_CUDNN_BUILD(expr)                                              \
-  do {                                                                    \
-    const cudnnStatus_t lc_cudnn_status_ = (expr);                        \
-    if (lc_cudnn_status_ != CUDNN_STATUS_SUCCESS) {                       \
-      ThrowCudnnError(lc_cudnn_status_, #expr, true, __FILE__, __LINE__); \
-    }                                                                     \
-  } while (false)
+#define LC_CUDNN_BUILD(expr) CheckCudnn((expr), #expr, true, __FILE__, __LINE__)
 
 // An owned backend descriptor.
 class Descriptor {
