@@ -25,6 +25,7 @@
 #include "distributed/thread_communicator.h"
 #include "gtest/gtest.h"
 #include "tests/attention/attention_test_util.h"
+#include "tests/distributed/rank_test_util.h"
 #include "tests/distributed/ring_test_util.h"
 #include "tests/op_test_util.h"
 
@@ -32,14 +33,9 @@ namespace lc {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using testing::Timeout;
 
 constexpr int64_t kBatch = 2, kHeads = 3, kHeadDim = 4, kN = 37;
-
-ThreadGroupOptions Timeout(int64_t milliseconds) {
-  ThreadGroupOptions options;
-  options.timeout = std::chrono::milliseconds(milliseconds);
-  return options;
-}
 
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();

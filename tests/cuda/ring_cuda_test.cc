@@ -37,20 +37,20 @@
 #include "ops/shape_ops.h"
 #include "tests/attention/pattern_builders.h"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/distributed/rank_test_util.h"
 #include "tests/distributed/ring_test_util.h"
 
 namespace lc {
 namespace {
 
+using testing::EachRankStatus;
+using testing::RecvAndWait;
+using testing::SendAndWait;
+using testing::Timeout;
+
 using Clock = std::chrono::steady_clock;
 
 const Device kGpu = Device::Cuda(0);
-
-ThreadGroupOptions Timeout(int64_t milliseconds) {
-  ThreadGroupOptions options;
-  options.timeout = std::chrono::milliseconds(milliseconds);
-  return options;
-}
 
 // The values of a tensor on the host, in float64.
 std::vector<double> Host(const Tensor& t) {
@@ -86,38 +86,6 @@ Tensor Pattern(const Shape& shape, DType dtype, Device device,
   return FromVector(values, shape, dtype).to(device);
 }
 
-// Runs fn on k thread ranks and returns each rank's own status (fn reports
-// OK to RunRanks, so no failure aborts the others).
-std::vector<absl::Status> EachRank(
-    int k, const std::function<absl::Status(Communicator&)>& fn,
-    const ThreadGroupOptions& options = Timeout(20000)) {
-  std::vector<absl::Status> statuses(k);
-  const absl::Status all = RunRanks(
-      k,
-      [&](Communicator& comm) {
-        absl::Status returned;
-        const absl::Status thrown =
-            StatusFromCall([&] { returned = fn(comm); });
-        statuses[comm.rank()] = thrown.ok() ? returned : thrown;
-        return absl::OkStatus();
-      },
-      options);
-  EXPECT_TRUE(all.ok()) << all;
-  return statuses;
-}
-
-absl::Status SendAndWait(Communicator& comm, const Tensor& t, int dst,
-                         int tag = 0) {
-  LC_ASSIGN_OR_RETURN(std::unique_ptr<Work> work, comm.Send(t, dst, tag));
-  return work->Wait();
-}
-
-absl::Status RecvAndWait(Communicator& comm, const Tensor& t, int src,
-                         int tag = 0) {
-  LC_ASSIGN_OR_RETURN(std::unique_ptr<Work> work, comm.Recv(t, src, tag));
-  return work->Wait();
-}
-
 class RingCudaTest : public CudaTest {
  protected:
   void SetUp() override {
@@ -137,7 +105,7 @@ TEST_F(RingCudaTest, SendRecvMovesEveryDtype) {
   const Shape shape = {3, 1001};
   std::vector<Tensor> received(dtypes.size());
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         for (size_t i = 0; i < dtypes.size(); ++i) {
           const int tag = static_cast<int>(i);
           if (comm.rank() == 0) {
@@ -163,7 +131,7 @@ TEST_F(RingCudaTest, LargeTransfersAroundARingOfFour) {
   const Shape shape = {int64_t{1} << 22};  // 16 MiB of float32
   std::vector<Tensor> received(k);
   const std::vector<absl::Status> statuses =
-      EachRank(k, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(k, [&](Communicator& comm) -> absl::Status {
         const int r = comm.rank();
         const Tensor mine = Pattern(shape, DType::kFloat32, kGpu, r);
         received[r] = Empty(shape, DType::kFloat32, kGpu);
@@ -190,7 +158,7 @@ TEST_F(RingCudaTest, TransfersAreOrderedWithComputeOnBothStreams) {
   const Tensor expected = Pattern(shape, DType::kFloat32, kGpu, 0.5);
   Tensor got_by_receiver, read_before_receive;
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         if (comm.rank() == 0) {
           const Tensor x = Zeros(shape, DType::kFloat32, kGpu);
           Busy(kGpu);
@@ -217,7 +185,7 @@ TEST_F(RingCudaTest, TransfersAreOrderedWithComputeOnBothStreams) {
 
 TEST_F(RingCudaTest, CpuTensorMatchedWithCudaTensorFailsBothSides) {
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         if (comm.rank() == 0) {
           return SendAndWait(comm, Zeros({4}, DType::kFloat32, kGpu), 1);
         }
@@ -237,7 +205,7 @@ TEST_F(RingCudaTest, SendsBetweenTwoDevices) {
   const Shape shape = {5, 777};
   Tensor received;
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         const Device mine = Device::Cuda(comm.rank());
         if (comm.rank() == 0) {
           const Tensor x = Zeros(shape, DType::kFloat32, mine);
@@ -276,16 +244,17 @@ TEST_F(RingCudaTest, AllReduceSumIsBitIdenticalToTheCpuGroup) {
       SCOPED_TRACE(absl::StrCat("k = ", k, ", ", DTypeName(dtype)));
       std::vector<Tensor> cuda(k), cpu(k);
       const auto run = [&](Device device, std::vector<Tensor>* out) {
-        return EachRank(k, [&, device](Communicator& comm) -> absl::Status {
-          const int r = comm.rank();
-          const Tensor input = RankInput(shape, dtype, r, device);
-          const Tensor x = Zeros(shape, dtype, device);
-          if (device.is_cuda()) Busy(device);
-          CopyInto(x, input);
-          LC_RETURN_IF_ERROR(comm.AllReduceSum(x));
-          (*out)[r] = x;
-          return absl::OkStatus();
-        });
+        return EachRankStatus(
+            k, [&, device](Communicator& comm) -> absl::Status {
+              const int r = comm.rank();
+              const Tensor input = RankInput(shape, dtype, r, device);
+              const Tensor x = Zeros(shape, dtype, device);
+              if (device.is_cuda()) Busy(device);
+              CopyInto(x, input);
+              LC_RETURN_IF_ERROR(comm.AllReduceSum(x));
+              (*out)[r] = x;
+              return absl::OkStatus();
+            });
       };
       for (const absl::Status& s : run(kGpu, &cuda)) ASSERT_TRUE(s.ok()) << s;
       for (const absl::Status& s : run(Device::Cpu(), &cpu)) {
@@ -303,7 +272,7 @@ TEST_F(RingCudaTest, AllGatherAndBroadcastOnCuda) {
   const Shape shape = {2, 333};
   std::vector<Tensor> gathered(k), broadcast(k);
   const std::vector<absl::Status> statuses =
-      EachRank(k, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(k, [&](Communicator& comm) -> absl::Status {
         const int r = comm.rank();
         const Tensor input = Zeros(shape, DType::kInt64, kGpu);
         Busy(kGpu);
@@ -329,7 +298,7 @@ TEST_F(RingCudaTest, AllGatherAndBroadcastOnCuda) {
 
 TEST_F(RingCudaTest, CollectiveOfCpuAndCudaTensorsFailsOnEveryRank) {
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         const Device device = comm.rank() == 0 ? kGpu : Device::Cpu();
         return comm.AllReduceSum(Zeros({4}, DType::kFloat32, device));
       });
@@ -348,7 +317,7 @@ TEST_F(RingCudaTest, AllReduceSumAcrossTwoDevices) {
   const Shape shape = {1000};
   std::vector<Tensor> sums(2);
   const std::vector<absl::Status> statuses =
-      EachRank(2, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(2, [&](Communicator& comm) -> absl::Status {
         const int r = comm.rank();
         sums[r] = RankInput(shape, DType::kFloat32, r, Device::Cuda(r));
         return comm.AllReduceSum(sums[r]);
@@ -378,7 +347,7 @@ TEST_F(RingCudaTest, SplitGatherAndGradientAllReduceOnCuda) {
     SCOPED_TRACE(SequenceLayoutName(layout));
     std::vector<Tensor> gathered(k);
     const std::vector<absl::Status> statuses =
-        EachRank(k, [&](Communicator& comm) -> absl::Status {
+        EachRankStatus(k, [&](Communicator& comm) -> absl::Status {
           const Tensor local = SplitSequence(x, k, comm.rank(), layout);
           EXPECT_EQ(local.device(), kGpu);
           EXPECT_EQ(Host(local), Host(SplitSequence(x.to(Device::Cpu()), k,
@@ -397,7 +366,7 @@ TEST_F(RingCudaTest, SplitGatherAndGradientAllReduceOnCuda) {
   const auto run = [&](Device device) {
     std::vector<std::vector<Tensor>> grads(k);
     const std::vector<absl::Status> statuses =
-        EachRank(k, [&](Communicator& comm) -> absl::Status {
+        EachRankStatus(k, [&](Communicator& comm) -> absl::Status {
           const int r = comm.rank();
           std::vector<Tensor> params;
           for (size_t i = 0; i < shapes.size(); ++i) {
@@ -709,7 +678,7 @@ TEST_F(RingCudaTest, StridedInputsAndOddHeadDim) {
 
 TEST_F(RingCudaTest, BadInputIsAClearError) {
   const std::vector<absl::Status> statuses =
-      EachRank(1, [&](Communicator& comm) -> absl::Status {
+      EachRankStatus(1, [&](Communicator& comm) -> absl::Status {
         const Tensor q = Zeros({1, 8, 2, 16}, DType::kFloat32, kGpu);
         const Tensor k_cpu = Zeros({1, 8, 2, 16}, DType::kFloat32);
         const absl::Status mixed = StatusFromCall([&] {

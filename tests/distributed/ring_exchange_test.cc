@@ -21,20 +21,17 @@
 #include "distributed/thread_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/distributed/rank_test_util.h"
 #include "tests/distributed/ring_test_util.h"
 
 namespace lc {
 namespace {
 
+using ::lc::testing::EachRankStatus;
+using ::lc::testing::Timeout;
 using ::testing::HasSubstr;
 
 using Clock = std::chrono::steady_clock;
-
-ThreadGroupOptions Timeout(int64_t milliseconds) {
-  ThreadGroupOptions options;
-  options.timeout = std::chrono::milliseconds(milliseconds);
-  return options;
-}
 
 // A [rows, 3] tensor whose every element is `value` + its row / 1000.
 Tensor Filled(int64_t rows, double value, DType dtype = DType::kFloat64) {
@@ -47,27 +44,6 @@ Tensor Filled(int64_t rows, double value, DType dtype = DType::kFloat64) {
 bool IsFilled(const Tensor& t, int64_t rows, double value) {
   const Tensor expected = Filled(rows, value, t.dtype());
   return t.shape() == expected.shape() && t.ToVector() == expected.ToVector();
-}
-
-// Runs fn on k ranks; returns each rank's own status. fn's status is not
-// passed on to RunRanks, so a failing rank does not abort the others: the
-// exchange itself must stop them.
-std::vector<absl::Status> RunEach(
-    int k, const std::function<absl::Status(Communicator&)>& fn,
-    const ThreadGroupOptions& options = Timeout(5000)) {
-  std::vector<absl::Status> statuses(k);
-  const absl::Status overall = RunRanks(
-      k,
-      [&](Communicator& comm) {
-        statuses[comm.rank()] = StatusFromCall([&] {
-          const absl::Status s = fn(comm);
-          if (!s.ok()) throw Error(s);
-        });
-        return absl::OkStatus();
-      },
-      options);
-  EXPECT_TRUE(overall.ok()) << overall;
-  return statuses;
 }
 
 void ExpectAllOk(const std::vector<absl::Status>& statuses) {
@@ -90,31 +66,32 @@ std::vector<TensorSpec> SpecsOf(const std::vector<Tensor>& bundle) {
 // members of different dtypes and shapes arrives intact too.
 TEST(RingExchangeTest, BundleMembersStayDistinct) {
   const int k = 3;
-  const std::vector<absl::Status> statuses = RunEach(k, [&](Communicator& c) {
-    const int r = c.rank(), prev = (r + k - 1) % k;
-    RingExchange exchange(c, 2, /*first_tag=*/1);
-    const std::vector<Tensor> mine = {Filled(4, 10 * r + 1),
-                                      Filled(4, 10 * r + 2)};
-    LC_ASSIGN_OR_RETURN(std::vector<Tensor> got,
-                        exchange.Post(mine, SpecsOf(mine)));
-    LC_RETURN_IF_ERROR(exchange.Wait());
-    EXPECT_TRUE(IsFilled(got[0], 4, 10 * prev + 1)) << "K: " << got[0];
-    EXPECT_TRUE(IsFilled(got[1], 4, 10 * prev + 2)) << "V: " << got[1];
-    EXPECT_NE(got[0].raw_data(), got[1].raw_data());
-    EXPECT_NE(got[0].storage(), got[1].storage());
-    // The sent tensors are not written.
-    EXPECT_TRUE(IsFilled(mine[0], 4, 10 * r + 1));
-    EXPECT_TRUE(IsFilled(mine[1], 4, 10 * r + 2));
+  const std::vector<absl::Status> statuses =
+      EachRankStatus(k, [&](Communicator& c) {
+        const int r = c.rank(), prev = (r + k - 1) % k;
+        RingExchange exchange(c, 2, /*first_tag=*/1);
+        const std::vector<Tensor> mine = {Filled(4, 10 * r + 1),
+                                          Filled(4, 10 * r + 2)};
+        LC_ASSIGN_OR_RETURN(std::vector<Tensor> got,
+                            exchange.Post(mine, SpecsOf(mine)));
+        LC_RETURN_IF_ERROR(exchange.Wait());
+        EXPECT_TRUE(IsFilled(got[0], 4, 10 * prev + 1)) << "K: " << got[0];
+        EXPECT_TRUE(IsFilled(got[1], 4, 10 * prev + 2)) << "V: " << got[1];
+        EXPECT_NE(got[0].raw_data(), got[1].raw_data());
+        EXPECT_NE(got[0].storage(), got[1].storage());
+        // The sent tensors are not written.
+        EXPECT_TRUE(IsFilled(mine[0], 4, 10 * r + 1));
+        EXPECT_TRUE(IsFilled(mine[1], 4, 10 * r + 2));
 
-    const std::vector<Tensor> mixed = {Filled(2, r, DType::kFloat32),
-                                       Filled(5, 100 + r, DType::kFloat64)};
-    LC_ASSIGN_OR_RETURN(got, exchange.Post(mixed, SpecsOf(mixed)));
-    LC_RETURN_IF_ERROR(exchange.Wait());
-    EXPECT_EQ(got[0].dtype(), DType::kFloat32);
-    EXPECT_TRUE(IsFilled(got[0], 2, prev));
-    EXPECT_TRUE(IsFilled(got[1], 5, 100 + prev));
-    return absl::OkStatus();
-  });
+        const std::vector<Tensor> mixed = {Filled(2, r, DType::kFloat32),
+                                           Filled(5, 100 + r, DType::kFloat64)};
+        LC_ASSIGN_OR_RETURN(got, exchange.Post(mixed, SpecsOf(mixed)));
+        LC_RETURN_IF_ERROR(exchange.Wait());
+        EXPECT_EQ(got[0].dtype(), DType::kFloat32);
+        EXPECT_TRUE(IsFilled(got[0], 2, prev));
+        EXPECT_TRUE(IsFilled(got[1], 5, 100 + prev));
+        return absl::OkStatus();
+      });
   ExpectAllOk(statuses);
 }
 
@@ -124,30 +101,31 @@ TEST(RingExchangeTest, BundleMembersStayDistinct) {
 // s + 1's arrives (the other slot), and step s + 2 reuses step s's buffers.
 TEST(RingExchangeTest, SlotsAlternateAndAreReusedOverManySteps) {
   const int k = 4, steps = 20;
-  const std::vector<absl::Status> statuses = RunEach(k, [&](Communicator& c) {
-    const int r = c.rank();
-    RingExchange exchange(c, 2, /*first_tag=*/7);
-    std::vector<Tensor> held = {Filled(6, r), Filled(6, 50 + r)};
-    std::vector<const void*> k_buffers;
-    for (int s = 0; s < steps; ++s) {
-      const int origin = ((r - s) % k + k) % k;
-      EXPECT_TRUE(IsFilled(held[0], 6, origin)) << "step " << s;
-      EXPECT_TRUE(IsFilled(held[1], 6, 50 + origin)) << "step " << s;
-      LC_ASSIGN_OR_RETURN(std::vector<Tensor> next,
-                          exchange.Post(held, SpecsOf(held)));
-      LC_RETURN_IF_ERROR(exchange.Wait());
-      // What this step computes on is unchanged by the arrival.
-      EXPECT_TRUE(IsFilled(held[0], 6, origin)) << "step " << s;
-      k_buffers.push_back(next[0].raw_data());
-      held = next;
-    }
-    for (int s = 2; s < steps; ++s) {
-      EXPECT_EQ(k_buffers[s], k_buffers[s - 2]) << "step " << s;
-      EXPECT_NE(k_buffers[s], k_buffers[s - 1]) << "step " << s;
-    }
-    EXPECT_EQ(exchange.tensors_sent(), 2 * steps);
-    return absl::OkStatus();
-  });
+  const std::vector<absl::Status> statuses =
+      EachRankStatus(k, [&](Communicator& c) {
+        const int r = c.rank();
+        RingExchange exchange(c, 2, /*first_tag=*/7);
+        std::vector<Tensor> held = {Filled(6, r), Filled(6, 50 + r)};
+        std::vector<const void*> k_buffers;
+        for (int s = 0; s < steps; ++s) {
+          const int origin = ((r - s) % k + k) % k;
+          EXPECT_TRUE(IsFilled(held[0], 6, origin)) << "step " << s;
+          EXPECT_TRUE(IsFilled(held[1], 6, 50 + origin)) << "step " << s;
+          LC_ASSIGN_OR_RETURN(std::vector<Tensor> next,
+                              exchange.Post(held, SpecsOf(held)));
+          LC_RETURN_IF_ERROR(exchange.Wait());
+          // What this step computes on is unchanged by the arrival.
+          EXPECT_TRUE(IsFilled(held[0], 6, origin)) << "step " << s;
+          k_buffers.push_back(next[0].raw_data());
+          held = next;
+        }
+        for (int s = 2; s < steps; ++s) {
+          EXPECT_EQ(k_buffers[s], k_buffers[s - 2]) << "step " << s;
+          EXPECT_NE(k_buffers[s], k_buffers[s - 1]) << "step " << s;
+        }
+        EXPECT_EQ(exchange.tensors_sent(), 2 * steps);
+        return absl::OkStatus();
+      });
   ExpectAllOk(statuses);
 }
 
@@ -165,32 +143,34 @@ TEST(RingExchangeTest, SizesDifferPerRank) {
         const auto rows = [&](int r) {
           return RankTokenCount(n, k, ((r % k) + k) % k, layout);
         };
-        const std::vector<absl::Status> statuses = RunEach(k, [&](Communicator&
-                                                                      c) {
-          const int r = c.rank();
-          RingExchange exchange(c, 2, /*first_tag=*/1);
-          std::vector<Tensor> held = {Filled(rows(r), r), Filled(rows(r), -r)};
-          int64_t bytes = 0;
-          for (int s = 0; s < k - 1; ++s) {
-            const int incoming = r - s - 1;
-            bytes += 2 * held[0].numel() * 8;
-            LC_ASSIGN_OR_RETURN(
-                std::vector<Tensor> next,
-                exchange.Post(
-                    held, {TensorSpec{{rows(incoming), 3}, DType::kFloat64},
-                           TensorSpec{{rows(incoming), 3}, DType::kFloat64}}));
-            LC_RETURN_IF_ERROR(exchange.Wait());
-            const int origin = ((incoming % k) + k) % k;
-            EXPECT_TRUE(IsFilled(next[0], rows(incoming), origin));
-            EXPECT_TRUE(IsFilled(next[1], rows(incoming), -origin));
-            held = next;
-          }
-          EXPECT_EQ(exchange.bytes_sent(), bytes);
-          EXPECT_EQ(exchange.tensors_sent(), 2 * (k - 1));
-          EXPECT_EQ(c.stats().bytes_sent, bytes);
-          EXPECT_EQ(c.stats().messages_sent, 2 * (k - 1));
-          return absl::OkStatus();
-        });
+        const std::vector<absl::Status> statuses =
+            EachRankStatus(k, [&](Communicator& c) {
+              const int r = c.rank();
+              RingExchange exchange(c, 2, /*first_tag=*/1);
+              std::vector<Tensor> held = {Filled(rows(r), r),
+                                          Filled(rows(r), -r)};
+              int64_t bytes = 0;
+              for (int s = 0; s < k - 1; ++s) {
+                const int incoming = r - s - 1;
+                bytes += 2 * held[0].numel() * 8;
+                LC_ASSIGN_OR_RETURN(
+                    std::vector<Tensor> next,
+                    exchange.Post(
+                        held,
+                        {TensorSpec{{rows(incoming), 3}, DType::kFloat64},
+                         TensorSpec{{rows(incoming), 3}, DType::kFloat64}}));
+                LC_RETURN_IF_ERROR(exchange.Wait());
+                const int origin = ((incoming % k) + k) % k;
+                EXPECT_TRUE(IsFilled(next[0], rows(incoming), origin));
+                EXPECT_TRUE(IsFilled(next[1], rows(incoming), -origin));
+                held = next;
+              }
+              EXPECT_EQ(exchange.bytes_sent(), bytes);
+              EXPECT_EQ(exchange.tensors_sent(), 2 * (k - 1));
+              EXPECT_EQ(c.stats().bytes_sent, bytes);
+              EXPECT_EQ(c.stats().messages_sent, 2 * (k - 1));
+              return absl::OkStatus();
+            });
         ExpectAllOk(statuses);
       }
     }
@@ -201,32 +181,33 @@ TEST(RingExchangeTest, SizesDifferPerRank) {
 // ranks that are not neighbours (what a chunk's gradients use to go home).
 TEST(RingExchangeTest, OneSidedStepsAndOtherPeers) {
   const int k = 4;
-  const std::vector<absl::Status> statuses = RunEach(k, [&](Communicator& c) {
-    const int r = c.rank();
-    RingExchange exchange(c, 1, /*first_tag=*/3);
-    // Rank 0 sends to rank 1, which only receives; the others do nothing.
-    const std::vector<Tensor> none;
-    const std::vector<TensorSpec> nothing;
-    LC_ASSIGN_OR_RETURN(
-        std::vector<Tensor> got,
-        exchange.Post(r == 0 ? std::vector<Tensor>{Filled(2, 7)} : none,
-                      r == 1
-                          ? std::vector<TensorSpec>{{{2, 3}, DType::kFloat64}}
-                          : nothing));
-    LC_RETURN_IF_ERROR(exchange.Wait());
-    EXPECT_EQ(got.size(), r == 1 ? 1u : 0u);
-    if (r == 1) EXPECT_TRUE(IsFilled(got[0], 2, 7));
-    // Rank 3 sends to rank 1 (two ranks back).
-    LC_ASSIGN_OR_RETURN(
-        got, exchange.PostPeers(
-                 r == 3 ? std::vector<Tensor>{Filled(1, 3)} : none, 1,
-                 r == 1 ? std::vector<TensorSpec>{{{1, 3}, DType::kFloat64}}
-                        : nothing,
-                 3));
-    LC_RETURN_IF_ERROR(exchange.Wait());
-    if (r == 1) EXPECT_TRUE(IsFilled(got[0], 1, 3));
-    return absl::OkStatus();
-  });
+  const std::vector<absl::Status> statuses =
+      EachRankStatus(k, [&](Communicator& c) {
+        const int r = c.rank();
+        RingExchange exchange(c, 1, /*first_tag=*/3);
+        // Rank 0 sends to rank 1, which only receives; the others do nothing.
+        const std::vector<Tensor> none;
+        const std::vector<TensorSpec> nothing;
+        LC_ASSIGN_OR_RETURN(
+            std::vector<Tensor> got,
+            exchange.Post(
+                r == 0 ? std::vector<Tensor>{Filled(2, 7)} : none,
+                r == 1 ? std::vector<TensorSpec>{{{2, 3}, DType::kFloat64}}
+                       : nothing));
+        LC_RETURN_IF_ERROR(exchange.Wait());
+        EXPECT_EQ(got.size(), r == 1 ? 1u : 0u);
+        if (r == 1) EXPECT_TRUE(IsFilled(got[0], 2, 7));
+        // Rank 3 sends to rank 1 (two ranks back).
+        LC_ASSIGN_OR_RETURN(
+            got, exchange.PostPeers(
+                     r == 3 ? std::vector<Tensor>{Filled(1, 3)} : none, 1,
+                     r == 1 ? std::vector<TensorSpec>{{{1, 3}, DType::kFloat64}}
+                            : nothing,
+                     3));
+        LC_RETURN_IF_ERROR(exchange.Wait());
+        if (r == 1) EXPECT_TRUE(IsFilled(got[0], 1, 3));
+        return absl::OkStatus();
+      });
   ExpectAllOk(statuses);
 }
 
@@ -253,7 +234,7 @@ TEST(RingExchangeTest, FailureMidExchangeIsAnErrorOnEveryRank) {
     SCOPED_TRACE("a rank stops");
     const int64_t timeout_ms = 300;
     const Clock::time_point start = Clock::now();
-    const std::vector<absl::Status> statuses = RunEach(
+    const std::vector<absl::Status> statuses = EachRankStatus(
         k, [&](Communicator& c) { return ring(c, c.rank() == bad ? 3 : 10); },
         Timeout(timeout_ms));
     const double seconds =
@@ -275,7 +256,7 @@ TEST(RingExchangeTest, FailureMidExchangeIsAnErrorOnEveryRank) {
   {
     SCOPED_TRACE("a post fails");
     const Clock::time_point start = Clock::now();
-    const std::vector<absl::Status> statuses = RunEach(
+    const std::vector<absl::Status> statuses = EachRankStatus(
         k,
         [&](Communicator& c) {
           // The 7th send: step 3's K.
@@ -312,15 +293,16 @@ TEST(RingExchangeTest, BadBundles) {
     // The group was aborted.
     EXPECT_EQ(comms[1]->Barrier().code(), absl::StatusCode::kAborted);
   }
-  const std::vector<absl::Status> statuses = RunEach(2, [&](Communicator& c) {
-    RingExchange exchange(c, 1, 1);
-    // Rank 0 sends 2 rows and expects 2, rank 1 sends 3 and expects 3.
-    LC_ASSIGN_OR_RETURN(
-        std::vector<Tensor> got,
-        exchange.Post({Filled(c.rank() + 2, 0)},
-                      {TensorSpec{{c.rank() + 2, 3}, DType::kFloat64}}));
-    return exchange.Wait();
-  });
+  const std::vector<absl::Status> statuses =
+      EachRankStatus(2, [&](Communicator& c) {
+        RingExchange exchange(c, 1, 1);
+        // Rank 0 sends 2 rows and expects 2, rank 1 sends 3 and expects 3.
+        LC_ASSIGN_OR_RETURN(
+            std::vector<Tensor> got,
+            exchange.Post({Filled(c.rank() + 2, 0)},
+                          {TensorSpec{{c.rank() + 2, 3}, DType::kFloat64}}));
+        return exchange.Wait();
+      });
   for (const absl::Status& s : statuses) {
     EXPECT_TRUE(s.code() == absl::StatusCode::kInvalidArgument ||
                 s.code() == absl::StatusCode::kAborted)

@@ -19,22 +19,21 @@
 #include "core/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/distributed/rank_test_util.h"
 #include "tests/op_test_util.h"
 
 namespace lc {
 namespace {
 
+using ::lc::testing::EachRankStatus;
+using ::lc::testing::RecvAndWait;
+using ::lc::testing::SendAndWait;
 using ::lc::testing::TestGenerator;
+using ::lc::testing::Timeout;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
 using RankFn = std::function<absl::Status(Communicator&)>;
-
-ThreadGroupOptions Timeout(int64_t milliseconds) {
-  ThreadGroupOptions options;
-  options.timeout = std::chrono::milliseconds(milliseconds);
-  return options;
-}
 
 // Fresh random values of any dtype: normals for floating dtypes, integers in
 // [-10^6, 10^6) for int64 and [0, 256) for uint8.
@@ -62,34 +61,6 @@ void ExpectBitIdentical(const Tensor& actual, const Tensor& expected,
   ASSERT_EQ(actual.dtype(), expected.dtype()) << what;
   EXPECT_TRUE(Bytes(actual) == Bytes(expected))
       << what << ": " << actual << " vs expected " << expected;
-}
-
-absl::Status SendAndWait(Communicator& comm, const Tensor& t, int dst,
-                         int tag = 0) {
-  LC_ASSIGN_OR_RETURN(std::unique_ptr<Work> work, comm.Send(t, dst, tag));
-  return work->Wait();
-}
-
-absl::Status RecvAndWait(Communicator& comm, const Tensor& t, int src,
-                         int tag = 0) {
-  LC_ASSIGN_OR_RETURN(std::unique_ptr<Work> work, comm.Recv(t, src, tag));
-  return work->Wait();
-}
-
-// Runs fn on k ranks and returns each rank's own status (fn always reports
-// OK to RunRanks, so no rank's failure aborts the others).
-std::vector<absl::Status> RunCollectingStatuses(
-    int k, const RankFn& fn, const ThreadGroupOptions& options = {}) {
-  std::vector<absl::Status> statuses(k);
-  const absl::Status overall = RunRanks(
-      k,
-      [&](Communicator& comm) {
-        statuses[comm.rank()] = fn(comm);
-        return absl::OkStatus();
-      },
-      options);
-  EXPECT_TRUE(overall.ok()) << overall;
-  return statuses;
 }
 
 // ---- Point-to-point ----
@@ -275,7 +246,7 @@ TEST(SendRecvTest, ShapeOrDtypeMismatchFailsBothSides) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.sent_text + " into " + c.receive_text);
     const std::vector<absl::Status> statuses =
-        RunCollectingStatuses(2, [&](Communicator& comm) {
+        EachRankStatus(2, [&](Communicator& comm) {
           return comm.rank() == 0 ? SendAndWait(comm, c.sent, 1, 7)
                                   : RecvAndWait(comm, c.receive, 0, 7);
         });
@@ -488,7 +459,7 @@ TEST(AllReduceSumTest, BitIdenticalAcrossRanksAndRunsAndEqualToFloat64Sum) {
 
 TEST(AllReduceSumTest, RejectsUInt8) {
   const std::vector<absl::Status> statuses =
-      RunCollectingStatuses(2, [](Communicator& comm) {
+      EachRankStatus(2, [](Communicator& comm) {
         return comm.AllReduceSum(Zeros({3}, DType::kUInt8));
       });
   for (const absl::Status& s : statuses) {
@@ -518,7 +489,7 @@ TEST(AllGatherTest, GathersEveryRankInRankOrder) {
 
 TEST(AllGatherTest, WrongOutputOnOneRankFailsEveryRank) {
   const std::vector<absl::Status> statuses =
-      RunCollectingStatuses(3, [](Communicator& comm) {
+      EachRankStatus(3, [](Communicator& comm) {
         const Shape output = comm.rank() == 1 ? Shape{2, 4} : Shape{3, 4};
         return comm.AllGather(Zeros({4}), Zeros(output));
       });
@@ -575,7 +546,7 @@ TEST(CollectiveTest, MismatchesAreReportedOnEveryRankAndTheGroupGoesOn) {
   std::vector<absl::Status> shape_errors(kRanks), kind_errors(kRanks),
       root_errors(kRanks);
   const std::vector<absl::Status> statuses =
-      RunCollectingStatuses(kRanks, [&](Communicator& comm) {
+      EachRankStatus(kRanks, [&](Communicator& comm) {
         const int me = comm.rank();
         shape_errors[me] = comm.AllReduceSum(
             me == 1 ? Zeros({4})
@@ -620,7 +591,7 @@ TEST(CollectiveTest, LateRankTimesOutEveryRankAndTheGroupGoesOn) {
   std::vector<absl::Status> late_errors(kRanks);
   std::vector<absl::Duration> waited(kRanks);
   absl::Notification gave_up;
-  const std::vector<absl::Status> statuses = RunCollectingStatuses(
+  const std::vector<absl::Status> statuses = EachRankStatus(
       kRanks,
       [&](Communicator& comm) {
         const int me = comm.rank();
