@@ -196,7 +196,9 @@ TEST(RingExchangeTest, OneSidedStepsAndOtherPeers) {
                        : nothing));
         LC_RETURN_IF_ERROR(exchange.Wait());
         EXPECT_EQ(got.size(), r == 1 ? 1u : 0u);
-        if (r == 1) EXPECT_TRUE(IsFilled(got[0], 2, 7));
+        if (r == 1) {
+          EXPECT_TRUE(IsFilled(got[0], 2, 7));
+        }
         // Rank 3 sends to rank 1 (two ranks back).
         LC_ASSIGN_OR_RETURN(
             got, exchange.PostPeers(
@@ -205,7 +207,9 @@ TEST(RingExchangeTest, OneSidedStepsAndOtherPeers) {
                             : nothing,
                      3));
         LC_RETURN_IF_ERROR(exchange.Wait());
-        if (r == 1) EXPECT_TRUE(IsFilled(got[0], 1, 3));
+        if (r == 1) {
+          EXPECT_TRUE(IsFilled(got[0], 1, 3));
+        }
         return absl::OkStatus();
       });
   ExpectAllOk(statuses);
