@@ -1,6 +1,8 @@
 #include "attention/attention_cudnn.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <tuple>
 #include <utility>
@@ -36,6 +38,23 @@ CudnnSdpaShape ShapeOn(const CudnnAttentionLaunch& l, const Tensor& q) {
   shape.device = q.device().index;
   return shape;
 }
+// Unimplemented unless every tensor's data is 16-byte aligned, as cuDNN's
+// kernels need (a contiguous view can start anywhere in its storage; the
+// launches' row offsets are multiples of 16 bytes for head_dim % 8 == 0).
+absl::Status CheckAligned(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors) {
+    const auto address = reinterpret_cast<uintptr_t>(t->raw_data());
+    if (address % 16 != 0) {
+      return absl::UnimplementedError(absl::StrCat(
+          "cuDNN attention does not run this call: a tensor's data starts ",
+          address % 16,
+          " bytes past a 16-byte boundary (it needs 16-byte "
+          "aligned data)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 char* FirstRow(const CudnnAttentionLaunch& l, const Tensor& t) {
   const int64_t heads = t.size(2), head_dim = t.size(3);
   return static_cast<char*>(t.raw_data()) +
@@ -114,6 +133,7 @@ absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
 absl::Status CudnnAttentionForward(
     const std::vector<CudnnAttentionLaunch>& launches, const Tensor& q,
     const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
+  LC_RETURN_IF_ERROR(CheckAligned({&q, &k, &v, &out}));
   for (const CudnnAttentionLaunch& l : launches) {
     // stats: [b, h, s] float32.
     const Tensor stats =
@@ -131,6 +151,8 @@ absl::Status CudnnAttentionBackward(
     const std::vector<CudnnAttentionLaunch>& launches, const Tensor& q,
     const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& grad_out,
     const Tensor& lse, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  LC_RETURN_IF_ERROR(
+      CheckAligned({&q, &k, &v, &out, &grad_out, &dq, &dk, &dv}));
   for (const CudnnAttentionLaunch& l : launches) {
     // stats: [b, h, s] float32, the launch's rows of lse.
     const Tensor stats =

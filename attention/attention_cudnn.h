@@ -38,8 +38,8 @@ absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
 // out ([batch, n, heads, head_dim] bfloat16, contiguous; rows no launch
 // selects keep their values) and lse ([batch, heads, n] float32, likewise)
 // of contiguous q, k, v. Unimplemented when cuDNN has no engine for a
-// launch (nothing was written then only if it was the first launch: callers
-// recompute everything on their own kernels).
+// launch or a tensor's data is not 16-byte aligned (callers then recompute
+// everything on their own kernels: earlier launches may have written).
 absl::Status CudnnAttentionForward(
     const std::vector<CudnnAttentionLaunch>& launches, const Tensor& q,
     const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse);

@@ -713,6 +713,44 @@ TEST_F(CudaTest, AttentionOnCudnnFallsBackWhenItsWorkspaceDoesNotFit) {
   ExpectClose(got, want, kBf16Tolerance, c.name);
 }
 
+// Data that does not start on a 16-byte boundary (a contiguous view one
+// element into its storage): kAuto runs ours, bit for bit what kOwn gives,
+// and kCudnn names the alignment.
+TEST_F(CudaTest, AttentionOnCudnnNeedsAlignedData) {
+  const int64_t n = 256, heads = 2, head_dim = 64;
+  const int64_t numel = n * heads * head_dim;
+  const Shape shape = {1, n, heads, head_dim};
+  auto misaligned = [&](uint64_t seed) {
+    return RandomNormal({numel + 1}, DType::kBFloat16, kGpu, seed)
+        .slice(0, 1, numel + 1)
+        .view(shape);
+  };
+  const Tensor q = misaligned(1), k = misaligned(2), v = misaligned(3);
+  const Tensor grad = RandomNormal(shape, DType::kBFloat16, kGpu, 4);
+  ASSERT_TRUE(q.is_contiguous());
+  const AttentionPattern dense = testing::DenseHeads(heads, n);
+  auto run = [&](AttentionBackend backend) {
+    AttentionOptions options;
+    options.backend = backend;
+    const Tensor qg = q.detach().set_requires_grad(true);
+    const Tensor kg = k.detach().set_requires_grad(true);
+    const Tensor vg = v.detach().set_requires_grad(true);
+    const AttentionResult r = Attention(qg, kg, vg, dense, options);
+    r.out.backward(grad);
+    std::vector<Tensor> results;
+    for (const Tensor& t : {r.out, r.lse, qg.grad(), kg.grad(), vg.grad()}) {
+      results.push_back(t.to(Device::Cpu()).to(DType::kFloat64));
+    }
+    return results;
+  };
+  const std::vector<Tensor> own = run(AttentionBackend::kOwn);
+  const std::vector<Tensor> automatic = run(AttentionBackend::kAuto);
+  for (size_t i = 0; i < own.size(); ++i) {
+    EXPECT_TRUE(BitwiseEqual(own[i], automatic[i])) << "result " << i;
+  }
+  ExpectError([&] { run(AttentionBackend::kCudnn); }, {"16-byte aligned data"});
+}
+
 // kCudnn names what cuDNN does not run; kAuto runs ours for those calls
 // (the other tests check its results).
 TEST_F(CudaTest, AttentionOnCudnnRefusesWhatItCannotRun) {
