@@ -402,61 +402,49 @@ TEST(AttentionCliTest, Float64FileComputedInFloat64) {
                      DefaultTolerance(DType::kFloat64));
 }
 
-// A float64 file computed in float32: the inputs are rounded to float32 and
-// every output is float32.
-TEST(AttentionCliTest, Float64FileComputedInFloat32) {
-  const auto inputs = RandomInputs(DType::kFloat64);
+// Runs the tool on random inputs of `file_dtype` under a dilated pattern
+// (segments 16,32, rates 1,2) computing in `compute`, and expects the same
+// computation in this process, every output written as `written` (to that
+// dtype's tolerance).
+void ExpectComputedIn(const std::string& name, DType file_dtype, DType compute,
+                      bool causal, DType written) {
+  const auto inputs = RandomInputs(file_dtype);
   AttentionConfig config;
   config.type = AttentionType::kDilated;
   config.dilated.segment_lengths = {16, 32};
   config.dilated.dilation_rates = {1, 2};
-  const auto written = RunOnInputs(
-      "float64_as_float32", inputs,
-      {"--segment_lengths=16,32", "--dilation_rates=1,2", "--dtype=float32"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
-                     DefaultTolerance(DType::kFloat32));
-  for (const auto& [name, tensor] : written) {
-    EXPECT_EQ(tensor.dtype(), DType::kFloat32) << name;
+  config.causal = causal;
+  std::vector<std::string> flags = {"--segment_lengths=16,32",
+                                    "--dilation_rates=1,2",
+                                    "--dtype=" + DTypeName(compute)};
+  if (causal) flags.push_back("--causal");
+  const auto outputs = RunOnInputs(name, inputs, flags);
+  ExpectOutputsMatch(outputs, ExpectedOutputs(config, inputs, compute),
+                     DefaultTolerance(written));
+  for (const auto& [output, tensor] : outputs) {
+    EXPECT_EQ(tensor.dtype(), written) << output;
   }
+}
+
+// A float64 file computed in float32: the inputs are rounded to float32 and
+// every output is float32.
+TEST(AttentionCliTest, Float64FileComputedInFloat32) {
+  ExpectComputedIn("float64_as_float32", DType::kFloat64, DType::kFloat32,
+                   /*causal=*/false, DType::kFloat32);
 }
 
 // A float32 file computed in float64: every output is float64, to float64
 // tolerance of the computation on the float32 values.
 TEST(AttentionCliTest, Float32FileComputedInFloat64) {
-  const auto inputs = RandomInputs(DType::kFloat32);
-  AttentionConfig config;
-  config.type = AttentionType::kDilated;
-  config.dilated.segment_lengths = {16, 32};
-  config.dilated.dilation_rates = {1, 2};
-  config.causal = true;
-  const auto written =
-      RunOnInputs("float32_as_float64", inputs,
-                  {"--segment_lengths=16,32", "--dilation_rates=1,2",
-                   "--causal", "--dtype=float64"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat64),
-                     DefaultTolerance(DType::kFloat64));
-  for (const auto& [name, tensor] : written) {
-    EXPECT_EQ(tensor.dtype(), DType::kFloat64) << name;
-  }
+  ExpectComputedIn("float32_as_float64", DType::kFloat32, DType::kFloat64,
+                   /*causal=*/true, DType::kFloat64);
 }
 
+// bfloat16 compute: the same bfloat16 computation in this process, widened
+// to float32 outputs.
 TEST(AttentionCliTest, BFloat16ComputeWritesFloat32Outputs) {
-  const auto inputs = RandomInputs(DType::kFloat32);
-  AttentionConfig config;
-  config.type = AttentionType::kDilated;
-  config.dilated.segment_lengths = {16, 32};
-  config.dilated.dilation_rates = {1, 2};
-  config.causal = true;
-  const auto written =
-      RunOnInputs("bfloat16", inputs,
-                  {"--segment_lengths=16,32", "--dilation_rates=1,2",
-                   "--causal", "--dtype=bfloat16"});
-  // The same bfloat16 computation in this process, widened to float32.
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kBFloat16),
-                     DefaultTolerance(DType::kFloat32));
-  for (const auto& [name, tensor] : written) {
-    EXPECT_EQ(tensor.dtype(), DType::kFloat32) << name;
-  }
+  ExpectComputedIn("bfloat16", DType::kFloat32, DType::kBFloat16,
+                   /*causal=*/true, DType::kFloat32);
 }
 
 TEST(AttentionCliTest, RelativePathsAreRelativeToTheBazelRunDirectory) {
