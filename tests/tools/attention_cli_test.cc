@@ -307,8 +307,19 @@ TEST(AttentionCliTest, RingOnThreadRanksMatchesOneRank) {
   }
 }
 
-TEST(AttentionCliTest, BlockSparseGlobalLocalMatchesInProcess) {
+// Runs the tool with `flags` on random float32 inputs and expects the
+// in-process float32 result of `config` and its block mask.
+void ExpectBlockSparseMatches(const std::string& name,
+                              const AttentionConfig& config,
+                              const std::vector<std::string>& flags) {
   const auto inputs = RandomInputs(DType::kFloat32);
+  const auto written = RunOnInputs(name, inputs, flags);
+  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
+                     DefaultTolerance(DType::kFloat32));
+  ExpectBlockMask(written, config);
+}
+
+TEST(AttentionCliTest, BlockSparseGlobalLocalMatchesInProcess) {
   AttentionConfig config;
   config.type = AttentionType::kBlockSparse;
   config.block_sparse.pattern = SparsePattern::kGlobalLocal;
@@ -316,17 +327,13 @@ TEST(AttentionCliTest, BlockSparseGlobalLocalMatchesInProcess) {
   config.block_sparse.window = 8;
   config.block_sparse.global_tokens = 4;
   config.causal = true;
-  const auto written = RunOnInputs(
-      "block_sparse_global_local", inputs,
+  ExpectBlockSparseMatches(
+      "block_sparse_global_local", config,
       {"--pattern=block_sparse", "--sparse_pattern=global_local",
        "--block_size=8", "--window=8", "--global_tokens=4", "--causal"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
-                     DefaultTolerance(DType::kFloat32));
-  ExpectBlockMask(written, config);
 }
 
 TEST(AttentionCliTest, BlockSparseRandomIntersectedWithDilatedMatches) {
-  const auto inputs = RandomInputs(DType::kFloat32);
   AttentionConfig config;
   config.type = AttentionType::kBlockSparse;
   config.block_sparse.pattern = SparsePattern::kRandom;
@@ -335,47 +342,35 @@ TEST(AttentionCliTest, BlockSparseRandomIntersectedWithDilatedMatches) {
   config.block_sparse.seed = 7;
   config.dilated.segment_lengths = {16};
   config.dilated.dilation_rates = {2};
-  const auto written =
-      RunOnInputs("block_sparse_random", inputs,
-                  {"--pattern=block_sparse", "--sparse_pattern=random",
-                   "--block_size=8", "--density=0.4", "--seed=7",
-                   "--segment_lengths=16", "--dilation_rates=2"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
-                     DefaultTolerance(DType::kFloat32));
-  ExpectBlockMask(written, config);
+  ExpectBlockSparseMatches("block_sparse_random", config,
+                           {"--pattern=block_sparse", "--sparse_pattern=random",
+                            "--block_size=8", "--density=0.4", "--seed=7",
+                            "--segment_lengths=16", "--dilation_rates=2"});
 }
 
 TEST(AttentionCliTest, BlockSparseLocalWindowMatchesInProcess) {
-  const auto inputs = RandomInputs(DType::kFloat32);
   AttentionConfig config;
   config.type = AttentionType::kBlockSparse;
   config.block_sparse.pattern = SparsePattern::kLocalWindow;
   config.block_sparse.block_size = 8;
   config.block_sparse.window = 9;  // two blocks each way
   config.causal = true;
-  const auto written =
-      RunOnInputs("block_sparse_local_window", inputs,
-                  {"--pattern=block_sparse", "--sparse_pattern=local_window",
-                   "--block_size=8", "--window=9", "--causal"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
-                     DefaultTolerance(DType::kFloat32));
-  ExpectBlockMask(written, config);
+  ExpectBlockSparseMatches(
+      "block_sparse_local_window", config,
+      {"--pattern=block_sparse", "--sparse_pattern=local_window",
+       "--block_size=8", "--window=9", "--causal"});
 }
 
 TEST(AttentionCliTest, BlockSparseDilatedSparseOnCpuMatchesInProcess) {
-  const auto inputs = RandomInputs(DType::kFloat32);
   AttentionConfig config;
   config.type = AttentionType::kBlockSparse;
   config.block_sparse.pattern = SparsePattern::kDilatedSparse;
   config.block_sparse.block_size = 4;
   config.block_sparse.stride = 3;
-  const auto written =
-      RunOnInputs("block_sparse_dilated_sparse", inputs,
-                  {"--pattern=block_sparse", "--sparse_pattern=dilated_sparse",
-                   "--block_size=4", "--stride=3", "--device=cpu"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
-                     DefaultTolerance(DType::kFloat32));
-  ExpectBlockMask(written, config);
+  ExpectBlockSparseMatches(
+      "block_sparse_dilated_sparse", config,
+      {"--pattern=block_sparse", "--sparse_pattern=dilated_sparse",
+       "--block_size=4", "--stride=3", "--device=cpu"});
 }
 
 TEST(AttentionCliTest, DenseWithoutGradOutWritesOutAndLseOnly) {
@@ -387,19 +382,6 @@ TEST(AttentionCliTest, DenseWithoutGradOutWritesOutAndLseOnly) {
   EXPECT_EQ(written.size(), 2u);
   ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat32),
                      DefaultTolerance(DType::kFloat32));
-}
-
-TEST(AttentionCliTest, Float64FileComputedInFloat64) {
-  const auto inputs = RandomInputs(DType::kFloat64);
-  AttentionConfig config;
-  config.type = AttentionType::kDilated;
-  config.dilated.segment_lengths = {16, 32};
-  config.dilated.dilation_rates = {1, 2};
-  const auto written = RunOnInputs(
-      "float64", inputs,
-      {"--segment_lengths=16,32", "--dilation_rates=1,2", "--dtype=float64"});
-  ExpectOutputsMatch(written, ExpectedOutputs(config, inputs, DType::kFloat64),
-                     DefaultTolerance(DType::kFloat64));
 }
 
 // Runs the tool on random inputs of `file_dtype` under a dilated pattern
@@ -424,6 +406,11 @@ void ExpectComputedIn(const std::string& name, DType file_dtype, DType compute,
   for (const auto& [output, tensor] : outputs) {
     EXPECT_EQ(tensor.dtype(), written) << output;
   }
+}
+
+TEST(AttentionCliTest, Float64FileComputedInFloat64) {
+  ExpectComputedIn("float64", DType::kFloat64, DType::kFloat64,
+                   /*causal=*/false, DType::kFloat64);
 }
 
 // A float64 file computed in float32: the inputs are rounded to float32 and
