@@ -25,11 +25,12 @@ DType CudaOutputDType(const AttentionProblem& p, DType dtype) {
 // The cuDNN launches of problem p under `options`: none for kOwn or
 // for a call cuDNN cannot run under kAuto; an error naming why for kCudnn.
 std::optional<std::vector<CudnnAttentionLaunch>> CudnnLaunchesFor(
-    const AttentionProblem& p, DType dtype, const AttentionOptions& options) {
+    const AttentionProblem& p, const Tensor& q,
+    const AttentionOptions& options) {
   const AttentionBackend backend = options.backend;
   if (backend == AttentionBackend::kOwn) return std::nullopt;
   absl::StatusOr<std::vector<CudnnAttentionLaunch>> launches =
-      CudnnAttentionLaunches(p, dtype);
+      CudnnAttentionLaunches(p, q.dtype(), q.device().index);
   if (launches.ok()) return *std::move(launches);
   if (backend == AttentionBackend::kCudnn) ThrowIfError(launches.status());
   return std::nullopt;
@@ -67,7 +68,7 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
   const DType written = CudaOutputDType(*p, dtype);
   const AttentionBackend backend = options.backend;
   const std::optional<std::vector<CudnnAttentionLaunch>> cudnn =
-      CudnnLaunchesFor(*p, dtype, options);
+      CudnnLaunchesFor(*p, q, options);
   auto fresh_out = [&] { return Zeros(q.shape(), written, device); };
   auto fresh_lse = [&] {
     return Full({p->batch, p->heads, n},
@@ -95,17 +96,20 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
           const DType dtype = q.dtype();
           const DType acc = CudaAccumulatorDType(dtype);
           const DType written = CudaOutputDType(*p, dtype);
-          Tensor dq = Zeros(q.shape(), written, device);
-          Tensor dk = Zeros(k.shape(), written, device);
-          Tensor dv = Zeros(v.shape(), written, device);
+          // Rows no pair reaches keep these zeros.
+          auto zeros = [&](const Tensor& like) {
+            return Zeros(like.shape(), written, device);
+          };
           const bool cudnn_backward =
               cudnn.has_value() && !g[1].defined() && !deterministic;
-          if (cudnn_backward &&
-              RanOnCudnn(CudnnAttentionBackward(*cudnn, q, k, v, out, grad_out,
-                                                lse, dq, dk, dv),
-                         backend)) {
-            return {dq, dk, dv};
-          }
+          if (cudnn_backward) {
+            Tensor dq = zeros(q), dk = zeros(k), dv = zeros(v);
+            if (RanOnCudnn(CudnnAttentionBackward(*cudnn, q, k, v, out,
+                                                  grad_out, lse, dq, dk, dv),
+                           backend)) {
+              return {dq, dk, dv};
+            }
+          }  // (a failed cuDNN call may have written rows: ours starts over)
           LC_REQUIRE(backend != AttentionBackend::kCudnn || cudnn_backward,
                      "Attention: backend kCudnn has no backward ",
                      deterministic ? "that is deterministic (cuDNN adds dq "
@@ -114,11 +118,7 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
                      " (use kAuto or kOwn)");
           const Tensor grad_lse =
               g[1].defined() ? g[1].contiguous() : ZerosLike(lse);
-          if (cudnn.has_value()) {  // cuDNN wrote some rows before failing
-            dq = Zeros(q.shape(), written, device);
-            dk = Zeros(k.shape(), written, device);
-            dv = Zeros(v.shape(), written, device);
-          }
+          Tensor dq = zeros(q), dk = zeros(k), dv = zeros(v);
           Tensor delta = Empty({p->batch, p->heads, p->n}, acc, device);
           RowDeltaCuda(*p, p->n, out, grad_out, delta);
           AttentionBackwardTilesCuda(*p, all, q, all, k, v, grad_out, lse,

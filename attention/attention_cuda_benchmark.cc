@@ -38,6 +38,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "attention/attention.h"
+#include "attention/attention_config.h"
 #include "attention/pattern.h"
 #include "attention/ring_attention.h"
 #include "core/autograd.h"
@@ -63,7 +64,7 @@ ABSL_FLAG(int64_t, ring_length, 65536,
 ABSL_FLAG(std::vector<std::string>, backends,
           std::vector<std::string>({"own", "cudnn"}),
           "Backends of the dilated and dense runs: own (our kernels), cudnn "
-          "(cuDNN's fused attention).");
+          "(cuDNN's fused attention) or auto.");
 ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
 ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
 ABSL_FLAG(int, device, 0, "CUDA device index.");
@@ -194,20 +195,17 @@ void RunOn(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
 // --backends (a backend that cannot run it prints why).
 void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
          const AttentionPattern& pattern, bool causal, Device device) {
-  for (const std::string& backend : absl::GetFlag(FLAGS_backends)) {
-    if (backend != "own" && backend != "cudnn") {
-      Fail(absl::StrCat("--backends has \"", backend,
-                        "\" (expected own or cudnn)"));
-    }
+  for (const std::string& backend_name : absl::GetFlag(FLAGS_backends)) {
+    const absl::StatusOr<AttentionBackend> backend =
+        ForFlag("backends", ParseAttentionBackend(backend_name));
+    if (!backend.ok()) Fail(std::string(backend.status().message()));
+    const std::string label = absl::StrCat(name, " ", backend_name);
     const absl::Status status = StatusFromCall([&] {
-      RunOn(
-          absl::StrCat(name, " ", backend), n, heads, head_dim, pattern, causal,
-          backend == "own" ? AttentionBackend::kOwn : AttentionBackend::kCudnn,
-          device);
+      RunOn(label, n, heads, head_dim, pattern, causal, *backend, device);
     });
     if (!status.ok()) {
-      std::printf("%-36s %9lld  %s\n", absl::StrCat(name, " ", backend).c_str(),
-                  static_cast<long long>(n), status.ToString().c_str());
+      std::printf("%-36s %9lld  %s\n", label.c_str(), static_cast<long long>(n),
+                  status.ToString().c_str());
     }
   }
 }

@@ -31,13 +31,6 @@ Tensor StatsView(const CudnnAttentionLaunch& l, const Tensor& stats,
       .permute({0, 2, 1, 3});
 }
 
-// The launch's shape on the device of `q`, and a pointer to its first row
-// in a contiguous bfloat16 [batch, n, heads, head_dim] buffer like q.
-CudnnSdpaShape ShapeOn(const CudnnAttentionLaunch& l, const Tensor& q) {
-  CudnnSdpaShape shape = l.shape;
-  shape.device = q.device().index;
-  return shape;
-}
 // Unimplemented unless every tensor's data is 16-byte aligned, as cuDNN's
 // kernels need (a contiguous view can start anywhere in its storage; the
 // launches' row offsets are multiples of 16 bytes for head_dim % 8 == 0).
@@ -55,6 +48,8 @@ absl::Status CheckAligned(std::initializer_list<const Tensor*> tensors) {
   return absl::OkStatus();
 }
 
+// The launch's first row in a contiguous bfloat16 [batch, n, heads,
+// head_dim] buffer like q.
 char* FirstRow(const CudnnAttentionLaunch& l, const Tensor& t) {
   const int64_t heads = t.size(2), head_dim = t.size(3);
   return static_cast<char*>(t.raw_data()) +
@@ -64,7 +59,7 @@ char* FirstRow(const CudnnAttentionLaunch& l, const Tensor& t) {
 }  // namespace
 
 absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
-    const AttentionProblem& p, DType dtype) {
+    const AttentionProblem& p, DType dtype, int device) {
   auto no = [](auto... why) {
     return absl::UnimplementedError(
         absl::StrCat("cuDNN attention does not run this call: ", why...));
@@ -115,6 +110,7 @@ absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
       l.segment = segment;
       l.rate = rate;
       l.offset = offset;
+      l.shape.device = device;
       l.shape.b = p.batch * (p.n / segment);
       l.shape.h = static_cast<int64_t>(last - first);
       l.shape.s = rows;
@@ -138,9 +134,9 @@ absl::Status CudnnAttentionForward(
     // stats: [b, h, s] float32.
     const Tensor stats =
         Empty({l.shape.b, l.shape.h, l.shape.s}, DType::kFloat32, q.device());
-    LC_RETURN_IF_ERROR(CudnnSdpaForward(ShapeOn(l, q), FirstRow(l, q),
-                                        FirstRow(l, k), FirstRow(l, v),
-                                        FirstRow(l, out), stats.data<float>()));
+    LC_RETURN_IF_ERROR(CudnnSdpaForward(l.shape, FirstRow(l, q), FirstRow(l, k),
+                                        FirstRow(l, v), FirstRow(l, out),
+                                        stats.data<float>()));
     LC_RETURN_IF_ERROR(StatusFromCall(
         [&] { CopyInto(LseView(l, lse), StatsView(l, stats, q.size(0))); }));
   }
@@ -160,7 +156,7 @@ absl::Status CudnnAttentionBackward(
     LC_RETURN_IF_ERROR(StatusFromCall(
         [&] { CopyInto(StatsView(l, stats, q.size(0)), LseView(l, lse)); }));
     LC_RETURN_IF_ERROR(CudnnSdpaBackward(
-        ShapeOn(l, q), FirstRow(l, q), FirstRow(l, k), FirstRow(l, v),
+        l.shape, FirstRow(l, q), FirstRow(l, k), FirstRow(l, v),
         FirstRow(l, out), FirstRow(l, grad_out), stats.data<float>(),
         FirstRow(l, dq), FirstRow(l, dk), FirstRow(l, dv)));
   }

@@ -132,11 +132,11 @@ TransformerConfig ModelConfig(int64_t n, bool recompute) {
       kName, "dilation_rates", absl::GetFlag(FLAGS_dilation_rates));
   m.attention.dilated.head_layout = HeadLayout::kHeadGroups;
   m.attention.causal = true;
-  absl::StatusOr<AttentionBackend> backend =
-      ParseAttentionBackend(absl::GetFlag(FLAGS_attention_backend));
+  const absl::StatusOr<AttentionBackend> backend =
+      ForFlag("attention_backend",
+              ParseAttentionBackend(absl::GetFlag(FLAGS_attention_backend)));
   if (!backend.ok()) {
-    ExitWithError(kName, absl::StrCat("--attention_backend: ",
-                                      backend.status().message()));
+    ExitWithError(kName, std::string(backend.status().message()));
   }
   m.attention.backend = *backend;
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
