@@ -13,6 +13,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "core/cuda.h"
+#include "core/status.h"
 
 namespace lc {
 
@@ -85,7 +86,10 @@ int RunTool(const char* name, int argc, char** argv,
         absl::StrCat("unexpected argument \"", args[1],
                      "\" (expected only flags of the form --name=value)"));
   } else {
-    status = run();
+    // An allocation that fails anywhere in the tool (a size no check
+    // foresaw) ends it with one line instead of "terminate called ...".
+    const absl::Status thrown = StatusFromCall([&] { status = run(); });
+    if (!thrown.ok()) status = thrown;
   }
   if (status.ok()) return 0;
   // One line, whatever the message holds.

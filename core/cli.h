@@ -60,7 +60,8 @@ absl::StatusOr<T> ForFlag(absl::string_view flag, absl::StatusOr<T> parsed) {
 // absl::SetProgramUsageMessage first), refuses positional arguments, calls
 // `run` and returns 0 when it succeeds. A failure is printed to stderr as one
 // line, "NAME: message" (newlines in the message become spaces), and returns
-// 1.
+// 1; so is an lc::Error or a failed allocation (std::bad_alloc: "NAME: out of
+// memory: ...") that escapes `run`.
 int RunTool(const char* name, int argc, char** argv,
             absl::FunctionRef<absl::Status()> run);
 

@@ -25,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "core/autograd.h"
+#include "core/files.h"
 #include "core/status.h"
 
 namespace lc {
@@ -562,72 +563,6 @@ absl::Status CheckLayout(int64_t data_size, std::vector<TensorEntry>* entries) {
 
 using FilePtr = std::unique_ptr<std::FILE, int (*)(std::FILE*)>;
 
-// Writes `chunks` to a new file next to `path`, syncs it to disk and renames
-// it to `path`. On failure the temporary file is removed and `path` is left
-// as it was.
-absl::Status WriteFileAtomically(const std::string& path,
-                                 const std::vector<absl::string_view>& chunks) {
-  static std::atomic<uint64_t> counter{0};
-  std::string temp_path;
-  int fd;
-  do {
-    temp_path = absl::StrCat(path, ".tmp.", getpid(), ".", counter++);
-    fd = open(temp_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-  } while (fd < 0 && errno == EEXIST);
-  if (fd < 0) {
-    const int error = errno;
-    return absl::ErrnoToStatus(
-        error, absl::StrCat("writing safetensors file ", path,
-                            ": cannot create temporary file ", temp_path));
-  }
-  std::FILE* file = fdopen(fd, "wb");
-  if (file == nullptr) {
-    const int error = errno;
-    close(fd);
-    unlink(temp_path.c_str());
-    return absl::ErrnoToStatus(
-        error, absl::StrCat("writing safetensors file ", path,
-                            ": cannot open temporary file ", temp_path));
-  }
-  int error = 0;
-  const char* step = "";
-  auto fail = [&](const char* what) {
-    if (error != 0) return;
-    error = errno != 0 ? errno : EIO;
-    step = what;
-  };
-  errno = 0;
-  for (const absl::string_view chunk : chunks) {
-    if (!chunk.empty() &&
-        std::fwrite(chunk.data(), 1, chunk.size(), file) != chunk.size()) {
-      fail("writing");
-      break;
-    }
-  }
-  if (error == 0 && std::fflush(file) != 0) fail("flushing");
-  if (error == 0 && fsync(fileno(file)) != 0) fail("syncing");
-  if (std::fclose(file) != 0) fail("closing");
-  if (error == 0 && std::rename(temp_path.c_str(), path.c_str()) != 0) {
-    fail("renaming");
-  }
-  if (error != 0) {
-    unlink(temp_path.c_str());
-    return absl::ErrnoToStatus(
-        error, absl::StrCat("writing safetensors file ", path, ": ", step,
-                            " temporary file ", temp_path));
-  }
-  // Make the rename itself durable: sync the directory that holds `path`.
-  const size_t slash = path.rfind('/');
-  const std::string dir =
-      slash == std::string::npos ? "." : path.substr(0, slash + 1);
-  const int dir_fd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd >= 0) {
-    fsync(dir_fd);
-    close(dir_fd);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 absl::Status WriteSafetensors(
@@ -697,7 +632,7 @@ absl::Status WriteSafetensors(
   std::vector<absl::string_view> chunks = {
       absl::string_view(header_size_bytes, 8), header};
   chunks.insert(chunks.end(), data.begin(), data.end());
-  return WriteFileAtomically(path, chunks);
+  return WriteFileAtomically("safetensors file", path, chunks);
 }
 
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
@@ -705,21 +640,34 @@ absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
     return absl::DataLossError(
         absl::StrCat("safetensors file ", path, ": ", parts...));
   };
-  FilePtr file(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (file == nullptr) {
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+  // writer; it is refused below like any file that is not a regular one.
+  // (O_NONBLOCK changes nothing for reads of a regular file.)
+  const int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
     const int error = errno;
     return absl::ErrnoToStatus(
         error, absl::StrCat("cannot open safetensors file ", path));
   }
   struct stat info;
-  if (fstat(fileno(file.get()), &info) != 0) {
+  if (fstat(fd, &info) != 0) {
     const int error = errno;
+    close(fd);
     return absl::ErrnoToStatus(
         error, absl::StrCat("cannot stat safetensors file ", path));
   }
   if (!S_ISREG(info.st_mode)) {
+    close(fd);
     return absl::FailedPreconditionError(
-        absl::StrCat("safetensors file ", path, " is not a regular file"));
+        absl::StrCat("safetensors file ", path, " is ",
+                     FileTypeName(info.st_mode), " (expected a regular file)"));
+  }
+  FilePtr file(fdopen(fd, "rb"), &std::fclose);
+  if (file == nullptr) {
+    const int error = errno;
+    close(fd);
+    return absl::ErrnoToStatus(
+        error, absl::StrCat("cannot open safetensors file ", path));
   }
   const uint64_t file_size = info.st_size;
   auto read_exactly = [&](void* buffer, uint64_t size, uint64_t position) {

@@ -19,8 +19,11 @@ struct SafetensorsFile {
 };
 
 // Writes `tensors` (any device/strides; copied to dense little-endian data)
-// to `path`. The file is written to a temporary name, flushed with fsync
-// and renamed, so a crash never leaves a half-written file at `path`.
+// to `path`. The file is written to a temporary name in the same directory,
+// flushed with fsync and renamed, so a crash never leaves a half-written file
+// at `path`; on any error the temporary file is removed. An existing `path`
+// that is not a regular file (a device such as /dev/full, a FIFO, a
+// directory) is refused (FailedPrecondition) and left as it is.
 absl::Status WriteSafetensors(
     const std::string& path, const std::map<std::string, Tensor>& tensors,
     const std::map<std::string, std::string>& metadata = {});
@@ -28,7 +31,9 @@ absl::Status WriteSafetensors(
 // Reads a file. A missing file is NotFound; a truncated or corrupt one
 // (bad header length, invalid JSON, unknown dtype, offsets out of range or
 // overlapping, shape not matching the byte count) is DataLoss with a
-// message naming the file and the problem.
+// message naming the file and the problem. A path that is not a regular
+// file (a directory, a FIFO, a device) is FailedPrecondition, refused without
+// waiting for a FIFO's writer.
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
 
 }  // namespace lc

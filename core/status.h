@@ -3,10 +3,12 @@
 // tensor methods throw for errors a user can cause (bad shapes, dtype or
 // device mixes, out-of-range indices). Functions that touch files or parse
 // options return absl::Status / absl::StatusOr instead; StatusFromCall turns a
-// throwing call into a Status at an API edge.
+// throwing call (lc::Error, or an allocation that failed) into a Status at an
+// API edge.
 #ifndef LONGCTX_CORE_STATUS_H_
 #define LONGCTX_CORE_STATUS_H_
 
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -40,13 +42,24 @@ inline void ThrowIfError(absl::Status status) {
   if (!status.ok()) throw Error(std::move(status));
 }
 
-// Runs `fn` and converts an lc::Error it throws into the carried Status.
+// Runs `fn` and converts an lc::Error it throws into the carried Status, and
+// a failed allocation (std::bad_alloc, or std::length_error from a container
+// asked for more elements than it can hold) into ResourceExhausted: sizes
+// come from users, so running out of memory is their error, not a crash.
 template <typename Fn>
 absl::Status StatusFromCall(Fn&& fn) {
   try {
     fn();
   } catch (const Error& e) {
     return e.status();
+  } catch (const std::bad_alloc& e) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("out of memory: an allocation failed (", e.what(),
+                     "; expected sizes that fit this machine's memory)"));
+  } catch (const std::length_error& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "out of memory: a size exceeds what a container can hold (", e.what(),
+        ")"));
   }
   return absl::OkStatus();
 }

@@ -1,6 +1,10 @@
 #include "models/transformer_lm.h"
 
+#include <sys/mman.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <string>
@@ -225,10 +229,88 @@ absl::Status ValidateTransformerConfig(const TransformerConfig& config) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// *out = a * b + c; false when that overflows int64.
+bool MulAdd(int64_t a, int64_t b, int64_t c, int64_t* out) {
+  int64_t product;
+  return !__builtin_mul_overflow(a, b, &product) &&
+         !__builtin_add_overflow(product, c, out);
+}
+
+// The model's sizes, for errors about its memory.
+std::string DescribeSizes(const TransformerConfig& config) {
+  return absl::StrCat("a model of d_model ", config.d_model, ", num_layers ",
+                      config.num_layers, ", num_heads ", config.num_heads,
+                      ", mlp_hidden ",
+                      config.mlp_hidden > 0 ? absl::StrCat(config.mlp_hidden)
+                                            : std::string("4 * d_model"),
+                      " and vocab_size ", config.vocab_size,
+                      config.tied_embeddings ? "" : " (untied output head)");
+}
+
+constexpr char kSmaller[] =
+    " (expected a smaller d_model, num_layers, mlp_hidden or vocab_size)";
+
+// Checks that the parameters of `config` can be made before any is: their
+// count (at least the embedding, an untied output head, and each block's
+// attention and MLP matrices; biases and norms add O(d_model) per block) must
+// fit int64 bytes, and the kernel must agree to provide that many bytes. The
+// probe maps that much anonymous memory and unmaps it untouched: under
+// Linux's default overcommit policy this fails at once for a request beyond
+// RAM plus swap, the address space or RLIMIT_AS, where building the model
+// would instead fail (or swap) after gigabytes were initialized. A size
+// merely above the free memory passes. Sets *bytes to the byte count.
+absl::Status CheckParameterMemory(const TransformerConfig& config,
+                                  int64_t* bytes) {
+  const int64_t d = config.d_model;
+  int64_t hidden = config.mlp_hidden;
+  int64_t square, attention, mlp, block, embed, embed_and_head, count;
+  if ((hidden == 0 && !MulAdd(d, 4, 0, &hidden)) || !MulAdd(d, d, 0, &square) ||
+      !MulAdd(square, 4, 0, &attention) || !MulAdd(d, hidden, 0, &mlp) ||
+      !MulAdd(mlp, 2, attention, &block) ||
+      !MulAdd(config.vocab_size, d, 0, &embed) ||
+      !MulAdd(embed, config.tied_embeddings ? 1 : 2, 0, &embed_and_head) ||
+      !MulAdd(block, config.num_layers, embed_and_head, &count) ||
+      !MulAdd(count, DTypeSize(ParameterDType(config)), 0, bytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(DescribeSizes(config),
+                     " needs 2^63 bytes or more of parameters", kSmaller));
+  }
+  void* probe =
+      mmap(nullptr, static_cast<size_t>(*bytes), PROT_READ | PROT_WRITE,
+           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (probe == MAP_FAILED) {
+    const int error = errno;
+    return absl::ResourceExhaustedError(absl::StrCat(
+        DescribeSizes(config), " needs at least ", count, " parameters, ",
+        *bytes, " bytes of ", DTypeName(ParameterDType(config)),
+        ", more memory than this machine can provide (", std::strerror(error),
+        ")", kSmaller));
+  }
+  munmap(probe, static_cast<size_t>(*bytes));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<TransformerLM>> TransformerLM::Create(
     const TransformerConfig& config, Generator& gen) {
   LC_RETURN_IF_ERROR(ValidateTransformerConfig(config));
-  return std::shared_ptr<TransformerLM>(new TransformerLM(config, gen));
+  int64_t bytes = 0;
+  LC_RETURN_IF_ERROR(CheckParameterMemory(config, &bytes));
+  std::shared_ptr<TransformerLM> model;
+  const absl::Status status =
+      StatusFromCall([&] { model.reset(new TransformerLM(config, gen)); });
+  if (status.code() == absl::StatusCode::kResourceExhausted) {
+    // More than the probe: the temporaries of initialization, the device's
+    // copy, or memory that others took meanwhile.
+    return absl::ResourceExhaustedError(absl::StrCat(
+        DescribeSizes(config), " with ", bytes,
+        " bytes of parameters does not fit: ", status.message(), kSmaller));
+  }
+  LC_RETURN_IF_ERROR(status);
+  return model;
 }
 
 TransformerLM::TransformerLM(const TransformerConfig& config, Generator& gen)

@@ -94,7 +94,12 @@ class ComputeTwins;
 
 class TransformerLM : public Module {
  public:
-  // Validates the config and initializes the weights from `gen`.
+  // Validates the config and initializes the weights from `gen`. Sizes whose
+  // parameters cannot be counted in int64 bytes are InvalidArgument; a model
+  // whose parameters the machine cannot provide (checked before any is made,
+  // so that this fails at once) or whose allocation fails is
+  // ResourceExhausted; both name d_model, num_layers, num_heads, mlp_hidden,
+  // vocab_size and the bytes needed.
   static absl::StatusOr<std::shared_ptr<TransformerLM>> Create(
       const TransformerConfig& config, Generator& gen);
 

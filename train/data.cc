@@ -1,16 +1,19 @@
 #include "train/data.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
-#include <filesystem>
-#include <fstream>
-#include <iterator>
+#include <cerrno>
 #include <set>
-#include <system_error>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/files.h"
 #include "core/random.h"
 #include "core/status.h"
 
@@ -53,6 +56,36 @@ class Draws {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A batch of `batch_size` rows of `context` tokens, uninitialized. Throws
+// lc::Error naming the batch size and the context when they are out of range
+// or their tokens and targets do not fit in memory (ResourceExhausted).
+Batch EmptyBatch(int64_t batch_size, int64_t context) {
+  LC_REQUIRE(batch_size >= 1, "MakeBatch: batch size ", batch_size,
+             " (expected >= 1)");
+  const std::string what = absl::StrCat("a batch of ", batch_size,
+                                        " sequences of context ", context);
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(batch_size, context, &bytes) ||
+      __builtin_mul_overflow(bytes, int64_t{sizeof(int64_t)}, &bytes)) {
+    throw Error(absl::ResourceExhaustedError(
+        absl::StrCat(what,
+                     " needs 2^63 bytes or more of tokens (expected a "
+                     "smaller batch or context)")));
+  }
+  Batch batch;
+  const absl::Status status = StatusFromCall([&] {
+    batch.tokens = Empty({batch_size, context}, DType::kInt64);
+    batch.targets = Empty({batch_size, context}, DType::kInt64);
+  });
+  if (!status.ok()) {
+    throw Error(absl::Status(
+        status.code(),
+        absl::StrCat(what, " needs 2 x ", bytes,
+                     " bytes (tokens and targets): ", status.message())));
+  }
+  return batch;
+}
+
 class SyntheticTask : public DataSource {
  public:
   explicit SyntheticTask(const DataOptions& options) : options_(options) {
@@ -83,12 +116,9 @@ class SyntheticTask : public DataSource {
 
   Batch MakeBatch(int64_t batch_size, int64_t index,
                   DataSplit split) const override {
-    LC_REQUIRE(batch_size >= 1, "MakeBatch: batch size ", batch_size,
-               " (expected >= 1)");
     const int64_t n = options_.context;
-    Batch batch;
-    batch.tokens = Empty({batch_size, n}, DType::kInt64);
-    batch.targets = Full({batch_size, n}, kIgnore, DType::kInt64);
+    Batch batch = EmptyBatch(batch_size, n);
+    std::fill_n(batch.targets.data<int64_t>(), batch_size * n, kIgnore);
     for (int64_t row = 0; row < batch_size; ++row) {
       FillRow(Draws(options_.seed, split, index, row), row,
               batch.tokens.data<int64_t>() + row * n,
@@ -204,11 +234,41 @@ class SyntheticTask : public DataSource {
   int64_t max_distance_ = 0;
 };
 
+// A read-only memory map of a whole file: the pages a window touches are read
+// on demand (and can be dropped again by the kernel), so memory stays bounded
+// by the windows, whatever the file's size. Const after construction, so
+// rank threads share it.
+class MappedFile {
+ public:
+  MappedFile(const void* data, int64_t size) : data_(data), size_(size) {}
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile() { munmap(const_cast<void*>(data_), size_); }
+
+  const unsigned char* bytes() const {
+    return static_cast<const unsigned char*>(data_);
+  }
+  int64_t size() const { return size_; }
+
+  // Starts reading bytes [offset, offset + length) in one go: the map reads
+  // no more than a fault needs (MADV_RANDOM), and a window is read whole.
+  void WillRead(int64_t offset, int64_t length) const {
+    const int64_t page = sysconf(_SC_PAGESIZE);
+    const int64_t first = offset / page * page;
+    madvise(const_cast<unsigned char*>(bytes()) + first,
+            offset + length - first, MADV_WILLNEED);
+  }
+
+ private:
+  const void* data_;
+  int64_t size_;
+};
+
 class TextData : public DataSource {
  public:
-  TextData(const DataOptions& options, std::string bytes)
-      : options_(options), bytes_(std::move(bytes)) {
-    const int64_t size = static_cast<int64_t>(bytes_.size());
+  TextData(const DataOptions& options, std::unique_ptr<MappedFile> file)
+      : options_(options), file_(std::move(file)) {
+    const int64_t size = file_->size();
     const int64_t window = options_.context + 1;
     const int64_t held_out = size / 10;
     if (held_out >= window && size - held_out >= window) {
@@ -221,21 +281,19 @@ class TextData : public DataSource {
 
   Batch MakeBatch(int64_t batch_size, int64_t index,
                   DataSplit split) const override {
-    LC_REQUIRE(batch_size >= 1, "MakeBatch: batch size ", batch_size,
-               " (expected >= 1)");
     const int64_t n = options_.context;
     const auto [begin, end] = split == DataSplit::kTrain ? train_ : eval_;
-    Batch batch;
-    batch.tokens = Empty({batch_size, n}, DType::kInt64);
-    batch.targets = Empty({batch_size, n}, DType::kInt64);
+    Batch batch = EmptyBatch(batch_size, n);
+    const unsigned char* bytes = file_->bytes();
     for (int64_t row = 0; row < batch_size; ++row) {
       Draws draws(options_.seed, split, index, row);
       const int64_t start = begin + draws.Uniform(0, end - begin - n - 1);
+      file_->WillRead(start, n + 1);
       int64_t* tokens = batch.tokens.data<int64_t>() + row * n;
       int64_t* targets = batch.targets.data<int64_t>() + row * n;
       for (int64_t t = 0; t < n; ++t) {
-        tokens[t] = static_cast<unsigned char>(bytes_[start + t]);
-        targets[t] = static_cast<unsigned char>(bytes_[start + t + 1]);
+        tokens[t] = bytes[start + t];
+        targets[t] = bytes[start + t + 1];
       }
     }
     return batch;
@@ -245,7 +303,7 @@ class TextData : public DataSource {
   int64_t max_distance() const override { return 0; }
   std::string Describe() const override {
     return absl::StrCat(
-        "text ", options_.path, ": ", bytes_.size(), " bytes, windows of ",
+        "text ", options_.path, ": ", file_->size(), " bytes, windows of ",
         options_.context, " bytes",
         train_ == eval_
             ? " (too short to hold out an evaluation part: evaluation windows "
@@ -256,9 +314,71 @@ class TextData : public DataSource {
 
  private:
   DataOptions options_;
-  std::string bytes_;
+  std::unique_ptr<MappedFile> file_;
   std::pair<int64_t, int64_t> train_, eval_;  // [begin, end) byte ranges
 };
+
+// Maps the text file at options.path. Errors name the path: a missing or
+// unreadable file, one that is not a regular file (a FIFO would block a
+// reader, /dev/zero never ends), an empty one or one shorter than a window.
+absl::StatusOr<std::unique_ptr<MappedFile>> MapTextFile(
+    const DataOptions& options) {
+  const std::string& path = options.path;
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer before the
+  // check below could refuse it.
+  const int fd = open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) {
+    const int error = errno;
+    return absl::ErrnoToStatus(
+        error, absl::StrCat("data file ", path,
+                            " cannot be opened (missing or unreadable)"));
+  }
+  struct stat info;
+  if (fstat(fd, &info) != 0) {
+    const int error = errno;
+    close(fd);
+    return absl::ErrnoToStatus(error, absl::StrCat("data file ", path,
+                                                   " cannot be "
+                                                   "examined (fstat failed)"));
+  }
+  if (!S_ISREG(info.st_mode)) {
+    close(fd);
+    return absl::InvalidArgumentError(
+        absl::StrCat("data file ", path, " is ", FileTypeName(info.st_mode),
+                     " (expected a regular file, read as bytes)"));
+  }
+  const int64_t size = info.st_size;
+  if (size == 0) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data file ", path, " is empty (0 bytes; a window of context ",
+        options.context, " needs ", static_cast<uint64_t>(options.context) + 1,
+        " bytes)"));
+  }
+  // Unsigned: context + 1 must not overflow for the largest context.
+  const uint64_t window = static_cast<uint64_t>(options.context) + 1;
+  if (static_cast<uint64_t>(size) < window) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "data file ", path, " holds ", size,
+        " bytes, fewer than one window of context ", options.context,
+        " needs (", window,
+        " bytes: the tokens and the next byte); use a smaller --context or a "
+        "longer file"));
+  }
+  void* data = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int error = errno;
+  close(fd);  // the mapping keeps the file open
+  if (data == MAP_FAILED) {
+    return absl::ErrnoToStatus(
+        error, absl::StrCat("data file ", path, ": cannot map its ", size,
+                            " bytes into memory"));
+  }
+  // Windows start at random places: reading ahead of a fault would mostly
+  // read bytes that no window uses (MakeBatch asks for each window instead).
+  madvise(data, size, MADV_RANDOM);
+  return std::make_unique<MappedFile>(data, size);
+}
 
 absl::Status ValidateSynthetic(const DataOptions& o) {
   auto invalid = [](auto&&... pieces) {
@@ -335,37 +455,8 @@ absl::StatusOr<std::unique_ptr<DataSource>> CreateDataSource(
     return absl::InvalidArgumentError(
         "task text needs a file: --data=PATH (any file, read as bytes)");
   }
-  std::error_code error;
-  if (std::filesystem::is_directory(options.path, error)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "data file ", options.path, " is a directory (expected a file)"));
-  }
-  std::ifstream file(options.path, std::ios::binary);
-  if (!file) {
-    return absl::NotFoundError(
-        absl::StrCat("data file ", options.path,
-                     " cannot be opened (missing or unreadable)"));
-  }
-  std::string bytes((std::istreambuf_iterator<char>(file)),
-                    std::istreambuf_iterator<char>());
-  if (file.bad()) {
-    return absl::DataLossError(
-        absl::StrCat("reading data file ", options.path, " failed"));
-  }
-  if (bytes.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "data file ", options.path, " is empty (0 bytes; a window of context ",
-        options.context, " needs ", options.context + 1, " bytes)"));
-  }
-  if (static_cast<int64_t>(bytes.size()) < options.context + 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("data file ", options.path, " holds ", bytes.size(),
-                     " bytes, fewer than one window of context ",
-                     options.context, " needs (", options.context + 1,
-                     " bytes: the tokens and the next "
-                     "byte); use a smaller --context or a longer file"));
-  }
-  return std::unique_ptr<DataSource>(new TextData(options, std::move(bytes)));
+  LC_ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> file, MapTextFile(options));
+  return std::unique_ptr<DataSource>(new TextData(options, std::move(file)));
 }
 
 }  // namespace lc

@@ -67,9 +67,13 @@ struct DataOptions {
   int64_t position_stride = 1;
   int64_t position_offset = 0;
 
-  // Text: the file, read whole as bytes. The last tenth is held out for
-  // evaluation when it holds at least one window (context + 1 bytes);
-  // otherwise both splits draw from the whole file.
+  // Text: the file, a regular file read as bytes through a read-only memory
+  // map (memory grows with the windows read, not with the file's size). The
+  // last tenth is held out for evaluation when it holds at least one window
+  // (context + 1 bytes); otherwise both splits draw from the whole file. The
+  // file must not shrink while the source exists: a window past its new end
+  // (or a disk error under the map) is a SIGBUS that kills the process, as
+  // for any mapped file.
   std::string path;
 };
 
@@ -91,7 +95,9 @@ class DataSource {
   virtual ~DataSource() = default;
 
   // Batch `index` of `split`: a pure function of (options, split, index,
-  // batch_size).
+  // batch_size). Throws lc::Error for batch_size < 1, and ResourceExhausted
+  // naming the batch size and the context when the batch does not fit in
+  // memory.
   virtual Batch MakeBatch(int64_t batch_size, int64_t index,
                           DataSplit split) const = 0;
 
@@ -105,9 +111,11 @@ class DataSource {
 
 // Checks the options and makes the source. Errors name the value and what
 // was expected (distances that do not fit the context or the stride, counts
-// out of range); for text, a missing file (NotFound), an unreadable one, an
-// empty one, or one shorter than a window (context + 1 bytes), each naming
-// the path and the sizes.
+// out of range); for text, a missing file (NotFound), an unreadable one, one
+// that is not a regular file (a directory, a FIFO, a device such as
+// /dev/zero; refused without waiting for a FIFO's writer), an empty one, or
+// one shorter than a window (context + 1 bytes), each naming the path and the
+// sizes.
 absl::StatusOr<std::unique_ptr<DataSource>> CreateDataSource(
     const DataOptions& options);
 

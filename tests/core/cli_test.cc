@@ -4,6 +4,7 @@
 #include "core/cli.h"
 
 #include <cstdlib>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -116,6 +117,18 @@ TEST(CliTest, RunToolRefusesPositionalArgumentsAndPrintsOneLine) {
             1);
   EXPECT_EQ(testing::internal::GetCapturedStderr(), "tool: two lines\n");
   EXPECT_EQ(RunTool("tool", 1, alone, [] { return absl::OkStatus(); }), 0);
+}
+
+TEST(CliTest, RunToolPrintsAFailedAllocationAsOneLine) {
+  char program[] = "tool";
+  char* alone[] = {program, nullptr};
+  testing::internal::CaptureStderr();
+  EXPECT_EQ(RunTool("tool", 1, alone,
+                    []() -> absl::Status { throw std::bad_alloc(); }),
+            1);
+  const std::string printed = testing::internal::GetCapturedStderr();
+  EXPECT_THAT(printed, ::testing::StartsWith("tool: out of memory: "));
+  EXPECT_EQ(printed.find('\n'), printed.size() - 1) << printed;
 }
 
 }  // namespace

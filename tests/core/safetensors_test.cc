@@ -1,14 +1,20 @@
 #include "core/safetensors.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
 #include <limits>
 #include <map>
@@ -296,6 +302,22 @@ TEST(SafetensorsTest, DirectoryIsNotAFile) {
       << file.status();
 }
 
+TEST(SafetensorsTest, FifoIsRefusedWithoutWaitingForAWriter) {
+  const std::string path = TempPath("a_fifo");
+  std::remove(path.c_str());
+  ASSERT_EQ(mkfifo(path.c_str(), 0600), 0) << std::strerror(errno);
+  auto read = std::async(std::launch::async,
+                         [&] { return ReadSafetensors(path).status(); });
+  if (read.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "ReadSafetensors waits for a writer of the FIFO";
+    close(open(path.c_str(), O_WRONLY));  // lets the blocked open return
+  }
+  const absl::Status status = read.get();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+  EXPECT_TRUE(absl::StrContains(status.message(), path)) << status;
+  EXPECT_TRUE(absl::StrContains(status.message(), "is a FIFO")) << status;
+}
+
 TEST(SafetensorsTest, RejectsBadHeaderLengths) {
   const std::string path = TempPath("bad_length.st");
   WriteBytes(path, "");
@@ -524,8 +546,9 @@ TEST(SafetensorsTest, WriteErrorsNameThePath) {
   std::filesystem::create_directories(directory);
   status = WriteSafetensors(directory, {{"x", Ones({1})}});
   EXPECT_FALSE(status.ok());
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
   EXPECT_TRUE(absl::StrContains(status.message(), directory)) << status;
-  EXPECT_TRUE(absl::StrContains(status.message(), "renaming")) << status;
+  EXPECT_TRUE(absl::StrContains(status.message(), "is a directory")) << status;
   EXPECT_TRUE(TempFilesFor(directory).empty());
 
   const std::string path = TempPath("invalid.st");
@@ -573,6 +596,34 @@ TEST(SafetensorsTest, FailedWriteKeepsTheOldFile) {
   EXPECT_TRUE(absl::StrContains(status.message(), "writing")) << status;
   EXPECT_EQ(ReadBytes(path), old_bytes);
   EXPECT_TRUE(TempFilesFor(path).empty());
+}
+
+// The rename that replaces the target would replace a device node (as root,
+// /dev/full became a regular file) or a FIFO: both are refused, and the
+// node stays as it was. A symbolic link to /dev/full stands for the device,
+// so that no test, even of broken code, can replace the real one.
+TEST(SafetensorsTest, RefusesTargetsThatAreNotRegularFiles) {
+  const std::string fifo = TempPath("out_fifo");
+  std::remove(fifo.c_str());
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  const std::string device = TempPath("out_device");
+  std::remove(device.c_str());
+  ASSERT_EQ(symlink("/dev/full", device.c_str()), 0) << std::strerror(errno);
+
+  for (const auto& [path, kind] :
+       {std::pair<std::string, std::string>{fifo, "is a FIFO"},
+        {device, "is a character device"}}) {
+    const absl::Status status = WriteSafetensors(path, {{"x", Ones({4})}});
+    EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), path)) << status;
+    EXPECT_TRUE(absl::StrContains(status.message(), kind)) << status;
+    EXPECT_TRUE(TempFilesFor(path).empty());
+  }
+  struct stat info;
+  ASSERT_EQ(lstat(fifo.c_str(), &info), 0);
+  EXPECT_TRUE(S_ISFIFO(info.st_mode));
+  ASSERT_EQ(lstat(device.c_str(), &info), 0);
+  EXPECT_TRUE(S_ISLNK(info.st_mode));
 }
 
 }  // namespace

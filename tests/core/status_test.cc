@@ -1,5 +1,9 @@
 #include "core/status.h"
 
+#include <new>
+#include <string>
+#include <vector>
+
 #include "core/check.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -38,6 +42,23 @@ TEST(StatusTest, StatusFromCallCatchesErrors) {
       StatusFromCall([] { LC_REQUIRE(1 + 1 == 3, "math: got ", 2); });
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(s.message(), "math: got 2");
+}
+
+// Sizes come from users: an allocation that fails is their error, reported
+// as ResourceExhausted instead of ending the process. The exceptions are
+// thrown as the allocator and the containers throw them (a real failing
+// allocation would abort under AddressSanitizer instead of throwing).
+TEST(StatusTest, StatusFromCallTurnsAllocationFailuresIntoErrors) {
+  absl::Status s = StatusFromCall([] { throw std::bad_alloc(); });
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("out of memory"));
+
+  s = StatusFromCall([] {
+    std::vector<double> values;
+    values.reserve(values.max_size() + size_t{1});  // throws length_error
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("out of memory"));
 }
 
 TEST(CheckDeathTest, PrintsFileLineConditionAndValues) {

@@ -4,6 +4,7 @@
 // (results and peak memory); parameter names; configuration and input errors.
 #include "models/transformer_lm.h"
 
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <iostream>
@@ -419,6 +420,42 @@ TEST(TransformerLMTest, BadConfigsNameTheField) {
     EXPECT_EQ(TransformerLM::Create(config, gen).status(), status);
   }
   EXPECT_TRUE(ValidateTransformerConfig(SmallConfig()).ok());
+}
+
+// Sizes whose parameters cannot exist are refused before any is made (the
+// weights of d_model 10^7 would take 9.6e15 bytes, beyond any address space;
+// the first layer of d_model 2^32 overflows int64), quickly and naming the
+// sizes, where building them threw std::bad_alloc after initializing the
+// embedding.
+TEST(TransformerLMTest, ModelsTooLargeForMemoryAreErrorsNamingTheSizes) {
+  struct Case {
+    int64_t d_model;
+    absl::StatusCode code;
+    std::string pieces;
+  };
+  for (const Case& c :
+       {Case{10'000'000, absl::StatusCode::kResourceExhausted,
+             "needs at least 2400002560000000 parameters, 19200020480000000 "
+             "bytes of float64"},
+        Case{int64_t{1} << 32, absl::StatusCode::kInvalidArgument,
+             "needs 2^63 bytes or more"}}) {
+    TransformerConfig config = SmallConfig();
+    config.d_model = c.d_model;
+    config.vocab_size = 256;
+    Generator gen(0);
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Status status = TransformerLM::Create(config, gen).status();
+    EXPECT_LT(std::chrono::steady_clock::now() - start,
+              std::chrono::seconds(1));
+    SCOPED_TRACE(status.ToString());
+    EXPECT_EQ(status.code(), c.code);
+    for (const std::string& piece :
+         {absl::StrCat("d_model ", c.d_model), std::string("num_layers 2"),
+          std::string("mlp_hidden 4 * d_model"), std::string("vocab_size 256"),
+          c.pieces}) {
+      EXPECT_NE(status.message().find(piece), std::string::npos) << piece;
+    }
+  }
 }
 
 TEST(TransformerLMTest, BadTokensAndTargetsAreClearErrors) {

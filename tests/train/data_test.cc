@@ -2,8 +2,16 @@
 // scored) and text files (windows, clear errors for bad files).
 #include "train/data.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <future>
 #include <set>
 #include <string>
 
@@ -247,6 +255,81 @@ TEST(TextDataTest, BadFilesGiveErrorsNamingPathAndSizes) {
   options.path = "";
   EXPECT_THAT(CreateDataSource(options).status().message(),
               HasSubstr("--data"));
+}
+
+// A FIFO would block the reader until some writer came (forever, for a
+// mistyped --data), /dev/zero never ends: only regular files are text.
+TEST(TextDataTest, FilesThatAreNotRegularAreRefusedAtOnce) {
+  DataOptions options;
+  options.task = TaskType::kText;
+  options.context = 64;
+  options.path = TempPath("data_fifo");
+  std::remove(options.path.c_str());
+  ASSERT_EQ(mkfifo(options.path.c_str(), 0600), 0) << std::strerror(errno);
+  auto created = std::async(std::launch::async,
+                            [&] { return CreateDataSource(options).status(); });
+  if (created.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "CreateDataSource waits for a writer of the FIFO";
+    // Lets the blocked open return; the reader then meets end of file.
+    close(open(options.path.c_str(), O_WRONLY));
+  }
+  absl::Status status = created.get();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(status.message(),
+              AllOf(HasSubstr(options.path), HasSubstr("is a FIFO")));
+
+  options.path = "/dev/zero";
+  status = CreateDataSource(options).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_THAT(status.message(),
+              AllOf(HasSubstr("/dev/zero"), HasSubstr("character device")));
+}
+
+// Pages of this process in memory, from /proc/self/statm.
+int64_t ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * sysconf(_SC_PAGESIZE);
+}
+
+// A 16 GiB file (sparse: it takes no disk) is mapped, not read: memory grows
+// with the windows that batches read, not with the file.
+TEST(TextDataTest, HugeFileUsesMemoryOnlyForTheWindowsRead) {
+  constexpr int64_t kSize = int64_t{16} << 30;
+  const std::string path = TempPath("sparse_16g.bin");
+  {
+    const int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    const int truncated = ftruncate(fd, kSize);
+    struct stat info;
+    fstat(fd, &info);
+    close(fd);
+    if (truncated != 0 || info.st_blocks * 512 > (int64_t{1} << 20)) {
+      std::remove(path.c_str());
+      GTEST_SKIP() << "this filesystem makes no sparse 16 GiB file";
+    }
+  }
+  DataOptions options;
+  options.task = TaskType::kText;
+  options.context = 4096;
+  options.path = path;
+  const int64_t before = ResidentBytes();
+  {
+    auto data = Make(options);
+    ASSERT_NE(data, nullptr);
+    EXPECT_THAT(data->Describe(), HasSubstr("17179869184 bytes"));
+    for (int64_t index = 0; index < 8; ++index) {
+      const Batch batch = data->MakeBatch(4, index, DataSplit::kTrain);
+      EXPECT_EQ(Token(batch, 3, 4095), 0);  // a hole reads as zeros
+      EXPECT_EQ(Target(batch, 3, 4095), 0);
+    }
+    // 32 windows of 4097 bytes touch at most 64 pages of the file, and each
+    // batch holds 2 x 128 KiB of int64 tokens and targets: far below 64 MiB,
+    // while reading the file whole (as before) took 16 GiB.
+    EXPECT_LT(ResidentBytes() - before, int64_t{64} << 20);
+  }
+  std::remove(path.c_str());
 }
 
 }  // namespace
