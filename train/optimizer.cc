@@ -61,23 +61,29 @@ void ScaleInPlace(const Tensor& grad, double factor) {
 
 }  // namespace
 
-absl::StatusOr<AdamW> AdamW::Create(
-    std::vector<std::pair<std::string, Tensor>> params,
-    const AdamWOptions& options) {
+absl::Status ValidateAdamWOptions(const AdamWOptions& options) {
   auto in_unit_interval = [](double b) { return b >= 0 && b < 1; };
   if (!in_unit_interval(options.beta1) || !in_unit_interval(options.beta2)) {
     return absl::InvalidArgumentError(
         absl::StrCat("AdamW: betas (", options.beta1, ", ", options.beta2,
                      ") must lie in [0, 1)"));
   }
-  if (!(options.eps > 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("AdamW: eps = ", options.eps, " (expected > 0)"));
-  }
-  if (!(options.weight_decay >= 0)) {
+  if (!(options.eps > 0 && std::isfinite(options.eps))) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "AdamW: weight_decay = ", options.weight_decay, " (expected >= 0)"));
+        "AdamW: eps = ", options.eps, " (expected a finite number > 0)"));
   }
+  if (!(options.weight_decay >= 0 && std::isfinite(options.weight_decay))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("AdamW: weight_decay = ", options.weight_decay,
+                     " (expected a finite number >= 0)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AdamW> AdamW::Create(
+    std::vector<std::pair<std::string, Tensor>> params,
+    const AdamWOptions& options) {
+  LC_RETURN_IF_ERROR(ValidateAdamWOptions(options));
   std::set<std::string> names;
   for (const auto& [name, param] : params) {
     if (!names.insert(name).second) {
@@ -284,7 +290,10 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
     Tensor all = Zeros({comm->size(), 1}, DType::kFloat64);
     LC_RETURN_IF_ERROR(comm->AllGather(mine, all));
     for (int r = 0; r < comm->size(); ++r) {
-      if (all.at({r, 0}) != norm) {
+      // Ranks whose norms are both NaN agree (NaN != NaN): the step is then
+      // skipped alike on every rank (see OptimizerStep in train/trainer.h).
+      const double other = all.at({r, 0});
+      if (other != norm && !(std::isnan(other) && std::isnan(norm))) {
         return absl::InternalError(absl::StrFormat(
             "ClipGradNorm: rank %d has gradient norm %.17g but rank %d has "
             "%.17g; the ranks' gradients differ (all-reduce them with "

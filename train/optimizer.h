@@ -29,6 +29,10 @@ struct AdamWOptions {
   bool decay_vectors = false;
 };
 
+// Checks betas in [0, 1), a finite eps > 0 and a finite weight_decay >= 0;
+// errors name the value.
+absl::Status ValidateAdamWOptions(const AdamWOptions& options);
+
 // AdamW as torch.optim.AdamW computes it. The parameters are the master
 // weights (leaves updated in place: float32 or float64 on the CPU, float32 on
 // one CUDA device); the moments m and v have the parameter's dtype and
@@ -46,8 +50,8 @@ class AdamW {
  public:
   // `params` with their names (Module::NamedParameters()); the names key the
   // state dict. Errors: duplicate names, non-floating or non-contiguous
-  // parameters, parameters on several devices, float64 on CUDA, betas
-  // outside [0, 1), eps <= 0, negative weight decay.
+  // parameters, parameters on several devices, float64 on CUDA, options that
+  // ValidateAdamWOptions refuses.
   static absl::StatusOr<AdamW> Create(
       std::vector<std::pair<std::string, Tensor>> params,
       const AdamWOptions& options = {});

@@ -8,9 +8,10 @@
 namespace lc {
 
 absl::Status ValidateLrSchedule(const LrSchedule& schedule) {
-  if (!(schedule.max_lr > 0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "learning rate max_lr = ", schedule.max_lr, " (expected > 0)"));
+  if (!(schedule.max_lr > 0 && std::isfinite(schedule.max_lr))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("learning rate max_lr = ", schedule.max_lr,
+                     " (expected a finite number > 0)"));
   }
   if (!(schedule.min_lr >= 0 && schedule.min_lr <= schedule.max_lr)) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -16,7 +16,8 @@ struct LrSchedule {
   int64_t total_steps = 1;
 };
 
-// Checks 0 <= min_lr <= max_lr, warmup_steps >= 0 and total_steps >= 1;
+// Checks 0 <= min_lr <= max_lr, max_lr finite, warmup_steps >= 0 and
+// total_steps >= 1;
 // errors name the value.
 absl::Status ValidateLrSchedule(const LrSchedule& schedule);
 

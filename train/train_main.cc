@@ -96,6 +96,11 @@ ABSL_FLAG(int64_t, warmup, 20, "Linear warmup steps.");
 ABSL_FLAG(double, weight_decay, 0.01,
           "AdamW decoupled weight decay (matrices only).");
 ABSL_FLAG(double, clip, 1.0, "Max global gradient norm (0: no clipping).");
+ABSL_FLAG(int64_t, skip_nonfinite_steps, 0,
+          "A step whose loss or gradient norm is NaN or infinite (a diverging "
+          "run) makes no update. 0: it stops the run with an error; N: up to "
+          "N such steps are skipped, counted in the progress line and the "
+          "metrics (skipped_steps), and the run stops at the next one.");
 ABSL_FLAG(uint64_t, seed, 0, "Seed of the weights, the data and dropout.");
 
 // Checkpoints, evaluation, output.
@@ -105,12 +110,23 @@ ABSL_FLAG(int64_t, checkpoint_every, 50,
           "Checkpoint every N steps (0: only at the end).");
 ABSL_FLAG(bool, resume, false,
           "Continue exactly from the newest checkpoint in --checkpoint_dir.");
+ABSL_FLAG(std::string, resume_from, "",
+          "Continue exactly from this checkpoint of --checkpoint_dir instead "
+          "of the newest (what --resume suggests when the newest is corrupt).");
+ABSL_FLAG(bool, overwrite_checkpoints, false,
+          "Start a new run in a --checkpoint_dir that holds another run's "
+          "checkpoints, deleting them first (without it such a directory is "
+          "refused).");
 ABSL_FLAG(int64_t, stop_after, 0,
           "Stop after this many steps as if interrupted (checkpointing "
           "there); 0: run all --steps.");
 ABSL_FLAG(std::string, metrics, "",
           "JSONL file to append metrics to (one object per log step and per "
-          "evaluation); plot with train/plot_metrics.py.");
+          "evaluation; a number that is not finite is null); plot with "
+          "train/plot_metrics.py. --resume first drops the records of steps "
+          "after the checkpoint's and appends {\"kind\": \"resume\", "
+          "\"step\": S}, so each step appears once. A failed write stops "
+          "the run.");
 ABSL_FLAG(int64_t, eval_every, 40,
           "Evaluate every N steps (0: only at the end).");
 ABSL_FLAG(int64_t, eval_batches, 8,
@@ -119,9 +135,10 @@ ABSL_FLAG(int64_t, log_every, 10,
           "Steps between progress lines (when not on a terminal) and metrics "
           "records.");
 ABSL_FLAG(int32_t, threads, 1,
-          "OpenMP threads per rank (0: cores / ranks). 1 keeps training fast "
-          "when other processes share the cores (OpenMP threads spin at "
-          "barriers); on an idle machine 0 may be faster.");
+          "OpenMP threads per rank (0: cores / ranks; at most 1024 over all "
+          "ranks). 1 keeps training fast when other processes share the "
+          "cores (OpenMP threads spin at barriers); on an idle machine 0 may "
+          "be faster.");
 ABSL_FLAG(std::string, device, "cpu",
           "cpu, or cuda / cuda:N: train on that GPU (parameters, gradients "
           "and AdamW state on the device).");
@@ -230,11 +247,14 @@ absl::StatusOr<TrainOptions> OptionsFromFlags() {
   options.warmup = absl::GetFlag(FLAGS_warmup);
   options.adamw.weight_decay = absl::GetFlag(FLAGS_weight_decay);
   options.clip = absl::GetFlag(FLAGS_clip);
+  options.skip_nonfinite_steps = absl::GetFlag(FLAGS_skip_nonfinite_steps);
   options.seed = absl::GetFlag(FLAGS_seed);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.checkpoint_dir = UserPath(absl::GetFlag(FLAGS_checkpoint_dir));
   options.checkpoint_every = absl::GetFlag(FLAGS_checkpoint_every);
   options.resume = absl::GetFlag(FLAGS_resume);
+  options.resume_from = UserPath(absl::GetFlag(FLAGS_resume_from));
+  options.overwrite_checkpoints = absl::GetFlag(FLAGS_overwrite_checkpoints);
   options.stop_after = absl::GetFlag(FLAGS_stop_after);
   options.metrics_path = UserPath(absl::GetFlag(FLAGS_metrics));
   options.eval_every = absl::GetFlag(FLAGS_eval_every);

@@ -1,6 +1,9 @@
 #include "train/trainer.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -13,13 +16,17 @@
 #include <omp.h>
 #endif
 
+#include "absl/status/status.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
+#include "core/files.h"
 #include "core/memory.h"
 #include "core/random.h"
 #include "core/status.h"
@@ -74,10 +81,16 @@ std::string FormatRate(double tokens_per_s) {
   return absl::StrFormat("%.0f", tokens_per_s);
 }
 
-// A JSON number (Python's json module reads NaN and Infinity).
+// `x` without the sign of a NaN: printf writes "-nan" for one with its sign
+// bit set (as inf - inf makes), which reads like a negative value.
+double Printable(double x) {
+  return std::isnan(x) ? std::numeric_limits<double>::quiet_NaN() : x;
+}
+
+// A JSON number, or null for one that is not finite: strict JSON parsers
+// refuse NaN and Infinity.
 std::string JsonNumber(double x) {
-  if (std::isnan(x)) return "NaN";
-  if (std::isinf(x)) return x > 0 ? "Infinity" : "-Infinity";
+  if (!std::isfinite(x)) return "null";
   return absl::StrFormat("%.9g", x);
 }
 
@@ -122,7 +135,20 @@ absl::StatusOr<double> AllReduceScalar(Communicator& comm, double value) {
   return t.at({0});
 }
 
-// Rank 0's output: progress lines and metrics records.
+// The step of a metrics record (its "step" member); none when it has none.
+std::optional<int64_t> RecordStep(absl::string_view record) {
+  constexpr absl::string_view kMember = "\"step\": ";
+  const size_t at = record.find(kMember);
+  if (at == absl::string_view::npos) return std::nullopt;
+  absl::string_view value = record.substr(at + kMember.size());
+  value = value.substr(0, value.find_first_of(",}"));
+  int64_t step = 0;
+  if (!absl::SimpleAtoi(value, &step)) return std::nullopt;
+  return step;
+}
+
+// Rank 0's output: progress lines and metrics records. A metrics write that
+// fails is an error (a full disk must not leave an empty file and exit 0).
 class Reporter {
  public:
   Reporter(const TrainOptions& options, int64_t tokens_per_step)
@@ -145,14 +171,31 @@ class Reporter {
     *options_.progress << text << "\n" << std::flush;
   }
 
-  void Start(int64_t first_step, int64_t last_step) {
+  // Starts the clock; a run resumed at first_step > 0 also drops the metrics
+  // of later steps (see TrainOptions::metrics_path) and records the resume.
+  absl::Status Start(int64_t first_step, int64_t last_step) {
     start_ = interval_start_ = Clock::now();
     first_step_ = first_step;
     last_step_ = last_step;
+    if (first_step == 0 || !metrics_.is_open()) return absl::OkStatus();
+    LC_ASSIGN_OR_RETURN(const int64_t dropped, DropRecordsAfter(first_step));
+    if (dropped > 0) {
+      Line(absl::StrCat("metrics: dropped ", dropped,
+                        " record(s) of steps after ", first_step, " from ",
+                        options_.metrics_path,
+                        " (the interrupted run's; they are redone now)"));
+    }
+    return Write(absl::StrFormat(
+        "{\"kind\": \"resume\", \"step\": %d, \"dropped_records\": %d}",
+        first_step, dropped));
   }
 
-  void Step(const StepRecord& record) {
-    interval_loss_ += record.loss;
+  // `skipped`: the steps of this run skipped so far (StepRecord::skipped).
+  absl::Status Step(const StepRecord& record, int64_t skipped) {
+    if (!record.skipped) {
+      interval_loss_ += record.loss;
+      ++interval_losses_;
+    }
     ++interval_steps_;
     const bool log_due =
         record.step % options_.log_every == 0 || record.step == last_step_;
@@ -166,12 +209,16 @@ class Reporter {
     const double eta = done > 0 ? elapsed / done * (last_step_ - record.step)
                                 : std::numeric_limits<double>::quiet_NaN();
     const int64_t peak = DeviceMemoryStats(options_.model.device).peak_bytes;
-    const std::string text = absl::StrFormat(
+    std::string text = absl::StrFormat(
         "step %*d/%d | loss %.4f | lr %.2e | %s tok/s | %s elapsed, ETA %s | "
         "peak %s",
         static_cast<int>(absl::StrCat(options_.steps).size()), record.step,
-        options_.steps, record.loss, record.lr, FormatRate(rate),
+        options_.steps, Printable(record.loss), record.lr, FormatRate(rate),
         FormatDuration(elapsed), FormatDuration(eta), FormatBytes(peak));
+    if (skipped > 0) {
+      absl::StrAppend(&text, " | skipped ", skipped, " non-finite step",
+                      skipped > 1 ? "s" : "");
+    }
     if (options_.progress != nullptr) {
       if (options_.progress_in_place) {
         // Pad so that a shorter line fully covers the previous one.
@@ -186,26 +233,30 @@ class Reporter {
         *options_.progress << text << "\n" << std::flush;
       }
     }
-    if (log_due) {
-      if (metrics_.is_open()) {
-        metrics_ << absl::StrFormat(
-                        "{\"kind\": \"train\", \"step\": %d, \"loss\": %s, "
-                        "\"lr\": %s, \"grad_norm\": %s, \"tokens_per_s\": %s, "
-                        "\"elapsed_s\": %s, \"peak_bytes\": %d}",
-                        record.step,
-                        JsonNumber(interval_loss_ / interval_steps_),
-                        JsonNumber(record.lr), JsonNumber(record.grad_norm),
-                        JsonNumber(rate), JsonNumber(elapsed), peak)
-                 << "\n"
-                 << std::flush;
-      }
-      interval_start_ = Clock::now();
-      interval_loss_ = 0;
-      interval_steps_ = 0;
+    if (!log_due) return absl::OkStatus();
+    // The mean loss of the interval's steps that made an update (null when
+    // every one was skipped).
+    const double loss = interval_losses_ > 0
+                            ? interval_loss_ / interval_losses_
+                            : std::numeric_limits<double>::quiet_NaN();
+    std::string record_text = absl::StrFormat(
+        "{\"kind\": \"train\", \"step\": %d, \"loss\": %s, \"lr\": %s, "
+        "\"grad_norm\": %s, \"tokens_per_s\": %s, \"elapsed_s\": %s, "
+        "\"peak_bytes\": %d",
+        record.step, JsonNumber(loss), JsonNumber(record.lr),
+        JsonNumber(record.grad_norm), JsonNumber(rate), JsonNumber(elapsed),
+        peak);
+    if (options_.skip_nonfinite_steps > 0) {
+      absl::StrAppend(&record_text, ", \"skipped_steps\": ", skipped);
     }
+    interval_start_ = Clock::now();
+    interval_loss_ = 0;
+    interval_losses_ = 0;
+    interval_steps_ = 0;
+    return Write(record_text + "}");
   }
 
-  void Eval(const EvalResult& eval, bool synthetic) {
+  absl::Status Eval(const EvalResult& eval, bool synthetic) {
     std::string text;
     if (synthetic) {
       std::vector<std::string> buckets;
@@ -217,32 +268,29 @@ class Reporter {
           "eval step %d: accuracy %.1f%% (chance %.1f%%) on %d answers, "
           "loss %.4f | by distance %s",
           eval.step, 100 * eval.accuracy, 100 * eval.chance, eval.answers,
-          eval.loss, absl::StrJoin(buckets, ", "));
+          Printable(eval.loss), absl::StrJoin(buckets, ", "));
     } else {
       text = absl::StrFormat(
           "eval step %d: loss %.4f nats/byte (%.3f bits/byte) on evaluation "
           "windows",
-          eval.step, eval.loss, eval.loss / std::log(2.0));
+          eval.step, Printable(eval.loss),
+          Printable(eval.loss) / std::log(2.0));
     }
     Line(text);
-    if (metrics_.is_open()) {
-      std::vector<std::string> buckets;
-      for (const DistanceBucket& b : eval.buckets) {
-        buckets.push_back(absl::StrFormat(
-            "{\"min\": %d, \"max\": %d, \"answers\": %d, \"accuracy\": %s}",
-            b.min_distance, b.max_distance, b.answers, JsonNumber(b.accuracy)));
-      }
-      metrics_ << absl::StrFormat(
-                      "{\"kind\": \"eval\", \"step\": %d, \"loss\": %s, "
-                      "\"accuracy\": %s, \"chance\": %s, \"answers\": %d, "
-                      "\"accuracy_by_distance\": [%s]}",
-                      eval.step, JsonNumber(eval.loss),
-                      synthetic ? JsonNumber(eval.accuracy) : "null",
-                      synthetic ? JsonNumber(eval.chance) : "null",
-                      eval.answers, absl::StrJoin(buckets, ", "))
-               << "\n"
-               << std::flush;
+    std::vector<std::string> buckets;
+    for (const DistanceBucket& b : eval.buckets) {
+      buckets.push_back(absl::StrFormat(
+          "{\"min\": %d, \"max\": %d, \"answers\": %d, \"accuracy\": %s}",
+          b.min_distance, b.max_distance, b.answers, JsonNumber(b.accuracy)));
     }
+    return Write(
+        absl::StrFormat("{\"kind\": \"eval\", \"step\": %d, \"loss\": %s, "
+                        "\"accuracy\": %s, \"chance\": %s, \"answers\": %d, "
+                        "\"accuracy_by_distance\": [%s]}",
+                        eval.step, JsonNumber(eval.loss),
+                        synthetic ? JsonNumber(eval.accuracy) : "null",
+                        synthetic ? JsonNumber(eval.chance) : "null",
+                        eval.answers, absl::StrJoin(buckets, ", ")));
   }
 
   void EndInPlace() {
@@ -254,12 +302,64 @@ class Reporter {
   }
 
  private:
+  // Appends one record (a line) to the metrics file, if there is one.
+  absl::Status Write(const std::string& record) {
+    if (!metrics_.is_open()) return absl::OkStatus();
+    errno = 0;
+    metrics_ << record << "\n" << std::flush;
+    if (!metrics_) {
+      return absl::ErrnoToStatus(errno != 0 ? errno : EIO,
+                                 absl::StrCat("cannot write the metrics file ",
+                                              options_.metrics_path));
+    }
+    return absl::OkStatus();
+  }
+
+  // Rewrites the metrics file without the records of steps after `step`
+  // (and without a torn last line of a killed run) through a temporary file
+  // in its directory, synced and renamed, so that a crash leaves the old
+  // file or the new one; returns how many records were dropped. A metrics
+  // path that is not a regular file (a pipe, /dev/stdout) is left alone.
+  absl::StatusOr<int64_t> DropRecordsAfter(int64_t step) {
+    const std::string& path = options_.metrics_path;
+    struct stat info;
+    if (stat(path.c_str(), &info) != 0 || !S_ISREG(info.st_mode)) return 0;
+    std::string kept;
+    int64_t dropped = 0;
+    {
+      std::ifstream in(path);
+      for (std::string line; std::getline(in, line);) {
+        if (line.empty()) continue;
+        const std::optional<int64_t> line_step = RecordStep(line);
+        if ((line_step && *line_step > step) || line.back() != '}') {
+          ++dropped;
+        } else {
+          absl::StrAppend(&kept, line, "\n");
+        }
+      }
+      if (in.bad()) {
+        return absl::DataLossError(absl::StrCat("cannot read the metrics file ",
+                                                path, " to resume it"));
+      }
+    }
+    if (dropped == 0) return 0;
+    metrics_.close();
+    LC_RETURN_IF_ERROR(WriteFileAtomically("metrics file", path, {kept}));
+    metrics_.open(path, std::ios::app);
+    if (!metrics_) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "cannot open the metrics file ", path, " for appending"));
+    }
+    return dropped;
+  }
+
   const TrainOptions& options_;
   int64_t tokens_per_step_;
   std::ofstream metrics_;
   Clock::time_point start_, interval_start_;
   int64_t first_step_ = 0, last_step_ = 0;
-  double interval_loss_ = 0;
+  double interval_loss_ = 0;  // over the interval's updates
+  int64_t interval_losses_ = 0;
   int64_t interval_steps_ = 0;
   int64_t last_width_ = 0;
   bool in_place_open_ = false;
@@ -431,6 +531,19 @@ absl::StatusOr<StepOutput> OptimizerStep(
   }));
   if (comm != nullptr) LC_RETURN_IF_ERROR(AllReduceGradients(*comm, params));
   LC_ASSIGN_OR_RETURN(out.grad_norm, ClipGradNorm(params, clip, comm));
+  // Reading the norm waited for the device, so reading the loss (computed
+  // before it) adds no wait.
+  LC_RETURN_IF_ERROR(StatusFromCall([&] { out.group_loss = out.loss.item(); }));
+  if (comm != nullptr) {
+    LC_ASSIGN_OR_RETURN(out.group_loss, AllReduceScalar(*comm, out.group_loss));
+  }
+  // Every rank has the same norm (ClipGradNorm checks it) and a sum of the
+  // same losses, which is not finite on every rank when it is not on one: the
+  // ranks decide alike and their weights stay equal.
+  out.applied = std::isfinite(out.group_loss) && std::isfinite(out.grad_norm);
+  // Without gradients AdamW changes no weight and no moment; it only counts
+  // the step, which keeps its step count equal to the data position.
+  if (!out.applied) model.ZeroGrad();
   LC_RETURN_IF_ERROR(StatusFromCall([&] { optimizer.Step(lr); }));
   model.ZeroGrad();
   return out;
@@ -438,13 +551,11 @@ absl::StatusOr<StepOutput> OptimizerStep(
 
 namespace {
 
-// One optimizer step of one rank; returns (summed loss, grad norm).
-absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
-                                                    const DataSource& data,
-                                                    const LrSchedule& schedule,
-                                                    RankState& state,
-                                                    Communicator& comm,
-                                                    double* lr) {
+// One optimizer step of one rank; returns its record (the summed loss).
+absl::StatusOr<StepRecord> TrainStep(const TrainOptions& options,
+                                     const DataSource& data,
+                                     const LrSchedule& schedule,
+                                     RankState& state, Communicator& comm) {
   const int k = comm.size();
   const int rank = comm.rank();
   const int64_t n = options.model.context;
@@ -464,16 +575,39 @@ absl::StatusOr<std::pair<double, double>> TrainStep(const TrainOptions& options,
   LC_RETURN_IF_ERROR(comm.AllReduceSum(count));
   const int64_t global_count = static_cast<int64_t>(count.item());
 
-  *lr = LearningRate(schedule, state.step);
-  LC_ASSIGN_OR_RETURN(
-      const StepOutput step,
-      OptimizerStep(*state.model, *state.optimizer, state.params, tokens,
-                    targets, global_count, options.clip, *lr, &comm, sp_ptr));
-  double local_loss = 0;
-  LC_RETURN_IF_ERROR(StatusFromCall([&] { local_loss = step.loss.item(); }));
-  ++state.step;
-  LC_ASSIGN_OR_RETURN(const double loss, AllReduceScalar(comm, local_loss));
-  return std::make_pair(loss, step.grad_norm);
+  StepRecord record;
+  record.lr = LearningRate(schedule, state.step);
+  LC_ASSIGN_OR_RETURN(const StepOutput step,
+                      OptimizerStep(*state.model, *state.optimizer,
+                                    state.params, tokens, targets, global_count,
+                                    options.clip, record.lr, &comm, sp_ptr));
+  // A skipped step moves the data position on too: retrying its batch on the
+  // same weights would give the same non-finite values.
+  record.step = ++state.step;
+  record.loss = step.group_loss;
+  record.grad_norm = step.grad_norm;
+  record.skipped = !step.applied;
+  return record;
+}
+
+// The error that stops a run at a step with a non-finite loss or gradient
+// norm; `skipped` such steps so far, this one included.
+absl::Status DivergedError(const TrainOptions& options,
+                           const StepRecord& record, int64_t skipped) {
+  const std::string allowance =
+      options.skip_nonfinite_steps == 0
+          ? ""
+          : absl::StrCat(" (", skipped,
+                         " such steps in this run, more than "
+                         "skip_nonfinite_steps ",
+                         options.skip_nonfinite_steps, ")");
+  return absl::FailedPreconditionError(absl::StrFormat(
+      "training diverged at step %d: loss %g, gradient norm %g at learning "
+      "rate %g%s; the step made no update and no checkpoint holds it. Lower "
+      "the learning rate (--lr) or lengthen the warmup (--warmup), or let up "
+      "to N such steps be skipped (--skip_nonfinite_steps=N)",
+      record.step, Printable(record.loss), Printable(record.grad_norm),
+      record.lr, allowance));
 }
 
 std::string DescribeAttention(const AttentionConfig& a) {
@@ -510,7 +644,7 @@ struct RunContext {
   LrSchedule schedule;
   int64_t last_step = 0;
   const TrainingCheckpoint* checkpoint = nullptr;  // resume from it
-  std::string checkpoint_path;
+  CheckpointDirectory* directory = nullptr;        // null: no checkpoints
   Reporter* reporter = nullptr;
   TrainResult* result = nullptr;
 };
@@ -541,7 +675,7 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
   DefaultGenerator() = Generator(DropoutSeed(options.seed, comm.rank()));
   if (run.checkpoint != nullptr) {
     LC_RETURN_IF_ERROR(
-        RestoreState(*run.checkpoint, run.checkpoint_path, state));
+        RestoreState(*run.checkpoint, run.checkpoint->path, state));
   }
 
   if (leader) {
@@ -560,24 +694,24 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
         m.dtype != ParameterDType(m) ? " with float32 master weights" : ""));
     run.reporter->Line(absl::StrCat("data: ", run.data.Describe()));
     if (run.checkpoint != nullptr) {
-      run.reporter->Line(absl::StrCat("resumed from ", run.checkpoint_path,
+      run.reporter->Line(absl::StrCat("resumed from ", run.checkpoint->path,
                                       " at step ", state.step));
     }
     run.result->first_step = state.step;
-    run.reporter->Start(state.step, run.last_step);
+    LC_RETURN_IF_ERROR(run.reporter->Start(state.step, run.last_step));
   }
 
   auto save = [&]() -> absl::Status {
-    if (!leader || options.checkpoint_dir.empty()) {
-      return absl::OkStatus();
-    }
+    if (!leader || run.directory == nullptr) return absl::OkStatus();
     TrainingCheckpoint out;
     out.step = state.step;
+    out.run_id = run.directory->run_id();
+    out.steps = options.steps;
+    out.ranks = ranks;
     out.config = run.config;
     out.fingerprint = run.fingerprint;
     out.tensors = CollectState(state);
-    LC_RETURN_IF_ERROR(
-        SaveCheckpoint(options.checkpoint_dir, out, kKeepCheckpoints));
+    LC_RETURN_IF_ERROR(run.directory->Save(out, kKeepCheckpoints));
     run.reporter->Line(absl::StrCat(
         "checkpoint ", CheckpointPath(options.checkpoint_dir, state.step)));
     return absl::OkStatus();
@@ -586,22 +720,25 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
     LC_ASSIGN_OR_RETURN(EvalResult eval,
                         Evaluate(options, run.data, state, comm));
     if (leader) {
-      run.reporter->Eval(eval, options.data.task != TaskType::kText);
+      LC_RETURN_IF_ERROR(
+          run.reporter->Eval(eval, options.data.task != TaskType::kText));
       run.result->evals.push_back(std::move(eval));
     }
     return absl::OkStatus();
   };
 
   int64_t saved_at = run.checkpoint != nullptr ? state.step : -1;
+  int64_t skipped = 0;  // steps with a non-finite loss or gradient norm
   while (state.step < run.last_step) {
-    double lr = 0;
     LC_ASSIGN_OR_RETURN(
-        const auto loss_and_norm,
-        TrainStep(options, run.data, run.schedule, state, comm, &lr));
+        const StepRecord record,
+        TrainStep(options, run.data, run.schedule, state, comm));
+    // Every rank sees the same record.skipped, so every rank stops here.
+    if (record.skipped && ++skipped > options.skip_nonfinite_steps) {
+      return DivergedError(options, record, skipped);
+    }
     if (leader) {
-      const StepRecord record{state.step, loss_and_norm.first, lr,
-                              loss_and_norm.second};
-      run.reporter->Step(record);
+      LC_RETURN_IF_ERROR(run.reporter->Step(record, skipped));
       run.result->steps.push_back(record);
       if (options.on_step) options.on_step(record, *state.model);
     }
@@ -621,6 +758,62 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
     for (auto& [name, tensor] : CollectState(state)) {
       run.result->final_state[name] = tensor.clone();
     }
+  }
+  return absl::OkStatus();
+}
+
+// Takes the checkpoint directory before the first step (so that one that
+// cannot be written, or that another run holds, stops the run at once) and,
+// when resuming, reads the checkpoint to continue from. Progress lines say
+// what was removed and what a resume on another rank count changes.
+absl::Status PrepareCheckpoints(const RunContext& run, Reporter& reporter,
+                                std::unique_ptr<CheckpointDirectory>* directory,
+                                std::optional<TrainingCheckpoint>* checkpoint) {
+  const TrainOptions& options = run.options;
+  if (options.checkpoint_dir.empty()) return absl::OkStatus();
+  LC_ASSIGN_OR_RETURN(*directory,
+                      CheckpointDirectory::Open(options.checkpoint_dir));
+  for (const std::string& path : (*directory)->removed_temporaries()) {
+    reporter.Line(absl::StrCat("removed ", path,
+                               " (left by an interrupted checkpoint write)"));
+  }
+  if (!options.resume && options.resume_from.empty()) {
+    LC_ASSIGN_OR_RETURN(
+        const std::vector<std::string> deleted,
+        (*directory)->StartNewRun(options.overwrite_checkpoints));
+    if (!deleted.empty()) {
+      reporter.Line(absl::StrCat(
+          "--overwrite_checkpoints: deleted ", deleted.size(),
+          " checkpoint(s) of another run from ", options.checkpoint_dir));
+    }
+    return absl::OkStatus();
+  }
+  LC_ASSIGN_OR_RETURN(
+      *checkpoint,
+      (*directory)->Resume(options.resume_from, run.fingerprint, run.config));
+  const TrainingCheckpoint& c = **checkpoint;
+  if (c.steps != options.steps) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--steps=", options.steps, " differs from the ", c.steps,
+        " steps of the run that wrote ", c.path,
+        " (they set its learning-rate schedule): resume with --steps=", c.steps,
+        ", or start a new run with --overwrite_checkpoints or "
+        "another --checkpoint_dir"));
+  }
+  const int64_t ranks = options.model.attention.ranks;
+  if (c.ranks != ranks) {
+    const bool dropout =
+        options.model.dropout > 0 || options.model.attention.dropout > 0;
+    auto count = [](int64_t k) {
+      return absl::StrCat(k, k == 1 ? " rank" : " ranks");
+    };
+    reporter.Line(absl::StrCat(
+        "note: ", c.path, " was written on ", count(c.ranks),
+        " and this run has ", count(ranks), ": the losses match those of ",
+        count(c.ranks), " up to float32 rounding, not bit for bit",
+        dropout ? "; the dropout masks differ too (each rank draws those of "
+                  "its own tokens)"
+                : ""));
   }
   return absl::OkStatus();
 }
@@ -656,12 +849,23 @@ absl::Status ValidateTrainOptions(const TrainOptions& options) {
     return invalid("data context ", options.data.context,
                    " differs from the model context ", options.model.context);
   }
+  // The synthetic tasks check the rest of the data options; a query count
+  // beyond the context would only ask them to allocate that many answers.
+  if (options.data.task != TaskType::kText &&
+      options.data.queries > options.data.context) {
+    return invalid("queries ", options.data.queries, " (expected 1..context ",
+                   options.data.context, ": each answer is a token)");
+  }
   if (options.steps < 1)
     return invalid("steps ", options.steps, " (expected >= 1)");
   if (options.batch < 1)
     return invalid("batch ", options.batch, " (expected >= 1)");
   if (options.warmup < 0) {
     return invalid("warmup ", options.warmup, " (expected >= 0 steps)");
+  }
+  // Checked here too to name the option (the schedule calls it max_lr).
+  if (!(options.lr > 0 && std::isfinite(options.lr))) {
+    return invalid("lr ", options.lr, " (expected a finite number > 0)");
   }
   LC_RETURN_IF_ERROR(ValidateLrSchedule(
       {options.lr, options.min_lr, options.warmup, options.steps}));
@@ -673,8 +877,15 @@ absl::Status ValidateTrainOptions(const TrainOptions& options) {
     return invalid("checkpoint_every ", options.checkpoint_every,
                    " (expected >= 0; 0 = only at the end)");
   }
-  if (options.resume && options.checkpoint_dir.empty()) {
+  if ((options.resume || !options.resume_from.empty()) &&
+      options.checkpoint_dir.empty()) {
     return invalid("resume needs a checkpoint directory (--checkpoint_dir)");
+  }
+  if (options.overwrite_checkpoints &&
+      (options.resume || !options.resume_from.empty())) {
+    return invalid(
+        "overwrite_checkpoints starts a new run: not with resume or "
+        "resume_from");
   }
   if (options.eval_every < 0) {
     return invalid("eval_every ", options.eval_every,
@@ -686,12 +897,36 @@ absl::Status ValidateTrainOptions(const TrainOptions& options) {
   if (options.log_every < 1) {
     return invalid("log_every ", options.log_every, " (expected >= 1)");
   }
-  if (options.threads < 0) {
-    return invalid("threads ", options.threads,
-                   " (expected >= 1, or 0 for the cores divided among ranks)");
+  const int64_t ranks = options.model.attention.ranks;
+  if (options.threads < 0 ||
+      (options.threads > 1 && options.threads > kMaxTrainThreads / ranks)) {
+    return invalid("threads ", options.threads, " with ", ranks,
+                   " rank(s) (expected 1..", kMaxTrainThreads / ranks,
+                   " per rank, at most ", kMaxTrainThreads,
+                   " in all, or 0 for the cores divided among ranks)");
   }
-  if (!std::isfinite(options.clip)) {
-    return invalid("clip ", options.clip, " (expected a finite number)");
+  if (!(options.clip >= 0 && std::isfinite(options.clip))) {
+    return invalid("clip ", options.clip,
+                   " (expected a finite number >= 0; 0 = no clipping)");
+  }
+  if (options.skip_nonfinite_steps < 0) {
+    return invalid("skip_nonfinite_steps ", options.skip_nonfinite_steps,
+                   " (expected >= 0; 0 = stop at the first non-finite step)");
+  }
+  LC_RETURN_IF_ERROR(ValidateAdamWOptions(options.adamw));
+  // The largest tensor of a step, the float32 logits [batch, context,
+  // vocab], must at least have a byte count (a larger one fails to allocate
+  // with an error); an overflowing product would wrap around instead.
+  int64_t logits_bytes = sizeof(float);
+  for (const int64_t factor :
+       {options.batch, options.model.context, options.model.vocab_size}) {
+    if (__builtin_mul_overflow(logits_bytes, factor, &logits_bytes)) {
+      return invalid("batch ", options.batch, " x context ",
+                     options.model.context, " x vocab ",
+                     options.model.vocab_size,
+                     ": a step's float32 logits would exceed 2^63 bytes "
+                     "(expected a smaller batch or context)");
+    }
   }
   return absl::OkStatus();
 }
@@ -735,18 +970,16 @@ absl::StatusOr<TrainResult> Train(const TrainOptions& options) {
   run.schedule = {options.lr, options.min_lr, options.warmup, options.steps};
   run.last_step = options.stop_after > 0 ? options.stop_after : options.steps;
 
-  // The checkpoint to resume from, read once here (every rank copies it).
-  std::optional<TrainingCheckpoint> checkpoint;
-  if (options.resume) {
-    LC_ASSIGN_OR_RETURN(run.checkpoint_path,
-                        LatestCheckpoint(options.checkpoint_dir));
-    LC_ASSIGN_OR_RETURN(
-        checkpoint,
-        LoadCheckpoint(run.checkpoint_path, run.fingerprint, run.config));
-    run.checkpoint = &*checkpoint;
-  }
-
   Reporter reporter(options, options.batch * options.model.context);
+  // The directory, held until the run ends, and the checkpoint to resume
+  // from, read once here (every rank copies it).
+  std::unique_ptr<CheckpointDirectory> directory;
+  std::optional<TrainingCheckpoint> checkpoint;
+  LC_RETURN_IF_ERROR(
+      PrepareCheckpoints(run, reporter, &directory, &checkpoint));
+  run.directory = directory.get();
+  if (checkpoint) run.checkpoint = &*checkpoint;
+
   LC_RETURN_IF_ERROR(reporter.Open());
   TrainResult result;
   run.reporter = &reporter;

@@ -41,6 +41,9 @@ struct StepRecord {
   double loss = 0;   // loss of the step's batch, before its update
   double lr = 0;
   double grad_norm = 0;  // before clipping
+  // The loss or the gradient norm was not finite: the step made no update
+  // (see OptimizerStep) and was counted against skip_nonfinite_steps.
+  bool skipped = false;
 };
 
 struct TrainOptions {
@@ -55,22 +58,37 @@ struct TrainOptions {
   double min_lr = 3e-4;
   int64_t warmup = 20;
   AdamWOptions adamw;
-  double clip = 1.0;  // max global gradient norm; <= 0: no clipping
+  double clip = 1.0;  // max global gradient norm; 0: no clipping
   uint64_t seed = 0;  // model initialization and dropout
   // OpenMP threads (Eigen's GEMMs) per rank; 0: the cores divided among the
   // ranks. One is the robust choice on a shared machine: OpenMP threads spin
   // at barriers, and when another process holds a core each parallel region
   // waits for a descheduled thread (measured on the 2-core machine while a
-  // compiler ran: 8.0k tokens/s with 2 threads, 27.5k with 1).
+  // compiler ran: 8.0k tokens/s with 2 threads, 27.5k with 1). Above 1,
+  // threads x ranks is at most kMaxTrainThreads.
   int threads = 1;
 
+  // A step whose loss or gradient norm is not finite (a diverging run) makes
+  // no update. With 0 it stops the run with an error (FailedPrecondition)
+  // naming the step; with N > 0 up to N such steps are skipped, counted and
+  // reported (progress line, metrics), and the run stops at the (N+1)-th.
+  // The count starts afresh when a run is resumed.
+  int64_t skip_nonfinite_steps = 0;
+
   // Checkpoints: every `checkpoint_every` steps (0: only at the end) and at
-  // the end, into `checkpoint_dir` (empty: none), keeping the newest 2.
+  // the end, into `checkpoint_dir` (empty: none), keeping the run's newest 2
+  // (see CheckpointDirectory). The run holds the directory, created and
+  // locked before the first step, until Train returns.
   std::string checkpoint_dir;
   int64_t checkpoint_every = 0;
   // Continue from the newest checkpoint of checkpoint_dir (an error when
-  // there is none).
+  // there is none), or from `resume_from` when set (a checkpoint of
+  // checkpoint_dir; implies resume).
   bool resume = false;
+  std::string resume_from;
+  // A new run in a checkpoint_dir holding checkpoints (of another run) is
+  // refused unless this is set: then it deletes them first.
+  bool overwrite_checkpoints = false;
   // Stop after this many steps have been done (< steps), as an interrupted
   // run would, writing a checkpoint there; 0: run to `steps`.
   int64_t stop_after = 0;
@@ -83,7 +101,13 @@ struct TrainOptions {
   // Progress: to `progress` (none when null), every step rewriting one line
   // with '\r' when `progress_in_place` (a terminal), else one line every
   // `log_every` steps. Metrics: one JSON object per line appended to
-  // `metrics_path` (empty: none) every `log_every` steps and per evaluation.
+  // `metrics_path` (empty: none) every `log_every` steps ("kind": "train")
+  // and per evaluation ("kind": "eval"); a number that is not finite is
+  // written as null (strict JSON has no NaN). A resumed run first drops the
+  // records of steps after its checkpoint's (the interrupted run wrote them;
+  // the file is rewritten through a temporary file and a rename) and appends
+  // {"kind": "resume", "step": S}, so each step appears once. A metrics write
+  // that fails stops the run with an error.
   std::ostream* progress = nullptr;
   bool progress_in_place = false;
   int64_t log_every = 10;
@@ -93,34 +117,53 @@ struct TrainOptions {
   std::function<void(const StepRecord&, const TransformerLM&)> on_step;
 };
 
-// What one optimizer step returns: the loss tensor (a scalar on the model's
-// device, not yet read: reading it may wait for the device) and the global
-// gradient norm before clipping.
+// What one optimizer step returns.
 struct StepOutput {
-  Tensor loss;
-  double grad_norm = 0;
+  Tensor loss;  // this rank's loss, a scalar on the model's device
+  // The loss read on the host and summed over the ranks of `comm` (the
+  // group's loss; this rank's without `comm`).
+  double group_loss = 0;
+  double grad_norm = 0;  // global, before clipping
+  // False when group_loss or grad_norm is not finite: then no weight or
+  // AdamW moment changed (only AdamW's step count t moved on, so a skipped
+  // step still counts as a step) and the gradients are zeroed. Every rank of
+  // `comm` takes the same decision.
+  bool applied = true;
 };
 
 // One optimizer step of one rank, the step Train runs: the model's loss on
 // its tokens and targets (the mean over `scored`, the scored targets of the
 // whole group), backward, the gradients summed over `comm` (null: one rank,
 // nothing exchanged), clipped to global norm `clip` (0: measured only), an
-// AdamW step at learning rate `lr`, the gradients zeroed. params are
+// AdamW step at learning rate `lr` unless the loss or the norm is not finite
+// (StepOutput::applied), the gradients zeroed. params are
 // model.Parameters(); sp is the model's sequence-parallel context (null on
-// one rank). On CUDA, reading the norm is the step's one wait for the device.
+// one rank). On CUDA, reading the norm is the step's one wait for the device
+// (the loss, computed before it, is read after it).
 absl::StatusOr<StepOutput> OptimizerStep(
     TransformerLM& model, AdamW& optimizer, const std::vector<Tensor>& params,
     const Tensor& tokens, const Tensor& targets, int64_t scored, double clip,
     double lr, Communicator* comm, const SequenceParallelContext* sp);
 
+// The most OpenMP threads of a run, over all ranks (TrainOptions::threads
+// times the rank count; one thread per rank creates none). libgomp creates a
+// team's threads when a parallel region starts and aborts or crashes the
+// process when it cannot (--threads=100000 did), and 1024 threads already
+// make a tiny step take seconds; threads beyond the cores only wait at
+// barriers, so the bound refuses nothing useful on today's machines.
+inline constexpr int64_t kMaxTrainThreads = 1024;
+
 // Checks the options (the model config through ValidateTransformerConfig,
-// the data options, the schedule, counts); errors name the value.
+// the data options, the schedule, AdamW's options, counts and their
+// products, which must fit in int64); errors name the value and what was
+// expected.
 absl::Status ValidateTrainOptions(const TrainOptions& options);
 
 // The description of everything a checkpoint's state depends on (model,
 // attention pattern, task, batch, optimizer and schedule settings, seed; not
 // the rank count, the step count or logging), whose fingerprint a checkpoint
-// must match to be resumed.
+// must match to be resumed: "key=value" words separated by spaces, so that a
+// mismatch can name the keys that differ.
 std::string DescribeTrainingConfig(const TrainOptions& options);
 
 // For synthetic tasks: the position stride and offset on which one head of
@@ -163,8 +206,16 @@ struct TrainResult {
 // Runs the training (resetting the peak of model.device's memory tracker at
 // the start). Checkpoints hold CPU copies of the state, with the same names
 // on every device: a run on one device can resume on another.
-// Errors: invalid options, a checkpoint that is missing, corrupt or from
-// another configuration, files that cannot be written, a rank that fails.
+// Errors: invalid options, a diverging run (FailedPrecondition naming the
+// step, its loss, gradient norm and learning rate; see
+// skip_nonfinite_steps), a checkpoint that is missing, corrupt or from
+// another configuration, a resume with other total steps (the schedule
+// depends on them), a checkpoint directory that cannot be written or that
+// another run holds, a new run in a directory with checkpoints (unless
+// overwrite_checkpoints), files that cannot be written, a rank that fails.
+// A resume on another rank count is allowed, with a progress line saying
+// that the losses then match the old rank count's only up to float32
+// rounding.
 absl::StatusOr<TrainResult> Train(const TrainOptions& options);
 
 }  // namespace lc

@@ -25,6 +25,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/tools/run_program.h"
+#include "tests/tools/train_cli_util.h"
 
 namespace lc {
 namespace {
@@ -33,146 +34,20 @@ namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-// The binary and the plot script, relative to the test's working directory
-// (the runfiles root).
-constexpr char kTrain[] = "train/train";
-constexpr char kPlot[] = "train/plot_metrics.py";
-// The interpreter of the plot script's "#!" line.
-constexpr char kPython[] = "/usr/bin/python3";
-
-// A model and task that train in well under a second: 2 layers of width 32
-// over 128 tokens, passkey retrieval aligned to the long dilated pattern.
-const std::vector<std::string> kTiny = {"--context=128",
-                                        "--d_model=32",
-                                        "--heads=2",
-                                        "--segment_lengths=32,128",
-                                        "--dilation_rates=1,4",
-                                        "--batch=2",
-                                        "--queries=8",
-                                        "--keys=8",
-                                        "--warmup=1",
-                                        "--eval_batches=1",
-                                        "--eval_every=0",
-                                        "--log_every=1",
-                                        "--checkpoint_every=2"};
-
-std::string FreshDir(const std::string& name) {
-  const std::string dir = absl::StrCat(::testing::TempDir(), "/", name);
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
 using Result = testing::ProgramResult;
+using testing::ExpectTrainError;
+using testing::FreshDir;
+using testing::Keys;
+using testing::kPlot;
+using testing::kPython;
+using testing::kTiny;
+using testing::kTrain;
+using testing::Number;
+using testing::ParseObject;
+using testing::ReadMetrics;
 using testing::RunProgram;
-
-Result RunTrain(const std::vector<std::string>& flags) {
-  std::vector<std::string> args = kTiny;
-  args.insert(args.end(), flags.begin(), flags.end());
-  return RunProgram(kTrain, args);
-}
-
-// The members of one JSON object (a JSONL line) as name -> the raw text of
-// the value; strings, nested arrays and objects are kept whole. Fails the
-// test and returns what it has on text that is not one object.
-std::map<std::string, std::string> ParseObject(const std::string& line) {
-  std::map<std::string, std::string> members;
-  const std::string text(absl::StripAsciiWhitespace(line));
-  if (text.size() < 2 || text.front() != '{' || text.back() != '}') {
-    ADD_FAILURE() << "not a JSON object: " << line;
-    return members;
-  }
-  size_t i = 1;
-  auto skip_space = [&] {
-    while (i < text.size() && absl::ascii_isspace(text[i])) ++i;
-  };
-  // The end of the value starting at i: a string, or anything up to the
-  // next ',' or '}' outside brackets and strings.
-  auto value_end = [&](size_t at) {
-    int depth = 0;
-    bool in_string = false;
-    for (size_t j = at; j < text.size(); ++j) {
-      const char c = text[j];
-      if (in_string) {
-        if (c == '\\') {
-          ++j;
-        } else if (c == '"') {
-          in_string = false;
-        }
-      } else if (c == '"') {
-        in_string = true;
-      } else if (c == '[' || c == '{') {
-        ++depth;
-      } else if (c == ']' || (c == '}' && depth > 0)) {
-        --depth;
-      } else if (depth == 0 && (c == ',' || c == '}')) {
-        return j;
-      }
-    }
-    return text.size();
-  };
-  while (true) {
-    skip_space();
-    if (i >= text.size() || text[i] != '"') break;
-    const size_t name_end = text.find('"', i + 1);
-    if (name_end == std::string::npos) break;
-    const std::string name = text.substr(i + 1, name_end - i - 1);
-    i = name_end + 1;
-    skip_space();
-    if (i >= text.size() || text[i] != ':') break;
-    ++i;
-    skip_space();
-    const size_t end = value_end(i);
-    if (end >= text.size()) break;
-    members[name] = std::string(
-        absl::StripTrailingAsciiWhitespace(text.substr(i, end - i)));
-    i = end + 1;
-    if (text[end] == '}') {
-      if (i != text.size()) ADD_FAILURE() << "text after the object: " << line;
-      return members;
-    }
-  }
-  ADD_FAILURE() << "malformed JSON object: " << line;
-  return members;
-}
-
-std::set<std::string> Keys(const std::map<std::string, std::string>& object) {
-  std::set<std::string> keys;
-  for (const auto& [name, value] : object) keys.insert(name);
-  return keys;
-}
-
-double Number(const std::map<std::string, std::string>& object,
-              const std::string& name) {
-  double value = 0;
-  EXPECT_TRUE(object.count(name) != 0 &&
-              absl::SimpleAtod(object.at(name), &value))
-      << name << " is not a number in the record";
-  return value;
-}
-
-std::vector<std::map<std::string, std::string>> ReadMetrics(
-    const std::string& path) {
-  std::ifstream file(path);
-  EXPECT_TRUE(file.good()) << "no metrics file " << path;
-  std::vector<std::map<std::string, std::string>> records;
-  for (std::string line; std::getline(file, line);) {
-    records.push_back(ParseObject(line));
-  }
-  return records;
-}
-
-// The training loss of each step in `records`, as written (9 digits).
-std::map<int64_t, std::string> TrainLosses(
-    const std::vector<std::map<std::string, std::string>>& records) {
-  std::map<int64_t, std::string> losses;
-  for (const auto& record : records) {
-    if (record.count("kind") != 0 && record.at("kind") == "\"train\"") {
-      losses[static_cast<int64_t>(Number(record, "step"))] = record.at("loss");
-    }
-  }
-  return losses;
-}
+using testing::RunTrain;
+using testing::TrainLosses;
 
 TEST(TrainCliTest, HelpListsTheFlagsWithDefaults) {
   const Result result = RunProgram(kTrain, {"--help"});
@@ -240,8 +115,9 @@ TEST(TrainCliTest, WritesTheDocumentedMetrics) {
   ASSERT_EQ(runs.stopped.exit_code, 0) << runs.stopped.output;
   ASSERT_EQ(runs.resumed.exit_code, 0) << runs.resumed.output;
   const auto records = ReadMetrics(runs.metrics);
-  // Appended by both runs: train 1, train 2, eval 2, train 3, train 4, eval 4.
-  ASSERT_EQ(records.size(), 6u);
+  // Appended by both runs: train 1, train 2, eval 2, then the resume's
+  // record, train 3, train 4, eval 4.
+  ASSERT_EQ(records.size(), 7u);
   const std::set<std::string> train_keys = {
       "kind",      "step",         "loss",      "lr",
       "grad_norm", "tokens_per_s", "elapsed_s", "peak_bytes"};
@@ -253,13 +129,19 @@ TEST(TrainCliTest, WritesTheDocumentedMetrics) {
                                            "answers",
                                            "accuracy_by_distance"};
   const std::vector<std::pair<std::string, int>> expected = {
-      {"train", 1}, {"train", 2}, {"eval", 2},
+      {"train", 1}, {"train", 2}, {"eval", 2}, {"resume", 2},
       {"train", 3}, {"train", 4}, {"eval", 4}};
   for (size_t i = 0; i < records.size(); ++i) {
     SCOPED_TRACE(absl::StrCat("record ", i));
     const auto& r = records[i];
     EXPECT_EQ(r.at("kind"), absl::StrCat("\"", expected[i].first, "\""));
     EXPECT_EQ(Number(r, "step"), expected[i].second);
+    if (expected[i].first == "resume") {
+      EXPECT_EQ(Keys(r),
+                (std::set<std::string>{"kind", "step", "dropped_records"}));
+      EXPECT_EQ(Number(r, "dropped_records"), 0);
+      continue;
+    }
     EXPECT_GT(Number(r, "loss"), 0);
     if (expected[i].first == "train") {
       EXPECT_EQ(Keys(r), train_keys);
@@ -376,44 +258,32 @@ TEST(TrainCliTest, PlotMetricsWritesAPng) {
   EXPECT_EQ(big_endian(20), 450u);
 }
 
-// Runs the binary with `flags` (after the tiny ones) and expects exit status
-// 1 and exactly one line of output containing every piece (the binary's own
-// errors start with "train: ", absl's flag parser writes "ERROR: ...").
-void ExpectTrainError(const std::vector<std::string>& flags,
-                      const std::vector<std::string>& pieces) {
-  SCOPED_TRACE(absl::StrJoin(flags, " "));
-  const Result result = RunTrain(flags);
-  EXPECT_EQ(result.exit_code, 1) << result.output;
-  ASSERT_FALSE(result.output.empty());
-  EXPECT_EQ(result.output.find('\n'), result.output.size() - 1)
-      << "expected exactly one line, got:\n"
-      << result.output;
-  for (const std::string& piece : pieces) {
-    EXPECT_THAT(result.output, HasSubstr(piece));
-  }
-}
-
 TEST(TrainCliTest, BadFlagValue) {
-  // Not a number: absl's parser says so.
-  ExpectTrainError({"--steps=many"}, {"'many'", "steps"});
+  {  // Not a number: absl's parser says so, in one line of its own.
+    const Result result = RunTrain({"--steps=many"});
+    EXPECT_EQ(result.exit_code, 1) << result.output;
+    EXPECT_EQ(result.output.find('\n'), result.output.size() - 1)
+        << result.output;
+    EXPECT_THAT(result.output, AllOf(HasSubstr("'many'"), HasSubstr("steps")));
+  }
   // A number the trainer refuses.
-  ExpectTrainError({"--steps=0"}, {"train: ", "steps 0", ">= 1"});
-  ExpectTrainError({"--d_model=30"}, {"train: ", "d_model 30"});
-  ExpectTrainError({"--attention=dilated", "--ranks=2"},
+  ExpectTrainError(RunTrain({"--steps=0"}), {"train: ", "steps 0", ">= 1"});
+  ExpectTrainError(RunTrain({"--d_model=30"}), {"train: ", "d_model 30"});
+  ExpectTrainError(RunTrain({"--attention=dilated", "--ranks=2"}),
                    {"train: ", "ranks 2", "attention type dilated"});
-  ExpectTrainError({"--norm=batchnorm"},
+  ExpectTrainError(RunTrain({"--norm=batchnorm"}),
                    {"train: ", "--norm=batchnorm", "layernorm or rmsnorm"});
 }
 
 TEST(TrainCliTest, StrayArgument) {
-  ExpectTrainError({"--steps=2", "stray"},
+  ExpectTrainError(RunTrain({"--steps=2", "stray"}),
                    {"train: ", "unexpected argument \"stray\""});
 }
 
 TEST(TrainCliTest, MissingDataFile) {
   const std::string missing =
       absl::StrCat(::testing::TempDir(), "/no_such_corpus.txt");
-  ExpectTrainError({"--steps=2", "--task=text", "--data=" + missing},
+  ExpectTrainError(RunTrain({"--steps=2", "--task=text", "--data=" + missing}),
                    {"train: ", missing});
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -334,7 +335,18 @@ TEST(TrainerTest, BadInputGivesClearErrors) {
               AllOf(HasSubstr("ranks 2"), HasSubstr("attention type dilated"),
                     HasSubstr("ring_dilated")));
 
-  // Resume: no checkpoint; another configuration; a truncated newest file.
+  // Resume: without a directory; with overwrite_checkpoints (which starts a
+  // new run); no checkpoint; another configuration; a truncated newest file.
+  o = TinyOptions();
+  o.resume_from = "step_2.safetensors";
+  status = Train(o).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("--checkpoint_dir"));
+  o.checkpoint_dir = FreshDir("bad_resume");
+  o.overwrite_checkpoints = true;
+  status = Train(o).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(status.message(), HasSubstr("overwrite_checkpoints"));
   o = TinyOptions();
   o.steps = 2;
   o.checkpoint_dir = FreshDir("bad_resume");
@@ -351,18 +363,252 @@ TEST(TrainerTest, BadInputGivesClearErrors) {
   status = Train(other).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(status.message(),
-              AllOf(HasSubstr("another configuration"), HasSubstr("d_model=16"),
-                    HasSubstr("d_model=32")));
+              AllOf(HasSubstr("another configuration"),
+                    HasSubstr("d_model: checkpoint 32, this run 16")));
   const std::string newest = CheckpointPath(o.checkpoint_dir, 2);
   fs::resize_file(newest, fs::file_size(newest) / 2);
   o.resume = true;
-  o.steps = 3;
   status = Train(o).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(
       status.message(),
       AllOf(HasSubstr(newest), HasSubstr(CheckpointPath(o.checkpoint_dir, 1))));
   EXPECT_TRUE(fs::exists(CheckpointPath(o.checkpoint_dir, 1)));
+}
+
+// A run's total steps set its learning-rate schedule: resuming with others is
+// refused, naming both.
+TEST(TrainerTest, ResumeWithOtherTotalStepsIsRefused) {
+  TrainOptions o = TinyOptions();
+  o.steps = 4;
+  o.stop_after = 2;
+  o.checkpoint_dir = FreshDir("other_steps");
+  ASSERT_TRUE(Train(o).ok());
+  o.stop_after = 0;
+  o.resume = true;
+  for (int64_t steps : {3, 6}) {
+    o.steps = steps;
+    const absl::Status status = Train(o).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(status.message(),
+                AllOf(HasSubstr(absl::StrCat("--steps=", steps)),
+                      HasSubstr("the 4 steps"), HasSubstr("--steps=4")));
+  }
+}
+
+// The checkpoint does not depend on the rank count: a 2-rank run continues
+// on one rank, saying that the losses now match only up to rounding.
+TEST(TrainerTest, ResumeOnAnotherRankCountIsExplained) {
+  TrainOptions o = TinyOptions(/*ranks=*/2);
+  o.steps = 4;
+  absl::StatusOr<TrainResult> reference = Train(o);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  o.stop_after = 2;
+  o.checkpoint_dir = FreshDir("other_ranks");
+  ASSERT_TRUE(Train(o).ok());
+
+  TrainOptions one_rank = TinyOptions(/*ranks=*/1);
+  one_rank.steps = 4;
+  one_rank.checkpoint_dir = o.checkpoint_dir;
+  one_rank.resume = true;
+  std::ostringstream progress;
+  one_rank.progress = &progress;
+  absl::StatusOr<TrainResult> resumed = Train(one_rank);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_THAT(progress.str(),
+              HasSubstr("was written on 2 ranks and this run has 1 rank: the "
+                        "losses match those of 2 ranks up to float32 "
+                        "rounding"));
+  ASSERT_EQ(resumed->steps.size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_NEAR(resumed->steps[i].loss, reference->steps[2 + i].loss, 1e-5)
+        << i;
+  }
+}
+
+// Every line of a metrics file.
+std::vector<std::string> MetricsLines(const std::string& path) {
+  std::ifstream file(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(file, line);) lines.push_back(line);
+  return lines;
+}
+
+// The tiny run at a learning rate of 1e10 (warmup 2: 5e9 for step 1):
+// step 1 is finite and throws the weights to ~1e9, so from step 2 on the
+// attention scores overflow float32 and every loss and norm is NaN.
+TrainOptions DivergingOptions(int64_t ranks, const std::string& name) {
+  TrainOptions o = TinyOptions(ranks);
+  o.steps = 4;
+  o.lr = 1e10;
+  o.log_every = 1;
+  o.checkpoint_every = 1;
+  o.checkpoint_dir = FreshDir(name);
+  o.metrics_path = absl::StrCat(o.checkpoint_dir, ".jsonl");
+  fs::remove(o.metrics_path);
+  return o;
+}
+
+// A non-finite step stops the run before its update: no checkpoint of it,
+// the previous one kept, on one rank and on two (where every rank must stop
+// at the same step rather than wait for the other).
+TEST(TrainerTest, DivergingRunStopsBeforeTheStepsUpdate) {
+  for (int64_t ranks : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat(ranks, " ranks"));
+    TrainOptions o = DivergingOptions(ranks, absl::StrCat("diverge_", ranks));
+    std::vector<StepRecord> steps;
+    Weights last;
+    o.on_step = [&](const StepRecord& r, const TransformerLM& m) {
+      steps.push_back(r);
+      last = Snapshot(m);
+    };
+    const absl::Status status = Train(o).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(status.message(),
+                AllOf(HasSubstr("training diverged at step 2: loss nan"),
+                      HasSubstr("learning rate 1e+10"), HasSubstr("--lr"),
+                      HasSubstr("--skip_nonfinite_steps=N")));
+    EXPECT_EQ(status.message().find('\n'), absl::string_view::npos);
+    ASSERT_EQ(steps.size(), 1u);
+    EXPECT_TRUE(std::isfinite(steps[0].loss));
+    for (const auto& [name, values] : last) {
+      for (double v : values) ASSERT_TRUE(std::isfinite(v)) << name;
+    }
+    EXPECT_TRUE(fs::exists(CheckpointPath(o.checkpoint_dir, 1)));
+    EXPECT_FALSE(fs::exists(CheckpointPath(o.checkpoint_dir, 2)));
+  }
+}
+
+// With skip_nonfinite_steps = N, non-finite steps make no update and are
+// counted; the metrics stay strict JSON (null, not NaN); the (N+1)-th stops.
+TEST(TrainerTest, SkipsUpToNNonFiniteSteps) {
+  TrainOptions o = DivergingOptions(1, "skip_nonfinite");
+  o.skip_nonfinite_steps = 3;
+  std::ostringstream lines;
+  o.progress = &lines;
+  std::map<int64_t, Weights> weights;
+  o.on_step = [&](const StepRecord& r, const TransformerLM& m) {
+    weights[r.step] = Snapshot(m);
+  };
+  absl::StatusOr<TrainResult> result = Train(o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->steps.size(), 4u);
+  EXPECT_FALSE(result->steps[0].skipped);
+  for (int i = 1; i < 4; ++i) {
+    EXPECT_TRUE(result->steps[i].skipped) << i;
+    EXPECT_TRUE(weights.at(i + 1) == weights.at(1)) << "step " << i + 1;
+  }
+  EXPECT_THAT(lines.str(), AllOf(HasSubstr("step 2/4 | loss nan"),
+                                 HasSubstr("| skipped 1 non-finite step\n"),
+                                 HasSubstr("| skipped 3 non-finite steps\n")));
+  const std::vector<std::string> records = MetricsLines(o.metrics_path);
+  ASSERT_EQ(records.size(), 5u);  // train 1-4, eval 4
+  EXPECT_THAT(records[0], AllOf(HasSubstr("\"step\": 1, \"loss\": 5."),
+                                HasSubstr("\"skipped_steps\": 0}")));
+  EXPECT_THAT(records[3], AllOf(HasSubstr("\"loss\": null"),
+                                HasSubstr("\"grad_norm\": null"),
+                                HasSubstr("\"skipped_steps\": 3}")));
+  EXPECT_THAT(records[4], AllOf(HasSubstr("\"kind\": \"eval\""),
+                                HasSubstr("\"loss\": null")));
+  for (const std::string& record : records) {
+    EXPECT_THAT(record, AllOf(::testing::Not(HasSubstr("NaN")),
+                              ::testing::Not(HasSubstr("Infinity"))));
+  }
+
+  o = DivergingOptions(1, "skip_nonfinite_stop");
+  o.skip_nonfinite_steps = 1;
+  const absl::Status status = Train(o).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(status.message(),
+              AllOf(HasSubstr("training diverged at step 3"),
+                    HasSubstr("2 such steps in this run, more than "
+                              "skip_nonfinite_steps 1")));
+  EXPECT_TRUE(fs::exists(CheckpointPath(o.checkpoint_dir, 2)));
+  EXPECT_FALSE(fs::exists(CheckpointPath(o.checkpoint_dir, 3)));
+}
+
+TEST(TrainerTest, RefusesNonFiniteAndOutOfRangeOptions) {
+  auto expect_invalid = [](const TrainOptions& o, const std::string& piece) {
+    const absl::Status status = Train(o).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << piece;
+    EXPECT_THAT(status.message(), HasSubstr(piece));
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  TrainOptions o = TinyOptions();
+  o.lr = inf;
+  expect_invalid(o, "lr inf (expected a finite number > 0)");
+  o = TinyOptions();
+  o.clip = -1;
+  expect_invalid(o, "clip -1 (expected a finite number >= 0");
+  o = TinyOptions();
+  o.adamw.weight_decay = inf;
+  expect_invalid(o, "weight_decay = inf (expected a finite number >= 0)");
+  o = TinyOptions();
+  o.adamw.eps = inf;
+  expect_invalid(o, "eps = inf");
+  o = TinyOptions();
+  o.threads = 600;
+  o.model.attention.ranks = 2;
+  expect_invalid(o, "threads 600 with 2 rank(s) (expected 1..512 per rank");
+  o = TinyOptions();
+  o.skip_nonfinite_steps = -1;
+  expect_invalid(o, "skip_nonfinite_steps -1");
+  o = TinyOptions();
+  o.batch = std::numeric_limits<int64_t>::max();
+  expect_invalid(o, "batch 9223372036854775807 x context 128");
+  LrSchedule schedule{inf, 0, 0, 1};
+  EXPECT_THAT(ValidateLrSchedule(schedule).message(), HasSubstr("inf"));
+}
+
+TEST(TrainerTest, MetricsWriteFailureStopsTheRun) {
+  TrainOptions o = TinyOptions();
+  o.steps = 2;
+  o.metrics_path = "/dev/full";
+  const absl::Status status = Train(o).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(status.message(),
+              AllOf(HasSubstr("cannot write the metrics file /dev/full"),
+                    HasSubstr("No space left on device")));
+}
+
+// A run interrupted after its checkpoint at step 2 had written the metrics
+// of steps 3 and 4 (and half a line): the resume drops those, says so with
+// a "resume" record, and then each step appears once.
+TEST(TrainerTest, ResumeDropsTheMetricsAfterTheCheckpoint) {
+  TrainOptions o = TinyOptions();
+  o.steps = 6;
+  o.stop_after = 4;
+  o.log_every = 1;
+  o.checkpoint_every = 2;
+  o.checkpoint_dir = FreshDir("resume_metrics");
+  o.metrics_path = absl::StrCat(o.checkpoint_dir, ".jsonl");
+  fs::remove(o.metrics_path);
+  ASSERT_TRUE(Train(o).ok());
+  fs::remove(CheckpointPath(o.checkpoint_dir, 4));  // as if killed before it
+  std::ofstream(o.metrics_path, std::ios::app) << "{\"kind\": \"train\", \"st";
+
+  o.stop_after = 0;
+  o.resume = true;
+  std::ostringstream lines;
+  o.progress = &lines;
+  ASSERT_TRUE(Train(o).ok());
+  EXPECT_THAT(lines.str(), HasSubstr("metrics: dropped 4 record(s) of steps "
+                                     "after 2"));
+  std::vector<std::string> kinds;
+  for (const std::string& record : MetricsLines(o.metrics_path)) {
+    const size_t kind = record.find("\"kind\": \"");
+    const size_t step = record.find("\"step\": ");
+    ASSERT_NE(kind, std::string::npos) << record;
+    ASSERT_NE(step, std::string::npos) << record;
+    kinds.push_back(absl::StrCat(
+        record.substr(kind + 9, record.find('"', kind + 9) - kind - 9), " ",
+        record.substr(step + 8, record.find_first_of(",}", step) - step - 8)));
+  }
+  EXPECT_EQ(kinds, (std::vector<std::string>{"train 1", "train 2", "resume 2",
+                                             "train 3", "train 4", "train 5",
+                                             "train 6", "eval 6"}));
+  EXPECT_THAT(MetricsLines(o.metrics_path)[2],
+              HasSubstr("\"dropped_records\": 4}"));
 }
 
 }  // namespace
