@@ -60,7 +60,9 @@ struct AttentionOptions {
 struct AttentionResult {
   Tensor out;  // [batch, n, heads, head_dim], the dtype of q
   Tensor lse;  // [batch, heads, n], float32 (float64 for float64 inputs);
-               // -inf where a query has no allowed key (its out row is 0)
+               // -inf where a query has no allowed key (its out row is 0),
+               // +inf where a score is +inf (+inf in q or k: its out row is
+               // NaN, as in a float64 softmax)
 };
 
 // Attention of q over k, v ([batch, n, heads, head_dim], one dtype: float32,

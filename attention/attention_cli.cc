@@ -264,6 +264,13 @@ absl::Status Run() {
   LC_ASSIGN_OR_RETURN(const auto inputs, ReadInputs(input_path));
   const Shape& shape = inputs.at("q").shape();
   const int64_t n = shape[1], heads = shape[2];
+  // A rank needs a token: more ranks would only hold empty chunks (and
+  // //train refuses them too).
+  if (config.ranks > n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--ranks=", config.ranks, " with ", n, " tokens in q of ", input_path,
+        " (expected at most one rank per token: --ranks <= ", n, ")"));
+  }
   LC_ASSIGN_OR_RETURN(const AttentionPattern pattern,
                       BuildAttentionPattern(config, heads, n));
   const bool backward = inputs.count("grad_out") != 0;

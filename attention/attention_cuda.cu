@@ -132,7 +132,9 @@ __device__ __forceinline__ A NegInf() {
 
 // The overflow-safe merge of a partial (o2, lse2) into (o1, lse1): o1 <-
 // replace ? o2 : o1 + weight * (o2 - o1), lse1 <- lse. lse1 = -inf marks an
-// empty accumulator (then o2 replaces it); lse2 is finite.
+// empty accumulator (then o2 replaces it); lse2 is not -inf. Equal sides
+// weigh one half each, which keeps two +inf sides (rows with a +inf score,
+// o NaN) at +inf, as partial_attention.cc's MergeAttentionRow does.
 template <typename A>
 struct Merge {
   A weight;
@@ -146,7 +148,7 @@ struct Merge {
 template <typename A>
 __device__ __forceinline__ Merge<A> MergeOf(A lse1, A lse2) {
   if (lse1 == NegInf<A>()) return {A(1), lse2, true};
-  const A diff = lse2 - lse1;
+  const A diff = lse2 == lse1 ? A(0) : lse2 - lse1;
   const A e = Exp(-Abs(diff));  // sigmoid and softplus without overflow
   const A weight = diff >= 0 ? A(1) / (A(1) + e) : e / (A(1) + e);
   return {weight, lse1 + (diff > 0 ? diff : A(0)) + Log1p(e), false};
@@ -654,8 +656,13 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (r >= qt.count || total[mi][half] == 0.f) continue;
       const int64_t row = qt.row + static_cast<int64_t>(r) * qt.row_step;
       const float inv = 1.f / total[mi][half];
+      // A +inf score makes total NaN (its p is NaN, so is o): lse is +inf,
+      // as on the CPU and in the float64 oracle.
+      const float row_max = m[mi][half];
       const Merge<float> merge = MergeOf(
-          old_lse[mi][half], (m[mi][half] + log2f(total[mi][half])) * kLn2);
+          old_lse[mi][half], row_max == INFINITY
+                                 ? INFINITY
+                                 : (row_max + log2f(total[mi][half])) * kLn2);
       OutT* out_row = out_head + row * q_pitch;
 #pragma unroll
       for (int di = 0; di < D / 8; ++di) {
@@ -1067,8 +1074,11 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
         LoadRow(v_head + key, d, vv);
         const A s = WarpDot(q, kv) * scale;
         const A m_new = s > m ? s : m;
-        const A correction = Exp(m - m_new);
-        A p = Exp(s - m_new);
+        // While every score so far is -inf (a -inf in q or k), 0 stands in
+        // for the max so that no -inf - -inf makes the row NaN.
+        const A base = m_new == NegInf<A>() ? A(0) : m_new;
+        const A correction = Exp(m - base);
+        A p = Exp(s - base);
         l = l * correction + p;
         if (a.dropout > 0) {
           p = DropoutKeeps(a, stream, t, u) ? p * keep_scale : A(0);
@@ -1080,7 +1090,9 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
     }
     if (l == 0) continue;  // no allowed key: the accumulators stay
     A* lse_at = lse_head + row;
-    const Merge<A> merge = MergeOf(kMerge ? *lse_at : NegInf<A>(), m + Log(l));
+    // A +inf score makes l NaN (and o): lse is +inf, as on the CPU.
+    const A lse = m == -NegInf<A>() ? m : m + Log(l);
+    const Merge<A> merge = MergeOf(kMerge ? *lse_at : NegInf<A>(), lse);
     __syncwarp();  // every lane has read the old lse
     O* out_row = out_head + row * q_pitch;
 #pragma unroll

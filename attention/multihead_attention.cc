@@ -1,6 +1,8 @@
 #include "attention/multihead_attention.h"
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
@@ -34,6 +36,15 @@ absl::Status ValidateMultiheadAttentionOptions(
     return absl::InvalidArgumentError(absl::StrCat(
         "embed_dim ", options.embed_dim, " and num_heads ", options.num_heads,
         " (expected both >= 1 and num_heads dividing embed_dim)"));
+  }
+  // The fused projection's weight has 3 embed_dim^2 elements, which must
+  // fit in int64 (any such weight is far past memory anyway).
+  if (options.embed_dim >
+      std::numeric_limits<int64_t>::max() / 3 / options.embed_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "embed_dim ", options.embed_dim,
+        " (expected 3 * embed_dim^2, the [3 * embed_dim, embed_dim] "
+        "projection's size, below 2^63)"));
   }
   if (!(options.init_gain > 0) || !std::isfinite(options.init_gain)) {
     return absl::InvalidArgumentError(absl::StrCat(

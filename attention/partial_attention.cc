@@ -237,13 +237,17 @@ void ApplyDropout(const RowSet<const T>& q, const RowSet<const T>& k,
 
 template <typename T>
 void MergeAttentionRow(T* o1, T* lse1, const T* o2, T lse2, int64_t d) {
-  if (std::isinf(lse2) && lse2 < 0) return;
-  if (std::isinf(*lse1) && *lse1 < 0) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  if (lse2 == neg_inf) return;
+  if (*lse1 == neg_inf) {
     for (int64_t c = 0; c < d; ++c) o1[c] = o2[c];
     *lse1 = lse2;
     return;
   }
-  const T diff = lse2 - *lse1;
+  // Equal sides weigh one half each; this also keeps two +inf sides (rows
+  // with a +inf score, whose o is NaN) at lse +inf, where +inf - +inf would
+  // make it NaN.
+  const T diff = lse2 == *lse1 ? T(0) : lse2 - *lse1;
   // sigmoid(diff) and softplus(diff) without overflow for any sign.
   const T e = std::exp(-std::abs(diff));
   const T w = diff >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
@@ -262,15 +266,20 @@ void PartialAttentionForward(const RowSet<const T>& q, const RowSet<const T>& k,
   if (!Scores(q, k, head_dim, scale, mask, s)) return;
   T* row_max = RowBuffer<T>(scratch, 0, q.count);
   T* row_sum = RowBuffer<T>(scratch, 1, q.count);
+  const T inf = std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < q.count; ++i) {
     auto row = s.row(i).array();
-    const T m = row.maxCoeff();
+    // A NaN score makes the row NaN, as in the float64 oracle (Eigen's
+    // default max may skip it).
+    const T m = row.template maxCoeff<Eigen::PropagateNaN>();
     row_max[i] = m;
-    if (std::isinf(m)) {  // no allowed key in this row
+    if (m == -inf) {  // no allowed key in this row
       row.setZero();
       row_sum[i] = 0;
       continue;
     }
+    // With m = +inf (a +inf in q or k), exp(s - m) is NaN for the +inf
+    // scores and 0 for the others: the row's out is NaN, as in the oracle.
     row_sum[i] = ExpShifted(s.data() + i * k.count, k.count, m);
   }
   if (mask.dropout > 0) ApplyDropout(q, k, mask, s);
@@ -279,9 +288,12 @@ void PartialAttentionForward(const RowSet<const T>& q, const RowSet<const T>& k,
   for (int64_t i = 0; i < q.count; ++i) {
     if (row_sum[i] == 0) continue;
     o.row(i) /= row_sum[i];
+    // The log of a +inf row's NaN sum would make its lse NaN: the oracle's
+    // logsumexp is +inf.
+    const T m = row_max[i];
     MergeAttentionRow(out + i * out_stride, lse + i * lse_stride,
                       o.data() + i * head_dim,
-                      row_max[i] + std::log(row_sum[i]), head_dim);
+                      m == inf ? m : m + std::log(row_sum[i]), head_dim);
   }
 }
 
@@ -299,7 +311,9 @@ void PartialAttentionBackward(
   for (int64_t i = 0; i < q.count; ++i) {
     const T l = lse[i * row_stat_stride];
     auto row = p.row(i).array();
-    if (std::isinf(l)) {
+    // Only -inf marks a row with no allowed key; a +inf lse (a +inf score)
+    // gives NaN probabilities, and so NaN gradients, as in the oracle.
+    if (l == -std::numeric_limits<T>::infinity()) {
       row.setZero();
     } else {
       ExpShifted(p.data() + i * k.count, k.count, l);

@@ -48,7 +48,8 @@ struct TileMask {
 // Merges the partial (o2, lse2) into (o1, lse1) for one query row of d
 // elements, giving their joint softmax: with w = sigmoid(lse2 - lse1),
 // o1 += w (o2 - o1) and lse1 += softplus(lse2 - lse1), computed so that no
-// exp overflows; lse = -inf marks an empty side (o = 0).
+// exp overflows; lse = -inf marks an empty side (o = 0), and a side with
+// lse = +inf (a +inf score: o NaN) makes the merge +inf with o NaN.
 template <typename T>
 void MergeAttentionRow(T* o1, T* lse1, const T* o2, T lse2, int64_t d);
 

@@ -10,6 +10,13 @@
 #include "core/random.h"
 
 namespace lc {
+namespace {
+
+// ceil(a / b) for a >= 0 and b >= 1, for any such values (a + b - 1
+// overflows for b near INT64_MAX).
+int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
+
+}  // namespace
 
 absl::StatusOr<HeadLayout> ParseHeadLayout(const std::string& name) {
   if (name == "head_groups") return HeadLayout::kHeadGroups;
@@ -69,6 +76,27 @@ absl::StatusOr<std::vector<std::vector<DilatedPattern>>> DilatedHeadPatterns(
 
 DilatedPattern DensePattern(int64_t n) {
   return DilatedPattern{n > 0 ? n : 1, 1, 0};
+}
+
+DilatedPattern DilatedPattern::Within(int64_t n) const {
+  if (segment_length < 1 || dilation_rate < 1 || offset < 0 ||
+      offset >= dilation_rate) {
+    return *this;
+  }
+  // Positions below n lie in segment 0 of any w >= n, with t mod w = t.
+  const int64_t w = std::min(segment_length, std::max<int64_t>(n, 1));
+  // t mod w < w: with r >= w, (t mod w) mod r = t mod w, which equals o for
+  // o < w only; r = w keeps that rule.
+  if (offset >= w) return DilatedPattern{w, w + 1, w};  // selects nothing
+  return DilatedPattern{w, std::min(dilation_rate, w), offset};
+}
+
+std::vector<std::vector<DilatedPattern>> PatternsWithin(
+    std::vector<std::vector<DilatedPattern>> head_patterns, int64_t n) {
+  for (std::vector<DilatedPattern>& patterns : head_patterns) {
+    for (DilatedPattern& p : patterns) p = p.Within(n);
+  }
+  return head_patterns;
 }
 
 BlockMask::BlockMask(
@@ -134,17 +162,25 @@ absl::StatusOr<SparsePattern> ParseSparsePattern(const std::string& name) {
 
 absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
                                         int64_t n) {
-  const int64_t bs = options.block_size;
-  if (bs < 1) {
+  if (options.block_size < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("block_size ", bs, " (expected >= 1)"));
+        absl::StrCat("block_size ", options.block_size, " (expected >= 1)"));
   }
   if (n < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("sequence length ", n, " (expected >= 1)"));
   }
-  const int64_t blocks = (n + bs - 1) / bs;
-  const int64_t window_blocks = (options.window + bs - 1) / bs;
+  // A block longer than the sequence is all of it: the one block pair is
+  // the diagonal, which every rule turns on, and block_size <= n keeps the
+  // block arithmetic of every user of the mask below 2n.
+  const int64_t bs = std::min(options.block_size, n);
+  const int64_t blocks = CeilDiv(n, bs);
+  if (blocks > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block_size ", bs, " cuts sequence length ", n, " into ", blocks,
+        " blocks (expected at most ", std::numeric_limits<int32_t>::max(),
+        ": a larger block_size)"));
+  }
   switch (options.pattern) {
     case SparsePattern::kLocalWindow:
     case SparsePattern::kGlobalLocal: {
@@ -152,13 +188,17 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
         return absl::InvalidArgumentError(
             absl::StrCat("window ", options.window, " (expected >= 0)"));
       }
+      // A window of blocks or more reaches every block (and q +
+      // window_blocks + 1 stays below 2 blocks).
+      const int64_t window_blocks =
+          std::min(CeilDiv(options.window, bs), blocks);
       int64_t global_blocks = 0;
       if (options.pattern == SparsePattern::kGlobalLocal) {
         if (options.global_tokens < 0) {
           return absl::InvalidArgumentError(absl::StrCat(
               "global_tokens ", options.global_tokens, " (expected >= 0)"));
         }
-        global_blocks = std::min((options.global_tokens + bs - 1) / bs, blocks);
+        global_blocks = std::min(CeilDiv(options.global_tokens, bs), blocks);
       }
       // Pair (q, k) is on when |q - k| <= window_blocks, q < global_blocks
       // or k < global_blocks: the global keys, then the window past them.
@@ -176,17 +216,21 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
         }
       });
     }
-    case SparsePattern::kDilatedSparse:
+    case SparsePattern::kDilatedSparse: {
       if (options.stride < 1) {
         return absl::InvalidArgumentError(
             absl::StrCat("stride ", options.stride, " (expected >= 1)"));
       }
-      // |q - k| % stride == 0: every stride-th block from q % stride.
+      // |q - k| % stride == 0: every stride-th block from q % stride. A
+      // stride of blocks or more leaves the diagonal alone (and k + stride
+      // stays below 2 blocks).
+      const int64_t stride = std::min(options.stride, blocks);
       return BlockMask(bs, blocks, [&](int64_t q, std::vector<int32_t>* keys) {
-        for (int64_t k = q % options.stride; k < blocks; k += options.stride) {
+        for (int64_t k = q % stride; k < blocks; k += stride) {
           keys->push_back(static_cast<int32_t>(k));
         }
       });
+    }
     case SparsePattern::kRandom:
       if (!(options.density >= 0 && options.density <= 1)) {
         return absl::InvalidArgumentError(
@@ -202,7 +246,8 @@ absl::StatusOr<BlockMask> MakeBlockMask(const BlockSparseOptions& options,
         return absl::InvalidArgumentError(absl::StrCat(
             "explicit block mask has ", options.explicit_mask.size(),
             " entries (expected ", blocks, " x ", blocks, " = ",
-            blocks * blocks, " for n = ", n, " and block_size ", bs, ")"));
+            blocks * blocks, " for n = ", n, " and block_size ",
+            options.block_size, ")"));
       }
       return BlockMask::FromPairs(bs, blocks, [&](int64_t q, int64_t k) {
         return options.explicit_mask[q * blocks + k] != 0;

@@ -35,6 +35,14 @@ struct DilatedPattern {
   bool Allows(int64_t t, int64_t u) const {
     return Selects(t) && Selects(u) && t / segment_length == u / segment_length;
   }
+  // The pattern that allows the same pairs among positions 0..n-1 with
+  // w <= n and r <= w + 1: a segment longer than n is all of it, and a rate
+  // above w selects t mod w == o alone (nothing when o >= w). Any w, r and o
+  // a user gives may be near INT64_MAX; this form keeps every position the
+  // kernels compute from them (o + j r, s w + w, (x + r - 1) / r) below 2n.
+  // A pattern that is not valid (w < 1, r < 1, o outside [0, r)) is
+  // returned as is, for its user's check to name.
+  DilatedPattern Within(int64_t n) const;
 };
 
 enum class HeadLayout {
@@ -61,6 +69,10 @@ absl::StatusOr<std::vector<std::vector<DilatedPattern>>> DilatedHeadPatterns(
 
 // The single pattern every head has in dense attention over n tokens.
 DilatedPattern DensePattern(int64_t n);
+
+// head_patterns with every pattern replaced by its Within(n) form.
+std::vector<std::vector<DilatedPattern>> PatternsWithin(
+    std::vector<std::vector<DilatedPattern>> head_patterns, int64_t n);
 
 // On/off for each (query block, key block) pair of a sequence cut into
 // blocks of block_size tokens (the last block may be short), held as the
@@ -134,7 +146,10 @@ struct BlockSparseOptions {
 
 // The block mask for a sequence of n tokens. Every generated pattern keeps
 // the diagonal (a query block always sees its own block); an explicit mask
-// is used as given. Rules in tokens are
+// is used as given. A block_size above n gives one block of n tokens
+// (block_size() is then n); a sequence of more than 2^31 - 1 blocks is an
+// error. Window, stride and global_tokens may take any value >= their
+// minimum (beyond the sequence they change nothing). Rules in tokens are
 // rounded out to whole blocks: local_window turns key block kb on when
 // |qb - kb| <= ceil(window / block_size); dilated_sparse when
 // |qb - kb| mod stride == 0; global_local when qb or kb holds one of the first

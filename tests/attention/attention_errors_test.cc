@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "attention/attention.h"
 #include "attention/attention_config.h"
+#include "attention/multihead_attention.h"
 #include "attention/pattern.h"
 #include "attention/tile_plan.h"
 #include "gmock/gmock.h"
@@ -206,6 +207,27 @@ TEST(AttentionErrorsTest, MakeBlockMaskRejectsBadOptions) {
   ExpectInvalid(
       MakeBlockMask(options, 60),
       {"explicit block mask has 9 entries", "expected 8 x 8 = 64", "n = 60"});
+}
+
+// A sequence of more blocks than a block index (int32) holds is an error
+// naming the block size, not an abort in BlockMask's internal check.
+TEST(AttentionErrorsTest, MakeBlockMaskRejectsMoreThanInt32MaxBlocks) {
+  BlockSparseOptions options;
+  options.block_size = 1;
+  ExpectInvalid(MakeBlockMask(options, int64_t{1} << 31),
+                {"block_size 1", "2147483648 blocks", "at most 2147483647"});
+}
+
+// An embed_dim whose [3 * embed_dim, embed_dim] projection has more than
+// 2^63 elements is refused by name (its size once overflowed int64).
+TEST(AttentionErrorsTest, MultiheadRejectsEmbedDimWhoseProjectionOverflows) {
+  MultiheadAttentionOptions options;
+  options.num_heads = 1;
+  options.embed_dim = int64_t{1} << 32;
+  const absl::Status status = ValidateMultiheadAttentionOptions(options);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(status.message()),
+              HasSubstr("embed_dim 4294967296 (expected 3 * embed_dim^2"));
 }
 
 TEST(AttentionErrorsTest, ParsersNameTheChoices) {

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <set>
 #include <string>
 #include <tuple>
@@ -890,6 +891,28 @@ TEST(MergeAttentionRowTest, EmptySidesMergeExactly) {
   }
 }
 
+// A side with lse +inf (a row with a +inf score: out NaN) keeps the merge
+// at lse +inf with out NaN whatever the other side is, as the float64
+// oracle's logsumexp over the union; two +inf sides once gave lse NaN
+// (+inf - +inf).
+TEST(MergeAttentionRowTest, PlusInfSidesStayPlusInf) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<float> finite = {1.5f, -2.0f, 0.25f};
+  const std::vector<float> nans = {nan, nan, nan};
+  for (auto [lse1, lse2] :
+       {std::pair<float, float>{inf, inf}, {inf, 3}, {3, inf}, {-inf, inf}}) {
+    SCOPED_TRACE(absl::StrCat("lse1 ", lse1, " lse2 ", lse2));
+    std::vector<float> out = lse1 == inf ? nans : finite;
+    if (lse1 == -inf) out = {0, 0, 0};
+    float lse = lse1;
+    MergeAttentionRow<float>(
+        out.data(), &lse, lse2 == inf ? nans.data() : finite.data(), lse2, 3);
+    EXPECT_EQ(lse, inf);
+    for (float x : out) EXPECT_TRUE(std::isnan(x)) << x;
+  }
+}
+
 // float32 attention with scores of size ~500 (q, k ~ N(0, 500), so
 // s = q.k / sqrt(d) has standard deviation 500 and e^s overflows float32 by
 // far): out, lse and every gradient are finite and match the float64 torch
@@ -950,6 +973,198 @@ TEST(AttentionTest, Float32WithScoresNear500MatchesFloat64) {
                    names[i]);
   }
   ExpectAllClose(r.lse, want.outputs[1], Tolerance{0, 1e-3}, "lse");
+}
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+// DilatedPattern::Within(n) allows exactly the pattern's pairs among
+// positions below n, for segments and rates above n up to INT64_MAX, with w
+// <= n and r <= n + 1 (so the kernels' position arithmetic cannot
+// overflow).
+TEST(DilatedHeadPatternsTest, WithinKeepsThePairsBelowN) {
+  const int64_t n = 13;
+  for (int64_t w : {int64_t{1}, int64_t{5}, n, n + 1, kInt64Max}) {
+    for (int64_t r :
+         {int64_t{1}, int64_t{3}, int64_t{5}, int64_t{6}, n + 1, kInt64Max}) {
+      for (int64_t o :
+           {int64_t{0}, int64_t{2}, int64_t{4}, int64_t{5}, n, kInt64Max - 1}) {
+        if (o >= r) continue;
+        const DilatedPattern p{w, r, o};
+        const DilatedPattern within = p.Within(n);
+        SCOPED_TRACE(absl::StrCat("w ", w, " r ", r, " o ", o));
+        EXPECT_LE(within.segment_length, n);
+        EXPECT_LE(within.dilation_rate, n + 1);
+        EXPECT_TRUE(within.offset >= 0 && within.offset < within.dilation_rate);
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t u = 0; u < n; ++u) {
+            ASSERT_EQ(within.Allows(t, u), p.Allows(t, u))
+                << "t " << t << " u " << u;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Segment lengths and dilation rates up to INT64_MAX are valid (SPEC
+// section 2: w, r >= 1, offsets g mod r or j mod r): a rate above w selects
+// t mod w == o alone, a segment above n is the whole sequence. Forward and
+// gradients match the oracle, with small tiles (the kernels once overflowed
+// on (x + r - 1) / r and gave every row lse -inf).
+TEST(AttentionTest, SegmentLengthsAndRatesNearInt64MaxMatchTorch) {
+  Generator gen = TestGenerator();
+  for (HeadLayout layout : {HeadLayout::kHeadGroups, HeadLayout::kAllHeads}) {
+    for (bool causal : {false, true}) {
+      AttentionCase c =
+          Case(layout == HeadLayout::kHeadGroups ? "head_groups" : "all_heads",
+               21, 4,
+               DilatedSpec({kInt64Max, 6, kInt64Max}, {kInt64Max, kInt64Max, 2},
+                           layout));
+      c.options.causal = causal;
+      c.options.query_tile = 3;
+      c.options.key_tile = 4;
+      ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
+    }
+  }
+}
+
+// A block_size above n is one block of n tokens, whatever the pattern (the
+// block count once overflowed to a [0, 0] mask, every row empty); a
+// window, stride or global_tokens near INT64_MAX reaches every block (they
+// once overflowed to an empty window or key blocks past the end).
+TEST(BlockMaskTest, ValuesNearInt64MaxMatchTheSpecTranscription) {
+  const int64_t n = 45;
+  for (SparsePattern pattern :
+       {SparsePattern::kLocalWindow, SparsePattern::kGlobalLocal,
+        SparsePattern::kDilatedSparse, SparsePattern::kRandom}) {
+    SCOPED_TRACE(static_cast<int>(pattern));
+    absl::StatusOr<BlockMask> one =
+        MakeBlockMask(Sparse(pattern, kInt64Max), n);
+    ASSERT_TRUE(one.ok()) << one.status();
+    EXPECT_EQ(one->block_size(), n);
+    EXPECT_EQ(one->ToDense(), std::vector<uint8_t>{1});
+    BlockSparseOptions o = Sparse(pattern, 4);
+    o.window = kInt64Max;
+    o.stride = kInt64Max;
+    o.global_tokens = kInt64Max;
+    absl::StatusOr<BlockMask> mask = MakeBlockMask(o, n);
+    ASSERT_TRUE(mask.ok()) << mask.status();
+    EXPECT_EQ(mask->ToDense(), testing::SpecBlockMask(o, n));
+  }
+}
+
+// Attention under those masks matches the oracle: a block above n as the
+// one block of n tokens, and a window or stride near INT64_MAX as written.
+TEST(AttentionTest, BlockSparseValuesNearInt64MaxMatchTorch) {
+  Generator gen = TestGenerator();
+  const int64_t n = 45;
+  AttentionCase one_block =
+      Case("block_size INT64_MAX", n, 2,
+           BlockSparseSpec(Sparse(SparsePattern::kLocalWindow, n)));
+  one_block.pattern.block_mask = std::make_shared<const BlockMask>(
+      *MakeBlockMask(Sparse(SparsePattern::kLocalWindow, kInt64Max), n));
+  BlockSparseOptions window = Sparse(SparsePattern::kLocalWindow, 8);
+  window.window = kInt64Max;
+  BlockSparseOptions stride = Sparse(SparsePattern::kDilatedSparse, 8);
+  stride.stride = kInt64Max;
+  for (AttentionCase c :
+       {one_block, Case("window INT64_MAX", n, 2, BlockSparseSpec(window)),
+        Case("stride INT64_MAX", n, 2, BlockSparseSpec(stride))}) {
+    for (bool causal : {false, true}) {
+      c.options.causal = causal;
+      ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
+    }
+  }
+}
+
+// q, k, v of c in `dtype` with column 0 of q and k positive, then +inf in
+// column 0 of key u of batch 0 and of query t of batch 1: the scores of
+// batch 0's pairs (., u) and batch 1's pairs (t, .) are +inf where allowed,
+// and none is NaN (+inf times a positive number).
+Qkv InputsWithInf(const AttentionCase& c, DType dtype, int64_t u, int64_t t,
+                  Generator& gen) {
+  Qkv in = RandomQkv(c, DType::kFloat64, gen);
+  auto edit = [&](Tensor* x, int64_t batch, int64_t position) {
+    std::vector<double> d = x->ToVector();
+    for (size_t i = 0; i < d.size(); i += c.head_dim) d[i] = std::abs(d[i]);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      d[((batch * c.n + position) * c.heads + h) * c.head_dim] =
+          std::numeric_limits<double>::infinity();
+    }
+    *x = FromVector(d, x->shape(), dtype);
+  };
+  edit(&in.k, 0, u);
+  edit(&in.q, 1, t);
+  in.v = in.v.to(dtype);
+  return in;
+}
+
+// actual against the float64 oracle's `expected` where either may be
+// non-finite: NaN exactly where expected is NaN, the same infinity where it
+// is infinite, within `tol` elsewhere. Counts NaN and -inf entries.
+void ExpectSameNonFinite(const Tensor& actual, const Tensor& expected,
+                         Tolerance tol, const std::string& what, int64_t* nans,
+                         int64_t* neg_infs) {
+  ASSERT_EQ(actual.shape(), expected.shape()) << what;
+  const std::vector<double> a = actual.ToVector(), e = expected.ToVector();
+  for (size_t i = 0; i < e.size(); ++i) {
+    if (std::isnan(e[i])) {
+      EXPECT_TRUE(std::isnan(a[i])) << what << " at " << i << ": " << a[i];
+      ++*nans;
+    } else if (std::isinf(e[i])) {
+      EXPECT_EQ(a[i], e[i]) << what << " at " << i;
+      *neg_infs += e[i] < 0;
+    } else {
+      EXPECT_NEAR(a[i], e[i], tol.atol + tol.rtol * std::abs(e[i]))
+          << what << " at " << i;
+    }
+  }
+}
+
+// A +inf in k or q gives a +inf score; the float64 oracle then gives the
+// row lse +inf and out NaN (exp(inf - inf)), and so must we, on rows split
+// over several tiles (the max +inf once read as "no allowed key": out 0,
+// lse -inf). Rows the pattern leaves without keys still get out 0 and lse
+// -inf, even with +inf in their q.
+TEST(AttentionTest, InfInQOrKGivesTheOraclesNaNRows) {
+  Generator gen = TestGenerator();
+  const int64_t n = 24;
+  BlockSparseOptions explicit_mask = Sparse(SparsePattern::kExplicit, 8);
+  explicit_mask.explicit_mask = RandomExplicitMask(3, gen);
+  std::vector<AttentionCase> cases = {
+      Case("dense", n, 2, DenseSpec()),
+      Case("head_groups w{8,16} r{1,2}", n, 4,
+           DilatedSpec({8, 16}, {1, 2}, HeadLayout::kHeadGroups)),
+      Case("explicit block mask", n, 2, BlockSparseSpec(explicit_mask))};
+  for (AttentionCase& c : cases) {
+    for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
+      for (bool causal : {false, true}) {
+        SCOPED_TRACE(c.name + " " + DTypeName(dtype) +
+                     (causal ? " causal" : ""));
+        c.options.causal = causal;
+        c.options.query_tile = 5;
+        c.options.key_tile = 7;
+        const Qkv in = InputsWithInf(c, dtype, /*u=*/5, /*t=*/2, gen);
+        const AttentionResult r =
+            Attention(in.q, in.k, in.v, c.pattern, c.options);
+        const testing::OracleWeights w = testing::WeightsFor(c, gen);
+        testing::OracleAttrs attrs;
+        attrs.numbers["scale"] = 1 / std::sqrt(static_cast<double>(c.head_dim));
+        const testing::OracleResult want = testing::RunTorchOp(
+            "masked_attention", {in.q, in.k, in.v, w.counts, w.keep}, attrs);
+        const Tolerance tol = DefaultTolerance(dtype);
+        int64_t nans = 0, neg_infs = 0;
+        ExpectSameNonFinite(r.out, want.outputs[0], tol, "out", &nans,
+                            &neg_infs);
+        EXPECT_GT(nans, 0) << "no row reached a +inf score";
+        nans = 0;
+        ExpectSameNonFinite(r.lse, want.outputs[1], tol, "lse", &nans,
+                            &neg_infs);
+        EXPECT_EQ(nans, 0) << "a +inf score gives lse +inf, not NaN";
+        if (c.name != "dense") EXPECT_GT(neg_infs, 0) << "no empty row";
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -4,10 +4,15 @@
 // bad flags, files and tensors, each of which must exit non-zero with one
 // line naming the problem.
 
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <string>
 #include <utility>
@@ -583,6 +588,76 @@ TEST(AttentionCliTest, BadNumbersInFlags) {
   ExpectCliError({input, "--scale=inf"}, {"--scale=inf", "finite"});
 }
 
+// Values near INT64_MAX that SPEC section 2 allows give the answer of their
+// small equivalents over n = 40 tokens: --block_size above n is one block
+// of n tokens, a dilation rate above its segment selects t mod w == o
+// alone, a segment above n is the whole sequence, on one rank and on a
+// ring. (The CLI wrote a [0, 0] mask and all-zero output for the block
+// size, and lse -inf everywhere for the rate, with exit 0.)
+TEST(AttentionCliTest, Int64MaxBlockSizeAndRatesGiveTheirEquivalentsAnswer) {
+  const std::string max = "9223372036854775807";
+  const auto inputs = RandomInputs(DType::kFloat32);
+  const Tolerance tol = DefaultTolerance(DType::kFloat32);
+  AttentionConfig one_block;
+  one_block.type = AttentionType::kBlockSparse;
+  one_block.block_sparse.block_size = kShape[1];
+  const auto blocks = RunOnInputs(
+      "max_block", inputs, {"--pattern=block_sparse", "--block_size=" + max});
+  ExpectOutputsMatch(blocks,
+                     ExpectedOutputs(one_block, inputs, DType::kFloat32), tol);
+  ExpectBlockMask(blocks, one_block);
+
+  // Groups (w, r, o) = (max, max, 0) and (6, max, 1) are (40, 40, 0) and
+  // (6, 6, 1) over 40 tokens.
+  AttentionConfig rates;
+  rates.type = AttentionType::kDilated;
+  rates.dilated.segment_lengths = {kShape[1], 6};
+  rates.dilated.dilation_rates = {kShape[1], 6};
+  const auto expected = ExpectedOutputs(rates, inputs, DType::kFloat32);
+  for (const char* ranks : {"1", "2"}) {
+    SCOPED_TRACE(absl::StrCat(ranks, " ranks"));
+    ExpectOutputsMatch(
+        RunOnInputs(absl::StrCat("max_rate_", ranks), inputs,
+                    {"--pattern=ring_dilated", absl::StrCat("--ranks=", ranks),
+                     "--segment_lengths=" + max + ",6",
+                     "--dilation_rates=" + max + "," + max}),
+        expected, tol);
+  }
+}
+
+// +inf in one key of batch 0 (with column 0 of q positive, so each of its
+// scores is +inf): every query of batch 0 gets out NaN and lse +inf, as the
+// float64 oracle gives, and batch 1 is as without it. (The CLI reported
+// those rows as having no key: out 0, lse -inf.)
+TEST(AttentionCliTest, InfInKGivesNaNRowsNotEmptyRows) {
+  auto inputs = RandomInputs(DType::kFloat64);
+  inputs.erase("grad_out");
+  const int64_t n = kShape[1], heads = kShape[2], d = kShape[3];
+  std::vector<double> q = inputs["q"].ToVector(), k = inputs["k"].ToVector();
+  for (size_t i = 0; i < q.size(); i += d) q[i] = std::abs(q[i]);
+  for (int64_t h = 0; h < heads; ++h) {
+    k[(3 * heads + h) * d] = std::numeric_limits<double>::infinity();
+  }
+  inputs["q"] = FromVector(q, kShape, DType::kFloat64);
+  inputs["k"] = FromVector(k, kShape, DType::kFloat64);
+  const auto written =
+      RunOnInputs("inf_k", inputs, {"--pattern=dense", "--dtype=float64"});
+  ASSERT_EQ(written.count("out"), 1u);
+  const Tensor out = written.at("out"), lse = written.at("lse");
+  for (double x : out.slice(0, 0, 1).ToVector()) EXPECT_TRUE(std::isnan(x));
+  for (double x : lse.slice(0, 0, 1).ToVector()) {
+    EXPECT_EQ(x, std::numeric_limits<double>::infinity());
+  }
+  AttentionConfig dense;
+  dense.type = AttentionType::kDense;
+  const auto expected = ExpectedOutputs(dense, inputs, DType::kFloat64);
+  const Tolerance tol = DefaultTolerance(DType::kFloat64);
+  ExpectAllClose(out.slice(0, 1, 2), expected.at("out").slice(0, 1, 2), tol,
+                 "out of batch 1");
+  ExpectAllClose(lse.slice(0, 1, 2), expected.at("lse").slice(0, 1, 2), tol,
+                 "lse of batch 1");
+}
+
 // An int64 tensor among the inputs is named with its dtype.
 TEST(AttentionCliTest, Int64Tensor) {
   auto inputs = RandomInputs(DType::kFloat32);
@@ -594,6 +669,27 @@ TEST(AttentionCliTest, Int64Tensor) {
 TEST(AttentionCliTest, SeveralRanksNeedARingType) {
   const std::string input = InputFlag("ranks", RandomInputs(DType::kFloat32));
   ExpectCliError({input, "--ranks=2"}, {"ranks 2", "dilated"});
+}
+
+// More ranks than tokens is refused before any rank starts (1,000 ranks on
+// 32 tokens once grew to 23 GB); as many ranks as tokens run.
+TEST(AttentionCliTest, MoreRanksThanTokensIsRefused) {
+  const auto inputs = RandomInputs(DType::kFloat32);
+  const int64_t n = kShape[1];
+  ExpectCliError({InputFlag("too_many_ranks", inputs), "--pattern=ring_dilated",
+                  absl::StrCat("--ranks=", n + 1)},
+                 {absl::StrCat("--ranks=", n + 1), absl::StrCat(n, " tokens"),
+                  absl::StrCat("<= ", n)});
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {16, 32};
+  config.dilated.dilation_rates = {1, 2};
+  ExpectOutputsMatch(
+      RunOnInputs("one_rank_per_token", inputs,
+                  {"--pattern=ring_dilated", "--segment_lengths=16,32",
+                   "--dilation_rates=1,2", absl::StrCat("--ranks=", n)}),
+      ExpectedOutputs(config, inputs, DType::kFloat32),
+      DefaultTolerance(DType::kFloat32));
 }
 
 TEST(AttentionCliTest, CudaDeviceRunsOnTheGpuOrNamesTheMissingDevice) {
@@ -623,6 +719,55 @@ TEST(AttentionCliTest, UnwritableOutput) {
       InputFlag("unwritable", RandomInputs(DType::kFloat32));
   ExpectCliError({input, "--output=/nonexistent/dir/out.safetensors"},
                  {"/nonexistent/dir/out.safetensors"}, /*with_output=*/false);
+}
+
+// A FIFO as --input used to block until some writer came: it is refused at
+// once (the CLI is killed after 60 s, so that a regression fails instead of
+// hanging the test).
+TEST(AttentionCliTest, FifoInputIsRefusedAtOnce) {
+  const std::string fifo = TempPath("input_fifo");
+  std::remove(fifo.c_str());
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  const std::string output = TempPath("fifo_in_out.safetensors");
+  std::remove(output.c_str());
+  const CliResult result = testing::RunProgram(
+      "timeout", {"60", kCli, "--input=" + fifo, "--output=" + output});
+  EXPECT_EQ(result.exit_code, 1) << result.output;  // 124: it blocked
+  EXPECT_EQ(result.output.find('\n'), result.output.size() - 1)
+      << result.output;
+  EXPECT_NE(result.output.find(fifo + " is a FIFO"), std::string::npos)
+      << result.output;
+  EXPECT_FALSE(std::ifstream(output).good()) << "an output file was written";
+}
+
+// The output is renamed into place: a target that is not a regular file (a
+// FIFO, a directory, a device: as root, --output=/dev/full replaced the
+// device node with a regular file) is refused and left as it was. A
+// symbolic link to /dev/full stands for the device, so that even a broken
+// CLI cannot replace the real one.
+TEST(AttentionCliTest, OutputThatIsNotARegularFileIsRefused) {
+  const std::string input = InputFlag("special", RandomInputs(DType::kFloat32));
+  const std::string fifo = TempPath("output_fifo");
+  const std::string directory = TempPath("output_dir");
+  const std::string device = TempPath("output_device");
+  std::remove(fifo.c_str());
+  std::remove(device.c_str());
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_TRUE(mkdir(directory.c_str(), 0700) == 0 || errno == EEXIST);
+  ASSERT_EQ(symlink("/dev/full", device.c_str()), 0);
+  ExpectCliError({input, "--output=" + fifo}, {fifo, "is a FIFO"},
+                 /*with_output=*/false);
+  ExpectCliError({input, "--output=" + directory},
+                 {directory, "is a directory"}, /*with_output=*/false);
+  ExpectCliError({input, "--output=" + device},
+                 {device, "is a character device"}, /*with_output=*/false);
+  struct stat info;
+  ASSERT_EQ(lstat(fifo.c_str(), &info), 0);
+  EXPECT_TRUE(S_ISFIFO(info.st_mode));
+  ASSERT_EQ(lstat(directory.c_str(), &info), 0);
+  EXPECT_TRUE(S_ISDIR(info.st_mode));
+  ASSERT_EQ(lstat(device.c_str(), &info), 0);
+  EXPECT_TRUE(S_ISLNK(info.st_mode));
 }
 
 }  // namespace
