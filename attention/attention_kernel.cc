@@ -235,10 +235,11 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
   }
   if (pattern.block_mask != nullptr) {
     const BlockMask& m = *pattern.block_mask;
-    LC_REQUIRE(m.block_size() >= 1 &&
-                   m.num_blocks() == (n + m.block_size() - 1) / m.block_size(),
-               "Attention: block mask of ", m.num_blocks(), " blocks of ",
-               m.block_size(), " tokens does not cover n = ", n);
+    LC_REQUIRE(
+        m.block_size() >= 1 &&
+            m.num_blocks() == n / m.block_size() + (n % m.block_size() != 0),
+        "Attention: block mask of ", m.num_blocks(), " blocks of ",
+        m.block_size(), " tokens does not cover n = ", n);
   }
   LC_REQUIRE(options.dropout >= 0 && options.dropout < 1, "Attention: dropout ",
              options.dropout, " (expected in [0, 1))");

@@ -65,11 +65,15 @@ Ranges Merged(Ranges ranges) {
   return merged;
 }
 
-// The keys of `keys` that queries of `queries` attend under the problem's
-// patterns, block mask and causality (key padding aside: padded keys still
-// travel). One tile per segment and block pair: its keys up to the last
-// query (causal) are all attended by some query of the tile.
-UsedKeys FindUsedKeys(const AttentionProblem& p, const TokenLayout& queries,
+// The keys of `keys` that queries at the positions of `queries` attend
+// under the problem's patterns, block mask and causality (key padding
+// aside: padded keys still travel). One tile per segment and block pair:
+// its keys up to the last query (causal) are all attended by some query of
+// the tile. The result depends only on the set of query positions (a tile's
+// keys start at its first key and end at its last query's last key), so
+// the queries of many ranks are asked about in one pass.
+UsedKeys FindUsedKeys(const AttentionProblem& p,
+                      const std::vector<PositionSpan>& queries,
                       const TokenLayout& keys) {
   TilePlanOptions coarse = p.plan;
   coarse.query_tile = coarse.key_tile = std::max<int64_t>(p.n, 1);
@@ -87,7 +91,7 @@ UsedKeys FindUsedKeys(const AttentionProblem& p, const TokenLayout& queries,
     }
     if (copied) continue;
     used[h].resize(patterns.size());
-    for (const LocalSpan& qs : queries.spans) {
+    for (const PositionSpan& qs : queries) {
       for (const LocalSpan& ks : keys.spans) {
         ForEachTile(
             patterns, p.n, {qs.begin, qs.end}, {ks.begin, ks.end}, coarse,
@@ -119,136 +123,235 @@ bool AnyKey(const UsedKeys& used) {
   return false;
 }
 
-// Which keys every rank uses of every chunk, known identically on every
-// rank, so that senders and receivers agree on every transfer (and its
-// size) without asking each other.
-struct RingPlan {
-  int size = 1, rank = 0;
-  std::vector<TokenLayout> layouts;         // per rank: its tokens
-  std::vector<std::vector<UsedKeys>> used;  // used[holder][origin]
-  std::vector<int> final_step;  // per origin: the last step that uses it
-  int last_step = 0;            // the last ring step any rank computes
-  // trip[origin][step], step 0 .. final_step[origin]: the layout in which
-  // the chunk travels into that step and its holder computes (TripLayout;
-  // at step 0 the owner's tokens).
-  std::vector<std::vector<TokenLayout>> trip;
-  // Backward, per origin and step >= 1: whether the holder's dK/dV
-  // accumulators go on to the next holder, and whether they go home. They
-  // exist from the first holder that uses the chunk; they go on while the
-  // chunk keeps its layout, and home when it changes (the next holders use
-  // fewer keys and start new accumulators) or the trip ends.
-  std::vector<std::vector<bool>> grads_on, grads_home;
-
-  int Origin(int holder, int step) const {
-    return ((holder - step) % size + size) % size;
-  }
-  int Holder(int origin, int step) const { return (origin + step) % size; }
-  bool Needs(int holder, int origin) const {
-    return AnyKey(used[holder][origin]);
-  }
-  // Whether the chunk of `origin`, held at `step`, goes on to the next
-  // rank: a later holder uses it.
-  bool Forwarded(int origin, int step) const {
-    return step < final_step[origin];
-  }
-};
-
 // Whether `later`, a layout of a chunk's trip at a later step than
 // `earlier` (so a subset of its keys), holds the same keys.
 bool SameKeys(const TokenLayout& earlier, const TokenLayout& later) {
   return earlier.packed() == later.packed() && earlier.rows == later.rows;
 }
 
-// The layout in which the chunk of `origin` travels into `step` (1 <= step
-// <= its final step) and in which its holders from then on compute: per
-// head, only the keys that holders at steps step .. final use, packed; or
-// the whole chunk when that is no more data. A later step's layout holds a
-// subset of an earlier one's keys.
-TokenLayout TripLayout(const AttentionProblem& p, const RingPlan& plan,
-                       int origin, int step) {
-  const TokenLayout& whole = plan.layouts[origin];
-  TokenLayout packed;
-  packed.head_spans.resize(p.heads);
-  packed.head_row.resize(p.heads);
-  for (int64_t h = 0; h < p.heads; ++h) {
-    const std::vector<DilatedPattern>& patterns = p.pattern.head_patterns[h];
-    packed.head_row[h] = packed.rows;
-    int64_t row = 0;
-    for (size_t i = 0; i < patterns.size(); ++i) {
-      Ranges all;
-      for (int s = step; s <= plan.final_step[origin]; ++s) {
-        const Ranges& r = plan.used[plan.Holder(origin, s)][origin][h][i];
-        all.insert(all.end(), r.begin(), r.end());
+// The token positions of the ranks origin + first .. origin + last (mod
+// size), 1 <= first <= last < size: one or two runs of consecutive ranks,
+// each holding one span (contiguous) or two (zigzag: ranks a..b hold
+// chunks a..b and 2 size - 1 - b .. 2 size - 1 - a).
+std::vector<PositionSpan> HolderPositions(int64_t n, int size,
+                                          SequenceLayout layout, int origin,
+                                          int first, int last) {
+  std::vector<PositionSpan> positions;
+  const auto add_run = [&](int a, int b) {
+    const std::vector<PositionSpan> low = RankSpans(n, size, a, layout);
+    const std::vector<PositionSpan> high = RankSpans(n, size, b, layout);
+    positions.push_back({low[0].begin, high[0].end});
+    if (layout == SequenceLayout::kZigzag) {
+      positions.push_back({high[1].begin, low[1].end});
+    }
+  };
+  const int a = (origin + first) % size, b = (origin + last) % size;
+  if (a <= b) {
+    add_run(a, b);
+  } else {
+    add_run(a, size - 1);
+    add_run(0, b);
+  }
+  return positions;
+}
+
+// One chunk's trip around the ring, worked out on demand and alike on
+// every rank: at step s the rank origin + s (mod size) holds it. From step 1
+// it travels in the layout of the keys that the holders of steps s .. size
+// - 1 use, so later layouts hold subsets of earlier ones' keys. Every
+// question is one pass over the chunk's tiles against the queries of a run
+// of holders (a few for a binary search), never one per holder: a rank
+// plans its steps in O(size log size) passes and O(size) memory.
+class ChunkTrip {
+ public:
+  ChunkTrip(const AttentionProblem& p, int size, SequenceLayout layout,
+            int origin)
+      : p_(p),
+        size_(size),
+        layout_(layout),
+        origin_(origin),
+        whole_(TokenLayoutOf(RankSpans(p.n, size, origin, layout))) {}
+
+  // The keys that the holders of steps first .. last use (1 <= first <=
+  // last < size).
+  UsedKeys Used(int first, int last) const {
+    return FindUsedKeys(
+        p_, HolderPositions(p_.n, size_, layout_, origin_, first, last),
+        whole_);
+  }
+
+  // The last step whose holder uses the chunk (0 when no other rank does):
+  // the keys of the holders of steps s .. size - 1 only shrink as s grows.
+  int FinalStep() const {
+    int lo = 0, hi = size_ - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (AnyKey(Used(mid, size_ - 1))) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
       }
-      const DilatedPattern& d = patterns[i];
-      const int64_t w = d.segment_length, rate = d.dilation_rate;
-      // One strided span per range, segment and span of the chunk.
-      for (const PositionRange& range : Merged(std::move(all))) {
-        for (const LocalSpan& chunk : whole.spans) {
-          const int64_t lo = std::max(range.begin, chunk.begin);
-          const int64_t hi = std::min(range.end, chunk.end);
-          for (int64_t seg = lo / w; lo < hi && seg * w < hi; ++seg) {
-            const int64_t selected = seg * w + d.offset;
-            const int64_t from = std::max(lo, seg * w);
-            const int64_t end = std::min(hi, std::min(p.n, seg * w + w));
-            const int64_t first =
-                from <= selected
-                    ? selected
-                    : selected + (from - selected + rate - 1) / rate * rate;
-            if (first >= end) continue;
-            packed.head_spans[h].push_back(
-                LocalSpan{first, end, row, rate, static_cast<int>(i)});
-            row += (end - first + rate - 1) / rate;
+    }
+    return lo;
+  }
+
+  // The layout in which the chunk travels into `step` (1 <= step <= its
+  // final step) and its holders from then on compute: per head, only the
+  // keys that the holders of steps step .. size - 1 use, packed; or the
+  // whole chunk when that is no more data.
+  TokenLayout Layout(int step) const {
+    const UsedKeys used = Used(step, size_ - 1);
+    TokenLayout packed;
+    packed.head_spans.resize(p_.heads);
+    packed.head_row.resize(p_.heads);
+    for (int64_t h = 0; h < p_.heads; ++h) {
+      const std::vector<DilatedPattern>& patterns = p_.pattern.head_patterns[h];
+      packed.head_row[h] = packed.rows;
+      int64_t row = 0;
+      for (size_t i = 0; i < patterns.size(); ++i) {
+        const DilatedPattern& d = patterns[i];
+        const int64_t w = d.segment_length, rate = d.dilation_rate;
+        // One strided span per range, segment and span of the chunk.
+        for (const PositionRange& range : used[h][i]) {
+          for (const LocalSpan& chunk : whole_.spans) {
+            const int64_t lo = std::max(range.begin, chunk.begin);
+            const int64_t hi = std::min(range.end, chunk.end);
+            for (int64_t seg = lo / w; lo < hi && seg * w < hi; ++seg) {
+              const int64_t selected = seg * w + d.offset;
+              const int64_t from = std::max(lo, seg * w);
+              const int64_t end = std::min(hi, std::min(p_.n, seg * w + w));
+              const int64_t first =
+                  from <= selected
+                      ? selected
+                      : selected + (from - selected + rate - 1) / rate * rate;
+              if (first >= end) continue;
+              packed.head_spans[h].push_back(
+                  LocalSpan{first, end, row, rate, static_cast<int>(i)});
+              row += (end - first + rate - 1) / rate;
+            }
           }
         }
       }
+      packed.rows += row;
     }
-    packed.rows += row;
+    if (packed.rows >= whole_.rows * p_.heads) return whole_;
+    return packed;
   }
-  if (packed.rows >= whole.rows * p.heads) return whole;
-  return packed;
-}
+
+  // The first step of the run of steps up to `step` (>= 1) whose layouts
+  // hold the same keys as `layout`, the layout of `step`.
+  int RunStart(int step, const TokenLayout& layout) const {
+    int lo = 1, hi = step;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (SameKeys(Layout(mid), layout)) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    return lo;
+  }
+
+ private:
+  const AttentionProblem& p_;
+  const int size_;
+  const SequenceLayout layout_;
+  const int origin_;
+  const TokenLayout whole_;
+};
+
+// What one rank does at one ring step, forward and backward alike.
+struct RingStep {
+  int origin = 0;          // whose chunk it holds: (rank - step) mod size
+  bool held = false;       // the chunk gets here (a holder here or later
+                           // uses it)
+  bool needs = false;      // this rank's queries use keys of it
+  bool forwarded = false;  // it goes on to rank + 1 (a later holder uses it)
+  TokenLayout layout;      // held: the layout it is held in
+  TokenLayout carried;     // forwarded: the layout it goes on in
+  // Backward: the chunk's dK/dV accumulators come with it from rank - 1,
+  // go on with it, or go home to its origin after this step. They exist
+  // from the first holder (step >= 1) that uses the chunk; they go on while
+  // the chunk keeps its layout, and home when it changes (the next holders
+  // use fewer keys and start new accumulators) or the trip ends.
+  bool grads_in = false, grads_on = false, grads_home = false;
+  // This rank's own accumulators come home at this step, in layout `home`.
+  bool ours_come_home = false;
+  TokenLayout home;
+};
+
+// This rank's part of the ring: its steps, derived identically on every
+// rank (so that senders and receivers agree on every transfer and its size
+// without asking each other), in O(size) memory.
+struct RingPlan {
+  int size = 1, rank = 0;
+  TokenLayout mine;   // this rank's tokens
+  int last_step = 0;  // the last ring step any rank computes
+  // Steps 0 .. last_step, then one that holds nothing (the "next" of the
+  // last step).
+  std::vector<RingStep> steps;
+
+  int Origin(int holder, int step) const {
+    return ((holder - step) % size + size) % size;
+  }
+  int Holder(int origin, int step) const { return (origin + step) % size; }
+};
 
 RingPlan MakePlan(const AttentionProblem& p, int size, int rank,
                   SequenceLayout layout) {
   RingPlan plan;
   plan.size = size;
   plan.rank = rank;
-  for (int r = 0; r < size; ++r) {
-    plan.layouts.push_back(TokenLayoutOf(RankSpans(p.n, size, r, layout)));
-  }
-  plan.used.assign(size, std::vector<UsedKeys>(size));
-  plan.final_step.assign(size, 0);
-  for (int holder = 0; holder < size; ++holder) {
-    for (int origin = 0; origin < size; ++origin) {
-      plan.used[holder][origin] =
-          FindUsedKeys(p, plan.layouts[holder], plan.layouts[origin]);
-      if (plan.Needs(holder, origin)) {
-        const int step = ((holder - origin) % size + size) % size;
-        plan.final_step[origin] = std::max(plan.final_step[origin], step);
-        plan.last_step = std::max(plan.last_step, step);
-      }
-    }
-  }
-  plan.trip.resize(size);
-  plan.grads_on.resize(size);
-  plan.grads_home.resize(size);
+  plan.mine = TokenLayoutOf(RankSpans(p.n, size, rank, layout));
+  // Every rank loops to the same last step.
+  std::vector<int> final_step(size);  // by origin
   for (int origin = 0; origin < size; ++origin) {
-    const int last = plan.final_step[origin];
-    plan.trip[origin].push_back(plan.layouts[origin]);
-    for (int s = 1; s <= last; ++s) {
-      plan.trip[origin].push_back(TripLayout(p, plan, origin, s));
+    final_step[origin] = ChunkTrip(p, size, layout, origin).FinalStep();
+    plan.last_step = std::max(plan.last_step, final_step[origin]);
+  }
+  plan.steps.resize(plan.last_step + 2);
+  for (int s = 0; s <= plan.last_step; ++s) {
+    RingStep& step = plan.steps[s];
+    step.origin = plan.Origin(rank, s);
+    const int last = final_step[step.origin];
+    if (s > last) continue;
+    const ChunkTrip trip(p, size, layout, step.origin);
+    step.held = true;
+    step.forwarded = s < last;
+    if (step.forwarded) step.carried = trip.Layout(s + 1);
+    if (s == 0) {
+      step.layout = plan.mine;
+      step.needs = AnyKey(
+          FindUsedKeys(p, RankSpans(p.n, size, rank, layout), plan.mine));
+      continue;
     }
-    plan.grads_on[origin].assign(last + 1, false);
-    plan.grads_home[origin].assign(last + 1, false);
-    for (int s = 1; s <= last; ++s) {
-      const bool live = plan.grads_on[origin][s - 1] ||
-                        plan.Needs(plan.Holder(origin, s), origin);
-      plan.grads_on[origin][s] =
-          live && s < last &&
-          SameKeys(plan.trip[origin][s], plan.trip[origin][s + 1]);
-      plan.grads_home[origin][s] = live && !plan.grads_on[origin][s];
+    step.layout = trip.Layout(s);
+    step.needs = AnyKey(trip.Used(s, s));
+    // Accumulators arrive when they exist at step s - 1 in the same
+    // layout: some holder of that run of steps used the chunk.
+    const int start = trip.RunStart(s, step.layout);
+    step.grads_in = start < s && AnyKey(trip.Used(start, s - 1));
+    const bool live = step.grads_in || step.needs;
+    step.grads_on =
+        live && step.forwarded && SameKeys(step.layout, step.carried);
+    step.grads_home = live && !step.grads_on;
+  }
+  // This rank's own chunk, step by step along its trip: where its
+  // accumulators come home.
+  const int own_last = final_step[rank];
+  const ChunkTrip own(p, size, layout, rank);
+  TokenLayout at = own_last >= 1 ? own.Layout(1) : TokenLayout();
+  bool came_on = false;
+  for (int s = 1; s <= own_last; ++s) {
+    TokenLayout next = s < own_last ? own.Layout(s + 1) : TokenLayout();
+    const bool live = came_on || AnyKey(own.Used(s, s));
+    came_on = live && s < own_last && SameKeys(at, next);
+    if (live && !came_on) {
+      plan.steps[s].ours_come_home = true;
+      plan.steps[s].home = at;
     }
+    at = std::move(next);
   }
   return plan;
 }
@@ -388,21 +491,20 @@ class RingKernels {
     return device_.is_cuda() ? CudaAccumulatorDType(dtype_) : dtype_;
   }
   Device device() const { return device_; }
-  const TokenLayout& mine() const { return plan_->layouts[plan_->rank]; }
+  const TokenLayout& mine() const { return plan_->mine; }
 
-  // The K/V pair of the chunk of `origin`, held at `step` in its trip
-  // layout of that step, cut down to the layout of the next step.
-  std::vector<Tensor> Carry(int origin, int step,
-                            const std::vector<Tensor>& kv) const {
-    const TokenLayout& from = plan_->trip[origin][step];
-    const TokenLayout& to = plan_->trip[origin][step + 1];
+  // The K/V pair of the chunk held at `step`, in its layout of that step,
+  // cut down to the layout it goes on in.
+  std::vector<Tensor> Carry(int step, const std::vector<Tensor>& kv) const {
+    const TokenLayout& from = plan_->steps[step].layout;
+    const TokenLayout& to = plan_->steps[step].carried;
     if (!device_.is_cuda()) {
       return DispatchCpu(dtype_, [&](auto tag) {
         return lc::Carry<decltype(tag)>(*p_, from, kv, to);
       });
     }
     if (SameKeys(from, to)) return kv;
-    const Tensor& map = carry_maps_.at({origin, step});
+    const Tensor& map = carry_maps_.at(step);
     std::vector<Tensor> packed;
     for (const Tensor& t : kv) {
       Tensor c = Empty(ChunkShape(*p_, to), t.dtype(), device_);
@@ -473,7 +575,7 @@ class RingKernels {
   // dst (a buffer of this rank's tokens) += src, this rank's accumulator
   // that came home at `step` in its trip layout of that step.
   void AddHome(int step, const Tensor& src, const Tensor& dst) const {
-    const TokenLayout& part = plan_->trip[plan_->rank][step];
+    const TokenLayout& part = plan_->steps[step].home;
     if (!device_.is_cuda()) {
       DispatchCpu(dtype_, [&](auto tag) {
         AddRows<decltype(tag)>(*p_, part, src, mine(), dst);
@@ -501,18 +603,15 @@ class RingKernels {
  private:
   // Builds the work lists of `kind` for every step this rank computes.
   void PrepareWorkLists(CudaWorkKind kind) const {
-    const RingPlan& plan = *plan_;
-    for (int s = 0; s <= plan.last_step; ++s) {
-      const int origin = plan.Origin(plan.rank, s);
-      if (plan.Needs(plan.rank, origin)) {
-        p_->cuda_plans->Get(*p_, mine(), plan.trip[origin][s], kind, device_);
+    for (int s = 0; s <= plan_->last_step; ++s) {
+      const RingStep& step = plan_->steps[s];
+      if (step.needs) {
+        p_->cuda_plans->Get(*p_, mine(), step.layout, kind, device_);
       }
     }
   }
 
   void PrepareCuda() {
-    const RingPlan& plan = *plan_;
-    const int r = plan.rank;
     // Every row map this rank uses, in one host buffer uploaded at once:
     // where each goes, and its [begin, end) in the buffer.
     std::vector<int64_t> all;
@@ -524,17 +623,13 @@ class RingKernels {
       all.insert(all.end(), map.begin(), map.end());
       maps.push_back({slot, {begin, static_cast<int64_t>(all.size())}});
     };
-    for (int s = 0; s <= plan.last_step; ++s) {
-      const int origin = plan.Origin(r, s);
-      if (plan.Forwarded(origin, s) &&
-          !SameKeys(plan.trip[origin][s], plan.trip[origin][s + 1])) {
-        append(&carry_maps_[{origin, s}], plan.trip[origin][s + 1],
-               plan.trip[origin][s]);
+    for (int s = 0; s <= plan_->last_step; ++s) {
+      const RingStep& step = plan_->steps[s];
+      if (step.forwarded && !SameKeys(step.layout, step.carried)) {
+        append(&carry_maps_[s], step.carried, step.layout);
       }
-      const std::vector<bool>& home = plan.grads_home[r];
-      if (s < static_cast<int>(home.size()) && home[s] &&
-          !SameKeys(plan.trip[r][s], mine())) {
-        append(&home_maps_[s], plan.trip[r][s], mine());
+      if (step.ours_come_home && !SameKeys(step.home, mine())) {
+        append(&home_maps_[s], step.home, mine());
       }
     }
     if (!all.empty()) {
@@ -552,10 +647,10 @@ class RingKernels {
   std::shared_ptr<const RingPlan> plan_;
   DType dtype_;
   Device device_;
-  // CUDA row maps (int64 on the device): of the cut-down copy of the chunk
-  // of `origin` at `step`, by (origin, step); of this rank's accumulators
-  // coming home at `step`, by step.
-  std::map<std::pair<int, int>, Tensor> carry_maps_;
+  // CUDA row maps (int64 on the device), by step: of the cut-down copy of
+  // the chunk held at that step; of this rank's accumulators coming home at
+  // that step.
+  std::map<int, Tensor> carry_maps_;
   std::map<int, Tensor> home_maps_;
 };
 
@@ -575,11 +670,9 @@ V Check(const Communicator& comm, absl::StatusOr<V> value) {
   return *std::move(value);
 }
 
-// The chunk a rank holds at one step: whose, in which layout, and its
-// tensors (K and V; in backward dK and dV too).
+// The tensors of the chunk a rank holds at one step (K and V; in backward
+// dK and dV too), in the layout of its RingStep.
 struct HeldChunk {
-  int origin = 0;
-  TokenLayout layout;
   std::vector<Tensor> kv;
   std::vector<Tensor> grads;
 };
@@ -604,25 +697,23 @@ void RingForward(Communicator& comm, const AttentionProblem& p,
                  const RingPlan& plan, const RingKernels& kernels,
                  const Tensor& q, const Tensor& k, const Tensor& v,
                  const Tensor& out, const Tensor& lse, RingStats* stats) {
-  const int r = plan.rank, prev = (r + plan.size - 1) % plan.size;
   RingExchange kv(comm, 2, kKeyValueTags);
-  HeldChunk cur{r, kernels.mine(), {k, v}, {}};
+  HeldChunk cur{{k, v}, {}};
   for (int s = 0; s <= plan.last_step; ++s) {
+    const RingStep& step = plan.steps[s];
+    const RingStep& next_step = plan.steps[s + 1];
     // The next chunk moves while this one is computed on.
     std::vector<Tensor> send;
-    if (plan.Forwarded(cur.origin, s)) {
-      send = kernels.Carry(cur.origin, s, cur.kv);
-    }
-    HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
+    if (step.forwarded) send = kernels.Carry(s, cur.kv);
     std::vector<TensorSpec> receive;
-    if (plan.Forwarded(next.origin, s)) {
-      next.layout = plan.trip[next.origin][s + 1];
-      receive = ChunkSpecs(p, next.layout, kernels.dtype(), kernels.device());
+    if (next_step.held) {
+      receive =
+          ChunkSpecs(p, next_step.layout, kernels.dtype(), kernels.device());
     }
+    HeldChunk next;
     next.kv = Check(comm, kv.Post(send, receive));
-    const bool computed = plan.Needs(r, cur.origin);
-    if (computed) kernels.Forward(q, cur.layout, cur.kv, out, lse);
-    CountStep(stats, computed);
+    if (step.needs) kernels.Forward(q, step.layout, cur.kv, out, lse);
+    CountStep(stats, step.needs);
     Check(comm, kv.Wait());
     cur = std::move(next);
   }
@@ -640,8 +731,7 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
                      const Tensor& out, const Tensor& lse,
                      const Tensor& grad_out, const Tensor& grad_lse,
                      RingStats* stats) {
-  const int r = plan.rank, size = plan.size;
-  const int prev = (r + size - 1) % size;
+  const int r = plan.rank;
   kernels.PrepareBackward();
   const Tensor delta = kernels.Delta(out, grad_out);
   const DType acc = kernels.acc();
@@ -650,60 +740,50 @@ Tensors RingBackward(Communicator& comm, const AttentionProblem& p,
          dv = Zeros(v.shape(), acc, device);
   RingExchange kv(comm, 2, kKeyValueTags), grads(comm, 2, kGradTags),
       home(comm, 2, kHomeTags);
-  // A flag of the plan for a chunk at `step` (false past its trip).
-  const auto at = [](const std::vector<bool>& flags, int step) {
-    return step < static_cast<int>(flags.size()) && flags[step];
-  };
-  HeldChunk cur{r, kernels.mine(), {k, v}, {dk, dv}};
+  HeldChunk cur{{k, v}, {dk, dv}};
   for (int s = 0; s <= plan.last_step; ++s) {
+    const RingStep& step = plan.steps[s];
+    const RingStep& next_step = plan.steps[s + 1];
     std::vector<Tensor> send;
-    if (plan.Forwarded(cur.origin, s)) {
-      send = kernels.Carry(cur.origin, s, cur.kv);
-    }
-    HeldChunk next{plan.Origin(prev, s), {}, {}, {}};
+    if (step.forwarded) send = kernels.Carry(s, cur.kv);
     std::vector<TensorSpec> receive;
-    if (plan.Forwarded(next.origin, s)) {
-      next.layout = plan.trip[next.origin][s + 1];
-      receive = ChunkSpecs(p, next.layout, kernels.dtype(), device);
+    if (next_step.held) {
+      receive = ChunkSpecs(p, next_step.layout, kernels.dtype(), device);
     }
+    HeldChunk next;
     next.kv = Check(comm, kv.Post(send, receive));
-    const bool computed = plan.Needs(r, cur.origin);
-    if (computed) {
-      kernels.Backward(q, cur.layout, cur.kv, grad_out, lse, delta, grad_lse,
+    if (step.needs) {
+      kernels.Backward(q, step.layout, cur.kv, grad_out, lse, delta, grad_lse,
                        dq, cur.grads);
     }
-    CountStep(stats, computed);
+    CountStep(stats, step.needs);
 
     // The accumulators leave only after this step added to them: on to the
     // next holder, or home; ours come home from the rank holding our chunk
     // now when they end there.
-    const bool receive_grads = at(plan.grads_on[next.origin], s);
     next.grads = Check(
-        comm,
-        grads.Post(at(plan.grads_on[cur.origin], s) ? cur.grads
-                                                    : std::vector<Tensor>(),
-                   receive_grads ? ChunkSpecs(p, next.layout, acc, device)
-                                 : std::vector<TensorSpec>()));
-    const bool ours_come_home = at(plan.grads_home[r], s);
+        comm, grads.Post(step.grads_on ? cur.grads : std::vector<Tensor>(),
+                         next_step.grads_in
+                             ? ChunkSpecs(p, next_step.layout, acc, device)
+                             : std::vector<TensorSpec>()));
     const std::vector<Tensor> came_home = Check(
-        comm, home.PostPeers(
-                  at(plan.grads_home[cur.origin], s) ? cur.grads
-                                                     : std::vector<Tensor>(),
-                  cur.origin,
-                  ours_come_home ? ChunkSpecs(p, plan.trip[r][s], acc, device)
-                                 : std::vector<TensorSpec>(),
-                  plan.Holder(r, s)));
+        comm,
+        home.PostPeers(
+            step.grads_home ? cur.grads : std::vector<Tensor>(), step.origin,
+            step.ours_come_home ? ChunkSpecs(p, step.home, acc, device)
+                                : std::vector<TensorSpec>(),
+            plan.Holder(r, s)));
     Check(comm, kv.Wait());
     Check(comm, grads.Wait());
     Check(comm, home.Wait());
-    if (ours_come_home) {
+    if (step.ours_come_home) {
       kernels.AddHome(s, came_home[0], dk);
       kernels.AddHome(s, came_home[1], dv);
     }
     // A holder that uses the chunk and got no accumulators starts its own.
-    if (!receive_grads && plan.Needs(r, next.origin)) {
-      next.grads = {Zeros(ChunkShape(p, next.layout), acc, device),
-                    Zeros(ChunkShape(p, next.layout), acc, device)};
+    if (!next_step.grads_in && next_step.needs) {
+      next.grads = {Zeros(ChunkShape(p, next_step.layout), acc, device),
+                    Zeros(ChunkShape(p, next_step.layout), acc, device)};
     }
     cur = std::move(next);
   }

@@ -11,7 +11,11 @@
 // and a chunk travels cut down to the keys (per head and pattern) that the
 // ranks still ahead on its trip attend, when that is less data than the
 // whole chunk (1 row in r for a dilation rate r). Results equal
-// single-rank Attention on the same tokens.
+// single-rank Attention on the same tokens. Each rank plans only its own
+// steps, from questions about runs of ranks rather than rank by rank: O(k)
+// memory per rank and O(k log k) passes over a chunk's tiles, so the plan
+// never grows past the ring's own k steps (a plan of every rank's use of
+// every chunk was O(k^2) per rank).
 //
 // On CUDA tensors (with a communicator that carries them: k thread ranks on
 // one GPU or several, or NCCL) each step runs the CUDA tile drivers on the

@@ -71,6 +71,10 @@ struct Transfer {
   std::shared_ptr<CudaEvent> copied;
   TransferState state = TransferState::kQueued;
   absl::Status status;
+  // Notified (with the group's mutex) when state becomes kDone: only this
+  // transfer's waiter wakes, not every rank's (a shared condition woke all
+  // k ranks for every transfer, O(k^2) wake-ups per ring step).
+  std::condition_variable done;
 
   int src() const { return is_send ? rank : peer; }
   int dst() const { return is_send ? peer : rank; }
@@ -139,6 +143,9 @@ struct Round {
   bool finished = false;
   absl::Status status;      // when finished; without the op/rank prefix
   CollectiveResult result;  // when finished and OK (not for Barrier)
+  // Notified (with the group's mutex) when the round finishes or the group
+  // is aborted.
+  std::condition_variable settled;
 };
 
 double ToDouble(float v) { return v; }
@@ -369,10 +376,8 @@ class ThreadGroup {
   // std::mutex rather than absl::Mutex: ThreadSanitizer understands it even
   // though the system's abseil library is not instrumented.
   mutable std::mutex mu_;
-  // Notified on every change a waiter may be waiting for: a transfer done, a
-  // round finished, the group aborted.
-  std::condition_variable changed_;
-  // Guarded by mu_:
+  // Guarded by mu_ (waiters wait on the condition of their transfer or
+  // round, with mu_):
   bool aborted_ = false;
   std::string abort_reason_;
   std::map<ChannelKey, Channel> channels_;
@@ -461,9 +466,9 @@ absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
           t->state = TransferState::kDone;
           t->status = absl::InvalidArgumentError(
               absl::StrCat(t->Describe(), ": ", mismatch));
+          t->done.notify_all();
         }
         partner = nullptr;
-        changed_.notify_all();
       } else {
         transfer->state = partner->state = TransferState::kCopying;
       }
@@ -500,7 +505,8 @@ void ThreadGroup::Complete(Transfer& send, Transfer& recv) {
     stats_[recv.rank].bytes_received += bytes;
     stats_[recv.rank].messages_received += 1;
   }
-  changed_.notify_all();
+  send.done.notify_all();
+  recv.done.notify_all();
 }
 
 void ThreadGroup::CopyOnDevice(Transfer& send, Transfer& recv, int64_t bytes) {
@@ -533,7 +539,7 @@ absl::Status ThreadGroup::Wait(Transfer& transfer) {
     const auto done = [&transfer]() {
       return transfer.state == TransferState::kDone;
     };
-    if (!changed_.wait_until(lock, deadline, done)) {
+    if (!transfer.done.wait_until(lock, deadline, done)) {
       if (transfer.state == TransferState::kQueued) {
         Withdraw(transfer);
         transfer.state = TransferState::kDone;
@@ -545,7 +551,7 @@ absl::Status ThreadGroup::Wait(Transfer& transfer) {
         // Matched: the partner's thread is copying the bytes (or queuing
         // the copy) right now, a bounded step; returning before it ends
         // would let the caller reuse a buffer still being read or written.
-        changed_.wait(lock, done);
+        transfer.done.wait(lock, done);
       }
     }
     if (!transfer.status.ok()) return transfer.status;
@@ -586,11 +592,12 @@ void ThreadGroup::Abort(const absl::Status& reason) {
         t->state = TransferState::kDone;
         t->status = absl::AbortedError(absl::StrCat(
             t->Describe(), ": the group was aborted: ", abort_reason_));
+        t->done.notify_all();
       }
     }
   }
   channels_.clear();
-  changed_.notify_all();
+  for (auto& [generation, round] : rounds_) round.settled.notify_all();
 }
 
 absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
@@ -617,7 +624,7 @@ absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
       Finish(round);
     } else {
       const auto settled = [&]() { return round.finished || aborted_; };
-      if (!changed_.wait_until(lock, deadline, settled)) {
+      if (!round.settled.wait_until(lock, deadline, settled)) {
         std::vector<int> missing, present;
         for (int r = 0; r < size_; ++r) {
           (round.arrived[r] ? present : missing).push_back(r);
@@ -628,7 +635,7 @@ absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
             Timeout(), " (arrived: rank(s) ", absl::StrJoin(present, ", "),
             ")"));
         round.contributions.clear();
-        changed_.notify_all();
+        round.settled.notify_all();
       }
     }
   }
@@ -648,7 +655,7 @@ absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
 
 void ThreadGroup::Finish(Round& round) {
   round.finished = true;
-  changed_.notify_all();
+  round.settled.notify_all();
   const std::vector<Contribution>& c = round.contributions;
   const auto per_rank = [&](const auto& describe) {
     std::vector<std::string> parts;

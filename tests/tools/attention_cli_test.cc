@@ -632,7 +632,7 @@ TEST(AttentionCliTest, Int64MaxBlockSizeAndRatesGiveTheirEquivalentsAnswer) {
 TEST(AttentionCliTest, InfInKGivesNaNRowsNotEmptyRows) {
   auto inputs = RandomInputs(DType::kFloat64);
   inputs.erase("grad_out");
-  const int64_t n = kShape[1], heads = kShape[2], d = kShape[3];
+  const int64_t heads = kShape[2], d = kShape[3];
   std::vector<double> q = inputs["q"].ToVector(), k = inputs["k"].ToVector();
   for (size_t i = 0; i < q.size(); i += d) q[i] = std::abs(q[i]);
   for (int64_t h = 0; h < heads; ++h) {
