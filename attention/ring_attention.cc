@@ -982,6 +982,7 @@ AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
     Communicator* comm_ptr = &comm;
     RingStats* stats = ring.stats;
     RecordOp("RingAttention", {qc, kc, vc}, {&out, &lse},
+             /*saved=*/{qc, kc, vc, out, lse},
              [comm_ptr, stats, p, plan, kernels, q = qc.detach(),
               k = kc.detach(), v = vc.detach(), out = out.detach(),
               lse = lse.detach()](const Tensors& g) -> Tensors {

@@ -54,6 +54,44 @@ void AccumulateInto(Tensor& slot, const Tensor& g) {
 Node::Node(std::string name)
     : name_(std::move(name)), sequence_nr_(next_sequence_nr++) {}
 
+void Node::SaveVersions(absl::Span<const Tensor> saved,
+                        absl::Span<const Tensor> inputs,
+                        absl::Span<Tensor* const> outputs) {
+  for (size_t k = 0; k < saved.size(); ++k) {
+    const Tensor& t = saved[k];
+    if (!t.defined()) continue;
+    const std::shared_ptr<uint64_t>& counter = t.impl().version;
+    SavedVersion entry{counter, *counter, "saved tensor", static_cast<int>(k),
+                       t.shape()};
+    // Named after the first input, else output, whose data it shares.
+    bool named = false;
+    auto name_after = [&](const char* role, size_t index, const Tensor& other) {
+      if (named || !other.defined() || other.impl().version != counter) return;
+      entry.role = role;
+      entry.index = static_cast<int>(index);
+      named = true;
+    };
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      name_after("input", i, inputs[i]);
+    }
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      name_after("output", i, *outputs[i]);
+    }
+    saved_versions_.push_back(std::move(entry));
+  }
+}
+
+void Node::CheckSavedVersions() const {
+  for (const SavedVersion& saved : saved_versions_) {
+    LC_REQUIRE(*saved.counter == saved.version, "backward of ", name_, ": ",
+               saved.role, " ", saved.index, " ", ShapeToString(saved.shape),
+               " saved at version ", saved.version, ", now version ",
+               *saved.counter,
+               ": it was modified in place after the op used it; clone it "
+               "before modifying");
+  }
+}
+
 AccumulateGrad::AccumulateGrad(std::shared_ptr<TensorImpl> leaf)
     : Node("AccumulateGrad"), leaf_(std::move(leaf)) {
   set_outputs(
@@ -122,9 +160,17 @@ void SetHistory(const std::shared_ptr<Node>& node,
 void RecordOp(std::string name, absl::Span<const Tensor> inputs,
               absl::Span<Tensor* const> outputs, BackwardFn backward,
               MissingGrad missing) {
-  SetHistory(std::make_shared<FunctionNode>(std::move(name),
-                                            std::move(backward), missing),
-             inputs, outputs);
+  RecordOp(std::move(name), inputs, outputs, /*saved=*/{}, std::move(backward),
+           missing);
+}
+
+void RecordOp(std::string name, absl::Span<const Tensor> inputs,
+              absl::Span<Tensor* const> outputs, absl::Span<const Tensor> saved,
+              BackwardFn backward, MissingGrad missing) {
+  auto node = std::make_shared<FunctionNode>(std::move(name),
+                                             std::move(backward), missing);
+  node->SaveVersions(saved, inputs, outputs);
+  SetHistory(node, inputs, outputs);
 }
 
 class Engine {
@@ -178,6 +224,7 @@ void Engine::Run(absl::Span<const Tensor> roots,
     LC_REQUIRE(!node->released_, "backward: the graph through ", node->name(),
                " was already freed by an earlier backward (pass "
                "retain_graph = true to backpropagate twice)");
+    node->CheckSavedVersions();
     for (const Edge& edge : node->next_edges_) {
       if (edge.node == nullptr) continue;
       ++dependencies[edge.node.get()];
@@ -217,6 +264,7 @@ void Engine::Run(absl::Span<const Tensor> roots,
       // Leaves' accumulators outlive the graph; everything else is freed.
       if (!retain_graph && dynamic_cast<AccumulateGrad*>(node) == nullptr) {
         node->ReleaseSaved();
+        node->saved_versions_.clear();
         node->released_ = true;
       }
     }

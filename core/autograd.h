@@ -5,6 +5,25 @@
 // .grad and frees each node's saved tensors once it ran. Gradients are not
 // themselves differentiable (no double backward). Grad mode is per thread,
 // so ranks running as threads do not disturb each other.
+//
+// NOTE [ Version counters ]
+// A backward that reads a tensor's data (Mul reads its inputs, Softmax its
+// output) computes wrong gradients, silently, if that data was written after
+// the forward used it. So, as in PyTorch, every tensor has a version counter
+// (TensorImpl::version) shared by all views and detached aliases of its data,
+// and every in-place write through the public API bumps it: Tensor::set,
+// CopyInto, AddInPlace, AdamW::Step on the parameters and ClipGradNorm on the
+// gradients; other code that writes a tensor others may hold through
+// data<T>() calls bump_version(). An op passes the tensors its backward
+// reads to RecordOp (a custom node to Node::SaveVersions), which records
+// their versions; Backward checks every reachable node before running any
+// and throws lc::Error naming the op, the saved tensor and both versions if
+// one changed, so no gradient is half accumulated. Writes an op makes into
+// outputs it is still building happen before it records them, and
+// recomputation (Checkpoint, which saves its inputs the same way) rebuilds
+// its graph in backward with fresh versions. The counter is a plain integer:
+// a tensor is never written by several threads at once (ranks running as
+// threads own their tensors), and a bump is one increment.
 #ifndef LONGCTX_CORE_AUTOGRAD_H_
 #define LONGCTX_CORE_AUTOGRAD_H_
 
@@ -54,6 +73,13 @@ class Node {
   // Drops the tensors saved for backward; called after Apply unless the
   // graph is retained.
   virtual void ReleaseSaved() {}
+  // Records the versions of `saved`, the tensors this node's backward will
+  // read (NOTE [ Version counters ]); undefined ones are skipped. `inputs`
+  // and `outputs` are the node's: an error names a saved tensor by the input
+  // or output whose data it shares.
+  void SaveVersions(absl::Span<const Tensor> saved,
+                    absl::Span<const Tensor> inputs,
+                    absl::Span<Tensor* const> outputs);
 
   const std::string& name() const { return name_; }
   const std::vector<Edge>& next_edges() const { return next_edges_; }
@@ -71,8 +97,22 @@ class Node {
   friend void SetHistory(const std::shared_ptr<Node>&, absl::Span<const Tensor>,
                          absl::Span<Tensor* const>);
   friend class Engine;
+  // A tensor saved for backward: its version counter and version when saved,
+  // and, for the error, its role ("input", "output" or "saved tensor"), index
+  // and shape.
+  struct SavedVersion {
+    std::shared_ptr<const uint64_t> counter;
+    uint64_t version;
+    const char* role;
+    int index;
+    Shape shape;
+  };
+  // Throws lc::Error if a tensor SaveVersions recorded was written since.
+  void CheckSavedVersions() const;
+
   std::string name_;
   std::vector<Edge> next_edges_;
+  std::vector<SavedVersion> saved_versions_;
   std::vector<OutputInfo> outputs_;
   bool released_ = false;
   uint64_t sequence_nr_;
@@ -140,15 +180,24 @@ void SetHistory(const std::shared_ptr<Node>& node,
 //   if (NeedsGrad({x})) RecordOp("Exp", {x}, {&y}, [y = y.detach()](
 //       const Tensors& g) -> Tensors { return {Mul(g[0], y)}; });
 // Capture saved tensors detached (no history), so the graph has no cycles.
+// This form is for ops whose backward reads no tensor's data (Add, views).
 void RecordOp(std::string name, absl::Span<const Tensor> inputs,
               absl::Span<Tensor* const> outputs, BackwardFn backward,
               MissingGrad missing = MissingGrad::kZeros);
+// The form for ops whose backward reads tensors: `saved` lists what it
+// captures (inputs or outputs, detached or as aliases of their data, and
+// other tensors it reads, such as indices), whose versions backward checks:
+//   RecordOp("Mul", {a, b}, {&y}, /*saved=*/{a, b}, [a = a.detach(), ...
+void RecordOp(std::string name, absl::Span<const Tensor> inputs,
+              absl::Span<Tensor* const> outputs, absl::Span<const Tensor> saved,
+              BackwardFn backward, MissingGrad missing = MissingGrad::kZeros);
 
 // Backpropagates gradients `grad_roots` (one per root; undefined means 1 for
 // one-element roots) from `roots` through the graph, accumulating into
 // leaves. Throws lc::Error for a root that does not require grad, a missing
-// or mis-shaped root gradient, or a graph already freed by an earlier
-// backward.
+// or mis-shaped root gradient, a graph already freed by an earlier backward,
+// or a saved tensor written in place since it was saved (NOTE [ Version
+// counters ]); these are found before any gradient is computed.
 void Backward(absl::Span<const Tensor> roots,
               absl::Span<const Tensor> grad_roots, bool retain_graph = false);
 

@@ -15,6 +15,8 @@ class CheckpointNode : public Node {
       inputs_.push_back(t.detach());
       input_requires_grad_.push_back(t.requires_grad());
     }
+    // Recomputing from an input written since would give wrong gradients.
+    SaveVersions(inputs_, inputs, {});
   }
 
   Tensors Apply(Tensors grad_outputs) override {

@@ -97,6 +97,15 @@ void CopyCuda(const Tensor& dst, const Tensor& src) {
                   dst.strides(), src.raw_data(), src.dtype(), src.strides());
 }
 
+// dst = src for two tensors on one device.
+void CopyOnOneDevice(const Tensor& dst, const Tensor& src) {
+  if (dst.device().is_cpu()) {
+    CopyCpu(dst, src);
+  } else {
+    CopyCuda(dst, src);
+  }
+}
+
 void CheckShape(const Shape& shape, const char* what) {
   for (int64_t s : shape) {
     LC_REQUIRE(s >= 0, what, ": negative size in shape ", ShapeToString(shape),
@@ -104,17 +113,21 @@ void CheckShape(const Shape& shape, const char* what) {
   }
 }
 
+// A TensorImpl over `base`'s data with new geometry, sharing its storage and
+// version counter, without autograd history. Aggregate initialization: no
+// fresh counter is made only to be replaced.
+std::shared_ptr<TensorImpl> ViewImpl(const Tensor& base, int64_t offset,
+                                     Shape shape, Shape strides) {
+  return std::make_shared<TensorImpl>(
+      TensorImpl{base.storage(), offset, std::move(shape), std::move(strides),
+                 base.dtype(), base.impl().version});
+}
+
 // A view of `base`'s storage with new geometry; records `backward` when
 // base needs grad.
 Tensor MakeView(const Tensor& base, int64_t offset, Shape shape, Shape strides,
                 const char* name, BackwardFn backward) {
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = base.storage();
-  impl->offset = offset;
-  impl->shape = std::move(shape);
-  impl->strides = std::move(strides);
-  impl->dtype = base.dtype();
-  Tensor view(std::move(impl));
+  Tensor view(ViewImpl(base, offset, std::move(shape), std::move(strides)));
   if (NeedsGrad({base})) RecordOp(name, {base}, {&view}, std::move(backward));
   return view;
 }
@@ -205,6 +218,7 @@ void Tensor::set(const std::vector<int64_t>& index, double value) const {
   const int64_t size = DTypeSize(dtype());
   alignas(8) char buffer[8];
   WriteElement(buffer, dtype(), value);
+  bump_version();
   CopyBytes(static_cast<char*>(storage()->data()) + offset * size, device(),
             buffer, Device::Cpu(), size);
 }
@@ -408,13 +422,7 @@ void Tensor::set_grad(const Tensor& grad) const {
 }
 
 Tensor Tensor::detach() const {
-  auto impl = std::make_shared<TensorImpl>();
-  impl->storage = storage();
-  impl->offset = offset();
-  impl->shape = shape();
-  impl->strides = strides();
-  impl->dtype = dtype();
-  return Tensor(std::move(impl));
+  return Tensor(ViewImpl(*this, offset(), shape(), strides()));
 }
 
 void Tensor::backward(const Tensor& grad_output, bool retain_graph) const {
@@ -492,12 +500,9 @@ void CopyInto(const Tensor& dst, const Tensor& src) {
   LC_REQUIRE(dst.shape() == src.shape(), "CopyInto: destination shape ",
              ShapeToString(dst.shape()), " != source shape ",
              ShapeToString(src.shape()));
+  dst.bump_version();
   if (dst.device() == src.device()) {
-    if (dst.device().is_cpu()) {
-      CopyCpu(dst, src);
-    } else {
-      CopyCuda(dst, src);
-    }
+    CopyOnOneDevice(dst, src);
     return;
   }
   // Across devices: convert and pack on the source's device into dense
@@ -512,7 +517,7 @@ void CopyInto(const Tensor& dst, const Tensor& src) {
       dst.is_contiguous() ? dst : Empty(dst.shape(), dst.dtype(), dst.device());
   CopyBytes(landing.raw_data(), landing.device(), packed.raw_data(),
             packed.device(), dst.numel() * DTypeSize(dst.dtype()));
-  if (!dst.is_contiguous()) CopyInto(dst, landing);
+  if (!dst.is_contiguous()) CopyOnOneDevice(dst, landing);
 }
 
 void AddInPlace(const Tensor& dst, const Tensor& src) {
@@ -524,10 +529,11 @@ void AddInPlace(const Tensor& dst, const Tensor& src) {
   LC_REQUIRE(dst.device() == src.device(), "AddInPlace: destination on ",
              dst.device().ToString(), " and source on ",
              src.device().ToString(), " (expected one device)");
+  LC_REQUIRE(dst.device().is_cpu() || IsFloating(dst.dtype()), "AddInPlace on ",
+             dst.device().ToString(), ": dtype ", DTypeName(dst.dtype()),
+             " (expected float32, float64 or bfloat16)");
+  dst.bump_version();
   if (dst.device().is_cuda()) {
-    LC_REQUIRE(IsFloating(dst.dtype()), "AddInPlace on ",
-               dst.device().ToString(), ": dtype ", DTypeName(dst.dtype()),
-               " (expected float32, float64 or bfloat16)");
     AddInPlaceCuda(dst.device().index, dst.shape(), dst.dtype(), dst.raw_data(),
                    dst.strides(), src.raw_data(), src.strides());
     return;

@@ -28,6 +28,9 @@ struct TensorImpl {
   Shape shape;
   Shape strides;  // in elements
   DType dtype = DType::kFloat32;
+  // In-place writes to the data so far, shared by every view and detached
+  // alias of it: see NOTE [ Version counters ] in core/autograd.h.
+  std::shared_ptr<uint64_t> version = std::make_shared<uint64_t>(0);
 
   // Autograd. A leaf (grad_fn == nullptr) with requires_grad accumulates its
   // gradient into `grad`; a non-leaf is output `output_nr` of `grad_fn`.
@@ -57,6 +60,13 @@ class Tensor {
   Device device() const { return impl().storage->device(); }
   bool is_contiguous() const;
   const std::shared_ptr<Storage>& storage() const { return impl().storage; }
+  // How many in-place writes (set, CopyInto, AddInPlace, an optimizer step)
+  // the data of this tensor and its views have had: NOTE [ Version counters ]
+  // in core/autograd.h.
+  uint64_t version() const { return *impl().version; }
+  // Counts one in-place write. set, CopyInto and AddInPlace call it; code
+  // that writes a tensor others may hold through data<T>() must too.
+  void bump_version() const { ++*impl().version; }
 
   // Pointer to this view's first element. data<T>() checks that T matches the
   // dtype; both work for any device (a CUDA pointer for CUDA tensors).
@@ -70,7 +80,8 @@ class Tensor {
   }
 
   // Element access as double, for tests and printing (copies CUDA data to
-  // the host first). Index checks throw lc::Error.
+  // the host first). Index checks throw lc::Error. set is an in-place write
+  // (it bumps the version).
   double item() const;
   double at(const std::vector<int64_t>& index) const;
   void set(const std::vector<int64_t>& index, double value) const;
@@ -146,10 +157,12 @@ Tensor FromVector(const std::vector<double>& values, const Shape& shape,
 Tensor ZerosLike(const Tensor& t);
 
 // Element-wise dst = src for tensors of the same shape, any strides, dtypes
-// and devices (not differentiable; dst must not overlap src).
+// and devices (not differentiable, an in-place write of dst; dst must not
+// overlap src).
 void CopyInto(const Tensor& dst, const Tensor& src);
 // dst += src for same-shape tensors of the same dtype and device (not
-// differentiable; on CUDA a floating dtype). Used to accumulate gradients.
+// differentiable, an in-place write of dst; on CUDA a floating dtype). Used to
+// accumulate gradients.
 void AddInPlace(const Tensor& dst, const Tensor& src);
 
 }  // namespace lc

@@ -1186,16 +1186,22 @@ class NcclCommunicator : public Communicator {
   absl::StatusOr<std::unique_ptr<Work>> Recv(const Tensor& tensor, int src,
                                              int tag) override {
     LC_ASSIGN_OR_RETURN(auto transfer, state_->Post(false, tensor, src, tag));
+    // NCCL writes the tensor through its pointer: an in-place write (NOTE [
+    // Version counters ] in core/autograd.h), counted when it is posted.
+    tensor.bump_version();
     return std::unique_ptr<Work>(new NcclWork(state_, std::move(transfer)));
   }
   absl::Status AllReduceSum(const Tensor& tensor) override {
+    if (tensor.defined()) tensor.bump_version();
     return state_->Collective(CollectiveKind::kAllReduceSum, tensor, Tensor(),
                               0);
   }
   absl::Status AllGather(const Tensor& input, const Tensor& output) override {
+    if (output.defined()) output.bump_version();
     return state_->Collective(CollectiveKind::kAllGather, input, output, 0);
   }
   absl::Status Broadcast(const Tensor& tensor, int root) override {
+    if (tensor.defined() && root != rank()) tensor.bump_version();
     return state_->Collective(CollectiveKind::kBroadcast, tensor, Tensor(),
                               root);
   }

@@ -30,7 +30,7 @@ Tensor BinaryOp(const char* op, const Tensor& a, const Tensor& b,
   Tensor y = MapElements<2>(op, {a, b}, shape, forward);
   if (NeedsGrad({a, b})) {
     RecordOp(
-        op, {a, b}, {&y},
+        op, {a, b}, {&y}, /*saved=*/save_inputs ? Tensors{a, b} : Tensors{},
         [a_shape = a.shape(), b_shape = b.shape(), needs_a = a.requires_grad(),
          needs_b = b.requires_grad(), a = save_inputs ? a.detach() : Tensor(),
          b = save_inputs ? b.detach() : Tensor(), grad_a,

@@ -111,9 +111,10 @@ Tensor UnaryOp(const char* op, const Tensor& x,
     Tensor saved;
     if (saved_for_backward == SavedForBackward::kInput) saved = x.detach();
     if (saved_for_backward == SavedForBackward::kOutput) saved = y.detach();
-    RecordOp(op, {x}, {&y}, [saved, backward](const Tensors& g) -> Tensors {
-      return {backward(g[0], saved)};
-    });
+    RecordOp(op, {x}, {&y}, /*saved=*/{saved},
+             [saved, backward](const Tensors& g) -> Tensors {
+               return {backward(g[0], saved)};
+             });
   }
   return y;
 }

@@ -72,7 +72,7 @@ Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
   internal::CrossEntropyForwardCuda(x, target, ignore_index, lse, count, loss);
   if (NeedsGrad({logits})) {
     RecordOp(
-        "CrossEntropy", {logits}, {&loss},
+        "CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
         [x, target, lse, count, ignore_index](const Tensors& g) -> Tensors {
           Tensor dx = Empty(x.shape(), x.dtype(), x.device());
           internal::CrossEntropyBackwardCuda(x, target, ignore_index, lse,
@@ -131,7 +131,7 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
   });
   Tensor loss = Full({}, count > 0 ? total / count : 0.0, x.dtype());
   if (NeedsGrad({logits})) {
-    RecordOp("CrossEntropy", {logits}, {&loss},
+    RecordOp("CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
              [x, target, lse, rows, classes, ignore_index,
               count](const Tensors& g) -> Tensors {
                Tensor dx = Zeros(x.shape(), x.dtype());

@@ -276,7 +276,7 @@ Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
   }
   Tensor out = MatmulForward(a.detach(), b.detach(), transpose_a, transpose_b);
   if (NeedsGrad({a, b})) {
-    RecordOp("Matmul", {a, b}, {&out},
+    RecordOp("Matmul", {a, b}, {&out}, /*saved=*/{a, b},
              [a = a.detach(), b = b.detach(), transpose_a, transpose_b,
               needs_a = a.requires_grad(),
               needs_b = b.requires_grad()](const Tensors& g) -> Tensors {

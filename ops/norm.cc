@@ -155,7 +155,7 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
     });
   }
   if (NeedsGrad(inputs)) {
-    RecordOp(op, inputs, {&out},
+    RecordOp(op, inputs, {&out}, /*saved=*/{xc, wc},
              [xc, wc, mean, rstd, rows, dim, center, op,
               has_bias = bias.defined()](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();

@@ -94,7 +94,7 @@ Tensor ApplyRotary(const Tensor& x, const Tensor& positions, double base) {
   const Tensor pos = positions.to(x.device()).contiguous();
   Tensor out = Rotate(x.detach(), pos, base, 1.0);
   if (NeedsGrad({x})) {
-    RecordOp("ApplyRotary", {x}, {&out},
+    RecordOp("ApplyRotary", {x}, {&out}, /*saved=*/{pos},
              [pos, base](const Tensors& g) -> Tensors {
                return {Rotate(g[0], pos, base, -1.0)};
              });

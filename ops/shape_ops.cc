@@ -200,7 +200,7 @@ Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices) {
                static_cast<char*>(out.raw_data()));
   }
   if (NeedsGrad({x})) {
-    RecordOp("IndexSelect", {x}, {&out},
+    RecordOp("IndexSelect", {x}, {&out}, /*saved=*/{index},
              [index, x_shape = x.shape(), dtype = x.dtype(), outer, size,
               num_indices, inner](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();

@@ -133,7 +133,7 @@ Tensor SoftmaxOp(const char* op, const Tensor& x, int64_t dim, bool log) {
   const int64_t d = NormalizeDim(dim, x.dim(), op);
   Tensor y = SoftmaxForward(op, x, d, log);
   if (NeedsGrad({x})) {
-    RecordOp(op, {x}, {&y},
+    RecordOp(op, {x}, {&y}, /*saved=*/{y},
              [op, y = y.detach(), d, log](const Tensors& g) -> Tensors {
                return {SoftmaxBackward(op, g[0], y, d, log)};
              });

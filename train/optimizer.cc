@@ -158,6 +158,9 @@ void AdamW::Step(double lr) {
                ShapeToString(state.param.shape()), " on ", device_.ToString());
     const Tensor grad = grad_tensor.contiguous();
     const double decay = state.decay ? 1 - lr * options_.weight_decay : 1.0;
+    // Written in place below: a graph that saved the parameter must refuse
+    // to backpropagate (NOTE [ Version counters ] in core/autograd.h).
+    state.param.bump_version();
     if (device_.is_cuda()) {
       cuda_entries.push_back({state.param.data<float>(), grad.data<float>(),
                               state.m.data<float>(), state.v.data<float>(),
@@ -304,6 +307,8 @@ absl::StatusOr<double> ClipGradNorm(const std::vector<Tensor>& params,
   }
   if (max_norm > 0 && norm > max_norm) {
     const double factor = max_norm / (norm + 1e-6);
+    // Scaled in place below (NOTE [ Version counters ] in core/autograd.h).
+    for (const Tensor& grad : grads) grad.bump_version();
     if (cuda) {
       ScaleCuda(device->index, cuda_entries, factor);
       return norm;

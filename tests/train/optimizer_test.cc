@@ -12,6 +12,8 @@
 #include "distributed/thread_communicator.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "ops/elementwise.h"
+#include "ops/reduce.h"
 #include "tests/op_test_util.h"
 #include "tests/torch_oracle.h"
 #include "train/schedule.h"
@@ -20,6 +22,7 @@ namespace lc {
 namespace {
 
 using ::lc::testing::ExpectAllClose;
+using ::lc::testing::ExpectError;
 using ::lc::testing::OracleAttrs;
 using ::lc::testing::RunTorchOp;
 using ::lc::testing::TestGenerator;
@@ -240,6 +243,26 @@ TEST(ClipGradNormTest, RanksWithDifferentGradientsFail) {
   EXPECT_EQ(status.code(), absl::StatusCode::kInternal);
   EXPECT_THAT(status.message(), AllOf(HasSubstr("gradient norm"),
                                       HasSubstr("AllReduceGradients")));
+}
+
+TEST(AdamWTest, StepInvalidatesGraphsThatSavedTheParameter) {
+  const Tensor p = Leaf({1, 2}, {2});
+  auto optimizer = AdamW::Create({{"p", p}});
+  ASSERT_TRUE(optimizer.ok()) << optimizer.status();
+  const Tensor loss = Sum(Mul(p, p));
+  loss.backward(Tensor(), /*retain_graph=*/true);
+  optimizer->Step(0.1);
+  ExpectError([&] { loss.backward(); },
+              {"backward of Mul: input 0 [2] saved at version 0, now version "
+               "1"});
+}
+
+TEST(ClipGradNormTest, CountsAsAWriteOfTheGradients) {
+  const Tensor p = Leaf({1, 2}, {2});
+  p.set_grad(FromVector({30, 40}, {2}, DType::kFloat64));
+  const uint64_t before = p.grad().version();
+  ASSERT_TRUE(ClipGradNorm({p}, /*max_norm=*/1, nullptr).ok());
+  EXPECT_EQ(p.grad().version(), before + 1);
 }
 
 }  // namespace
