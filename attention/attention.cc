@@ -7,6 +7,7 @@
 
 #include "attention/attention_cudnn.h"
 #include "attention/attention_kernel.h"
+#include "attention/partial_attention.h"
 #include "core/autograd.h"
 #include "core/status.h"
 
@@ -86,6 +87,7 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
   if (NeedsGrad({qc, kc, vc})) {
     RecordOp(
         "Attention", {qc, kc, vc}, {&out, &lse},
+        /*saved=*/{qc, kc, vc, out, lse},
         [p, all, backend, deterministic = options.deterministic,
          cudnn = on_cudnn ? cudnn : std::nullopt, q = qc.detach(),
          k = kc.detach(), v = vc.detach(), out = out.detach(),
@@ -110,12 +112,10 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
               return {dq, dk, dv};
             }
           }  // (a failed cuDNN call may have written rows: ours starts over)
+          // (kCudnn with deterministic was refused before the forward.)
           LC_REQUIRE(backend != AttentionBackend::kCudnn || cudnn_backward,
-                     "Attention: backend kCudnn has no backward ",
-                     deterministic ? "that is deterministic (cuDNN adds dq "
-                                     "with atomics)"
-                                   : "that takes a gradient through lse",
-                     " (use kAuto or kOwn)");
+                     "Attention: backend kCudnn has no backward that takes a "
+                     "gradient through lse (use kAuto or kOwn)");
           const Tensor grad_lse =
               g[1].defined() ? g[1].contiguous() : ZerosLike(lse);
           Tensor dq = zeros(q), dk = zeros(k), dv = zeros(v);
@@ -137,6 +137,12 @@ AttentionResult AttentionCuda(const Tensor& q, const Tensor& k, const Tensor& v,
 AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionPattern& pattern,
                           const AttentionOptions& options) {
+  // Refused before any work: the forward would run only for the backward to
+  // fail (cuDNN's backward adds dq with atomics, and kCudnn runs no other).
+  LC_REQUIRE(
+      options.backend != AttentionBackend::kCudnn || !options.deterministic,
+      "Attention: backend kCudnn with deterministic (cuDNN's backward is not "
+      "deterministic; expected backend kAuto or kOwn, or deterministic false)");
   LC_REQUIRE(q.defined() && q.dim() == 4, "Attention: q has shape ",
              q.defined() ? ShapeToString(q.shape()) : "undefined",
              " (expected [batch, n, heads, head_dim])");
@@ -173,6 +179,7 @@ AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
   if (NeedsGrad({qc, kc, vc})) {
     RecordOp(
         "Attention", {qc, kc, vc}, {&out, &lse},
+        /*saved=*/{qc, kc, vc, out, lse},
         [p, all, q = qc.detach(), k = kc.detach(), v = vc.detach(),
          out = out.detach(), lse = lse.detach()](const Tensors& g) -> Tensors {
           const Tensor grad_out = g[0].contiguous();

@@ -53,7 +53,8 @@ struct AttentionOptions {
   AttentionBackend backend = AttentionBackend::kAuto;
   // Bit-reproducible gradients on CUDA: cuDNN's backward adds dq with
   // atomics, so with kAuto the backward then runs on our kernels, which
-  // always are (kCudnn refuses it).
+  // always are. Attention refuses kCudnn with deterministic before running
+  // anything, on every device.
   bool deterministic = false;
 };
 
@@ -74,8 +75,9 @@ struct AttentionResult {
 // dims and float32/float64 on FMA units); the key padding mask may be on the
 // CPU or the device. Throws lc::Error naming the bad value for mismatched
 // shapes, dtypes or devices, a pattern for a different number of heads, a
-// block mask for a different length, a bad dropout or padding mask, or a
-// call backend kCudnn cannot run.
+// block mask for a different length, a bad dropout or padding mask, dropout
+// beyond 2^32 tokens, streams or generator offsets (its draws would repeat),
+// backend kCudnn with deterministic, or a call backend kCudnn cannot run.
 AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionPattern& pattern,
                           const AttentionOptions& options = {});

@@ -91,15 +91,14 @@ __device__ __forceinline__ uint64_t DropoutStream(const KernelArgs& a,
                                item.pattern);
 }
 
-// Whether dropout keeps pair (t, u): draw (stream * n + t) * n + u of the
-// call's Philox stream, compared in double as the CPU primitive does.
+// Whether dropout keeps pair (t, u): the CPU primitive's draw, compared in
+// double as it does.
 __device__ __forceinline__ bool DropoutKeeps(const KernelArgs& a,
                                              uint64_t stream, int t, int u) {
-  const uint64_t n = static_cast<uint64_t>(a.n);
-  const uint64_t index =
-      (stream * n + static_cast<uint64_t>(t)) * n + static_cast<uint64_t>(u);
-  return static_cast<double>(PhiloxUniform(a.dropout_seed, a.dropout_offset,
-                                           index)) >= a.dropout;
+  return static_cast<double>(AttentionDropoutUniform(
+             a.dropout_seed, a.dropout_offset, stream,
+             static_cast<uint64_t>(a.n), static_cast<uint64_t>(t),
+             static_cast<uint64_t>(u))) >= a.dropout;
 }
 
 // Element offsets of head h of batch b in the query-side buffers (q,
@@ -1379,17 +1378,34 @@ void BackwardMma(const CudaAttentionArgs& args, const CudaWorkList& queries,
                    C::kGradWarps * 32, kv_smem);
 }
 
+// Whether every row of every buffer of a call starts on a 16-byte boundary,
+// as the tensor-core kernels need (they copy rows 16 bytes at a time with
+// cp.async and write outputs in pairs): the buffers' bases, and the element
+// strides between batches, rows and heads of both sides in bfloat16 (the
+// outputs' elements are as large or larger, so their strides follow).
+bool RowsAligned(const CudaAttentionArgs& args,
+                 std::initializer_list<const void*> buffers) {
+  for (const void* p : buffers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  for (int64_t stride :
+       {args.q_batch_stride, args.q_row_stride, args.head_dim,
+        args.k_batch_stride, args.k_row_stride, args.k_head_stride}) {
+    if (stride * static_cast<int64_t>(sizeof(bf16)) % 16 != 0) return false;
+  }
+  return true;
+}
+
 // Calls fn(D{}, OutT{}) for the tensor-core kernels' head_dim and output
 // type, or returns false when they do not take the call: bfloat16 inputs,
-// head_dim 64 or 128, every row 16-byte aligned.
+// head_dim 64 or 128, every row of `buffers` (inputs and outputs) 16-byte
+// aligned. Other calls run on the FMA kernels, which take any alignment.
 template <typename Fn>
 bool DispatchMma(const CudaAttentionArgs& args,
                  std::initializer_list<const void*> buffers, Fn&& fn) {
   if (args.dtype != DType::kBFloat16) return false;
   if (args.head_dim != 64 && args.head_dim != 128) return false;
-  for (const void* p : buffers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
+  if (!RowsAligned(args, buffers)) return false;
   const bool write = args.out_dtype == DType::kBFloat16;
   if (args.head_dim == 64) {
     write ? fn(std::integral_constant<int, 64>(), bf16{})
@@ -1494,7 +1510,7 @@ void LaunchAttentionForward(const CudaAttentionArgs& args,
   ka.v = v;
   ka.out_acc = out_acc;
   ka.lse_acc = lse_acc;
-  const bool mma = DispatchMma(args, {q, k, v}, [&](auto d, auto out) {
+  const bool mma = DispatchMma(args, {q, k, v, out_acc}, [&](auto d, auto out) {
     ForwardMma<decltype(d)::value, decltype(out)>(args, query_items, ka);
   });
   if (!mma) LaunchSimt(args, query_items, ka, 0);
@@ -1522,10 +1538,11 @@ void LaunchAttentionBackward(const CudaAttentionArgs& args,
   KernelArgs key_args = query_args;
   key_args.tiles = key_items.tiles;
   const bool mma =
-      DispatchMma(args, {q, k, v, grad_out}, [&](auto d, auto grad) {
-        BackwardMma<decltype(d)::value, decltype(grad)>(
-            args, query_items, key_items, query_args, key_args);
-      });
+      DispatchMma(args, {q, k, v, grad_out, dq_acc, dk_acc, dv_acc},
+                  [&](auto d, auto grad) {
+                    BackwardMma<decltype(d)::value, decltype(grad)>(
+                        args, query_items, key_items, query_args, key_args);
+                  });
   if (mma) return;
   LaunchSimt(args, query_items, query_args, 1);
   LaunchSimt(args, key_items, key_args, 2);

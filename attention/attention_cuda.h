@@ -88,8 +88,9 @@ struct CudaAttentionArgs {
   bool causal = false;
   const uint8_t* key_padding = nullptr;  // device uint8 [batch, n], or null
   // Pair (t, u) of stream s = (b * heads + h) * max_patterns + pattern keeps
-  // its probability when PhiloxUniform(seed, offset, (s * n + t) * n + u) >=
-  // dropout, scaled by 1 / (1 - dropout): the CPU primitive's draw.
+  // its probability when AttentionDropoutUniform(seed, offset, s, n, t, u) >=
+  // dropout (core/philox.h), scaled by 1 / (1 - dropout): the CPU
+  // primitive's draw.
   double dropout = 0;
   uint64_t dropout_seed = 0, dropout_offset = 0;
 };

@@ -134,10 +134,16 @@ CudaWorkListHost BuildCudaWorkList(const AttentionProblem& p,
          ++i) {
       LC_CHECK_EQ(records[i].own.count, first.own.count)
           << "one tile of rows splits the same way against every span";
+      LC_CHECK_GT(records[i].other.count, 0) << "a tile of no rows";
       list.tiles.push_back(records[i].other);
       cost += Cost(first.own, records[i].other, p.plan.causal, kind);
     }
     item.last = Narrow(static_cast<int64_t>(list.tiles.size()));
+    // The tensor-core kernels load an item's first key or query chunk
+    // before checking for one (attention_cuda.cu, ChunkCursor): an item has
+    // rows and at least one tile.
+    LC_CHECK_GT(item.rows.count, 0) << "an item of no rows";
+    LC_CHECK_LT(item.first, item.last) << "an item without tiles";
     list.items.push_back(item);
     costs.push_back(cost);
   }

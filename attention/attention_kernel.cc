@@ -280,6 +280,9 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
         options.generator != nullptr ? *options.generator : DefaultGenerator();
     p->dropout_seed = gen.seed();
     p->dropout_offset = gen.NextOffset();
+    CheckAttentionDropoutDraws("Attention", n,
+                               p->batch * p->heads * p->max_patterns,
+                               p->dropout_offset);
   }
   if (options.key_padding_mask.defined()) {
     p->key_padding = options.key_padding_mask.to(q.device()).contiguous();

@@ -11,7 +11,8 @@
 #define LC_ATTENTION_AVX2_EXP 1
 #endif
 
-#include "core/random.h"
+#include "core/philox.h"
+#include "core/status.h"
 
 namespace lc {
 
@@ -222,18 +223,32 @@ void ApplyDropout(const RowSet<const T>& q, const RowSet<const T>& k,
   const T keep_scale = static_cast<T>(1.0 / (1.0 - mask.dropout));
   const uint64_t n = mask.sequence_length;
   for (int64_t i = 0; i < q.count; ++i) {
-    const uint64_t row_index = (mask.dropout_stream * n + q.PositionOf(i)) * n;
+    const uint64_t t = q.PositionOf(i);
     T* row = p.data() + i * k.count;
     for (int64_t j = 0; j < k.count; ++j) {
       if (row[j] == 0) continue;
-      const bool keep = UniformAt(mask.dropout_seed, mask.dropout_offset,
-                                  row_index + k.PositionOf(j)) >= mask.dropout;
+      const bool keep =
+          AttentionDropoutUniform(mask.dropout_seed, mask.dropout_offset,
+                                  mask.dropout_stream, n, t,
+                                  k.PositionOf(j)) >= mask.dropout;
       row[j] = keep ? row[j] * keep_scale : T(0);
     }
   }
 }
 
 }  // namespace
+
+void CheckAttentionDropoutDraws(const char* op, int64_t n, int64_t streams,
+                                uint64_t offset) {
+  const uint64_t limit = kAttentionDropoutLimit;
+  LC_REQUIRE(static_cast<uint64_t>(n) <= limit, op, ": dropout over n = ", n,
+             " tokens (expected n <= ", limit, ")");
+  LC_REQUIRE(
+      static_cast<uint64_t>(streams) <= limit, op, ": dropout over ", streams,
+      " streams (batch x heads x patterns per head; expected <= ", limit, ")");
+  LC_REQUIRE(offset < limit, op, ": dropout at generator offset ", offset,
+             " (expected < ", limit, ")");
+}
 
 template <typename T>
 void MergeAttentionRow(T* o1, T* lse1, const T* o2, T lse2, int64_t d) {

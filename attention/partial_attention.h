@@ -36,14 +36,22 @@ struct TileMask {
   int64_t key_padding_step = 1;  // bytes between consecutive key rows
   // Attention dropout: pair (t, u) keeps its probability with probability
   // 1 - p, scaled by 1 / (1 - p); the draw is
-  // UniformAt(seed, offset, (stream * n + t) * n + u) >= p, so forward and
-  // backward (and any tile order) see the same mask.
+  // AttentionDropoutUniform(seed, offset, stream, n, t, u) >= p
+  // (core/philox.h), so forward and backward (and any tile order) see the
+  // same mask.
   double dropout = 0;
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
   uint64_t dropout_stream = 0;  // distinct per (batch, head, pattern)
   int64_t sequence_length = 0;  // n in the draw index
 };
+
+// Throws lc::Error naming the value unless every pair of a call of `op`
+// with attention dropout gets its own draw (AttentionDropoutUniform): n
+// tokens and `streams` (batch x heads x the most patterns of a head) at
+// most 2^32, the generator offset below 2^32.
+void CheckAttentionDropoutDraws(const char* op, int64_t n, int64_t streams,
+                                uint64_t offset);
 
 // Merges the partial (o2, lse2) into (o1, lse1) for one query row of d
 // elements, giving their joint softmax: with w = sigmoid(lse2 - lse1),

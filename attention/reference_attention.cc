@@ -5,7 +5,9 @@
 #include <limits>
 #include <vector>
 
+#include "attention/partial_attention.h"
 #include "core/autograd.h"
+#include "core/philox.h"
 #include "core/random.h"
 #include "core/status.h"
 
@@ -99,6 +101,10 @@ Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
              dropout, " (expected in [0, 1))");
   const int64_t heads = static_cast<int64_t>(pattern.head_patterns.size());
   const int64_t max_patterns = MaxPatterns(pattern);
+  if (dropout > 0) {
+    CheckAttentionDropoutDraws("ReferenceAttention", n,
+                               batch * heads * max_patterns, offset);
+  }
   const double keep_scale = 1.0 / (1.0 - dropout);
   Tensor weights = Zeros({batch, heads, n, n}, DType::kFloat64);
   double* w = weights.data<double>();
@@ -108,9 +114,8 @@ Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
         double factor = 1;
         if (dropout > 0) {
           const uint64_t stream = (b * heads + h) * max_patterns + i;
-          const uint64_t index = (stream * n + t) * n + u;
-          const bool keep =
-              static_cast<double>(UniformAt(seed, offset, index)) >= dropout;
+          const bool keep = static_cast<double>(AttentionDropoutUniform(
+                                seed, offset, stream, n, t, u)) >= dropout;
           factor = keep ? keep_scale : 0;
         }
         w[((b * heads + h) * n + t) * n + u] += factor;

@@ -25,13 +25,14 @@ Tensor PairCounts(const AttentionPattern& pattern, bool causal,
 // float64 [batch, heads, n, n]: the sum, over the patterns that allow
 // (t, u) as in PairCounts, of the attention-dropout keep factor of the pair
 // under that pattern: 1 / (1 - dropout) when
-// UniformAt(seed, offset, (stream * n + t) * n + u) >= dropout, else 0, with
-// stream = (b * heads + h) * max_patterns + pattern index and max_patterns
-// the largest number of patterns of any head (at least 1). This is the draw
-// of TileMask (attention/partial_attention.h), so it reproduces the dropout
-// of Attention for the generator state (seed, offset) Attention used. With
-// dropout = 0 it equals PairCounts. Throws lc::Error for dropout outside
-// [0, 1) and as PairCounts.
+// AttentionDropoutUniform(seed, offset, stream, n, t, u) >= dropout
+// (core/philox.h), else 0, with stream = (b * heads + h) * max_patterns +
+// pattern index and max_patterns the largest number of patterns of any head
+// (at least 1). This is the draw of TileMask (attention/partial_attention.h),
+// so it reproduces the dropout of Attention for the generator state (seed,
+// offset) Attention used. With dropout = 0 it equals PairCounts. Throws
+// lc::Error for dropout outside [0, 1), for dropout whose draws would not be
+// distinct (CheckAttentionDropoutDraws) and as PairCounts.
 Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
                           const Tensor& key_padding_mask, int64_t batch,
                           int64_t n, double dropout, uint64_t seed,

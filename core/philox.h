@@ -55,6 +55,26 @@ LC_HOST_DEVICE inline float PhiloxUniform(uint64_t seed, uint64_t offset,
          (1.0f / 16777216.0f);
 }
 
+// Attention dropout's draws: n, the number of streams and the generator
+// offset of a call must each be at most kAttentionDropoutLimit (the offset
+// below it) for every pair to get its own counter (AttentionDropoutUniform).
+constexpr uint64_t kAttentionDropoutLimit = uint64_t{1} << 32;
+
+// The attention-dropout draw of pair (query t, key u) in `stream` (one per
+// batch, head and pattern) of a call over n tokens that drew `offset` under
+// `seed`. The 128-bit counter holds the stream in its top 32 bits, the
+// offset in the next 32 and t * n + u in the low 64, so pairs, streams and
+// calls never share a counter while n <= 2^32 and stream, offset < 2^32
+// (callers check kAttentionDropoutLimit); stream 0 is element t * n + u of
+// a plain draw at `offset`. The CPU primitive, the CUDA kernels and the
+// reference all draw through this one function.
+LC_HOST_DEVICE inline float AttentionDropoutUniform(uint64_t seed,
+                                                    uint64_t offset,
+                                                    uint64_t stream, uint64_t n,
+                                                    uint64_t t, uint64_t u) {
+  return PhiloxUniform(seed, (stream << 32) | offset, t * n + u);
+}
+
 }  // namespace lc
 
 #endif  // LONGCTX_CORE_PHILOX_H_

@@ -11,7 +11,9 @@
 #include "attention/attention.h"
 #include "attention/attention_config.h"
 #include "attention/multihead_attention.h"
+#include "attention/partial_attention.h"
 #include "attention/pattern.h"
+#include "attention/reference_attention.h"
 #include "attention/tile_plan.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -157,6 +159,61 @@ TEST(AttentionErrorsTest, AttentionRejectsBadOptions) {
   options.query_tile = 0;
   ExpectError([&] { Attention(q, q, q, pattern, options); },
               {"tile sizes 0 x 256", "expected >= 1"});
+}
+
+// kCudnn with deterministic is refused by Attention itself, before any
+// forward runs (it once failed only in backward), on the CPU and on CUDA
+// tensors alike (these live in host memory: no GPU is needed or touched).
+TEST(AttentionErrorsTest, AttentionRefusesCudnnWithDeterministicUpFront) {
+  testing::ScopedHostCudaAllocator host_cuda;
+  AttentionOptions options;
+  options.backend = AttentionBackend::kCudnn;
+  options.deterministic = true;
+  const AttentionPattern pattern = DenseHeads(2, 8);
+  for (Device device : {Device::Cpu(), Device::Cuda(0)}) {
+    SCOPED_TRACE(device.ToString());
+    const Tensor q =
+        Empty({1, 8, 2, 64}, DType::kBFloat16, device).set_requires_grad(true);
+    ExpectError([&] { Attention(q, q, q, pattern, options); },
+                {"backend kCudnn with deterministic",
+                 "expected backend kAuto or kOwn"});
+  }
+  options.backend = AttentionBackend::kAuto;
+  const Tensor q = Zeros({1, 8, 2, 4});
+  EXPECT_TRUE(Attention(q, q, q, pattern, options).out.defined());
+}
+
+// Attention dropout draws each pair from its own Philox counter while n,
+// the number of streams and the generator offset fit 32 bits; beyond that
+// draws would repeat, so Attention and the reference refuse.
+TEST(AttentionErrorsTest, DropoutRefusesCountersThatWouldRepeat) {
+  const Tensor q = Zeros({1, 8, 2, 4});
+  const AttentionPattern pattern = DenseHeads(2, 8);
+  Generator gen(1);
+  gen.set_offset(uint64_t{1} << 32);
+  AttentionOptions options;
+  options.dropout = 0.1;
+  options.generator = &gen;
+  ExpectError([&] { Attention(q, q, q, pattern, options); },
+              {"Attention: dropout at generator offset 4294967296",
+               "expected < 4294967296"});
+  gen.set_offset(uint64_t{1} << 32);
+  ExpectError([&] { ReferenceAttention(q, q, q, pattern, options); },
+              {"ReferenceAttention: dropout at generator offset 4294967296"});
+  gen.set_offset((uint64_t{1} << 32) - 1);
+  EXPECT_TRUE(Attention(q, q, q, pattern, options).out.defined());
+  ExpectError(
+      [] {
+        CheckAttentionDropoutDraws("Attention", (int64_t{1} << 32) + 1, 1, 0);
+      },
+      {"dropout over n = 4294967297 tokens", "expected n <= 4294967296"});
+  ExpectError(
+      [] {
+        CheckAttentionDropoutDraws("Attention", 8, (int64_t{1} << 32) + 1, 0);
+      },
+      {"dropout over 4294967297 streams", "expected <= 4294967296"});
+  CheckAttentionDropoutDraws("Attention", int64_t{1} << 32, int64_t{1} << 32,
+                             (uint64_t{1} << 32) - 1);
 }
 
 TEST(AttentionErrorsTest, DilatedHeadPatternsRejectBadLists) {

@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "attention/attention_cuda_plan.h"
+#include "attention/attention_kernel.h"
 #include "attention/partial_attention.h"
 #include "attention/reference_attention.h"
 #include "attention/tile_plan.h"
@@ -381,6 +383,94 @@ TEST(AttentionTest, DropoutIsDeterministicForAGeneratorState) {
   }
   EXPECT_FALSE(BitwiseEqual(first[0], other[0]))
       << "another offset must draw another dropout mask";
+}
+
+// The CUDA work lists (host code: built here, no GPU needed) for every
+// pattern type, causal and not, over the whole sequence and over ring-like
+// layouts (two query spans against two key spans), both kinds: every item
+// has rows and at least one tile (the tensor-core kernels read an item's
+// first tile before looking for one), every tile has rows, items sit in
+// their pattern's range, and the pairs the kernels run (every pair of an
+// item's rows with its tiles' rows, up to causality: block masks and
+// dilation are whole tiles) are each pattern's allowed pairs of the two
+// layouts, each once, as PairCounts counts them.
+TEST(AttentionTest, CudaWorkListItemsHaveTilesAndCoverEveryPairOnce) {
+  Generator gen = TestGenerator();
+  for (AttentionCase c : PatternCases(gen)) {
+    const int64_t n = c.n;
+    const TokenLayout whole = TokenLayoutOf({PositionSpan{0, n}});
+    const TokenLayout queries =
+        TokenLayoutOf({PositionSpan{n / 5, n / 2}, PositionSpan{4 * n / 5, n}});
+    const TokenLayout keys =
+        TokenLayoutOf({PositionSpan{0, n / 3}, PositionSpan{2 * n / 3, n}});
+    auto holds = [](const TokenLayout& layout, int64_t position) {
+      for (const LocalSpan& s : layout.spans) {
+        if (position >= s.begin && position < s.end) return true;
+      }
+      return false;
+    };
+    const Tensor q = Zeros({1, n, c.heads, 4});
+    for (bool causal : {false, true}) {
+      c.options.causal = causal;
+      const auto p = MakeAttentionProblem(q, q, q, n, c.pattern, c.options);
+      const std::vector<double> counts =
+          PairCounts(c.pattern, causal, Tensor(), 1, n).ToVector();
+      for (const auto& [ql, kl] :
+           {std::pair<const TokenLayout*, const TokenLayout*>{&whole, &whole},
+            {&queries, &keys}}) {
+        for (CudaWorkKind kind :
+             {CudaWorkKind::kQueryItems, CudaWorkKind::kKeyItems}) {
+          const bool by_query = kind == CudaWorkKind::kQueryItems;
+          SCOPED_TRACE(absl::StrCat(c.name, causal ? " causal" : "",
+                                    ql == &whole ? " whole" : " spans",
+                                    by_query ? " query items" : " key items"));
+          const CudaWorkListHost list = BuildCudaWorkList(*p, *ql, *kl, kind);
+          ASSERT_EQ(static_cast<int64_t>(list.pattern_begin.size()),
+                    p->max_patterns + 1);
+          ASSERT_EQ(list.pattern_begin.back(),
+                    static_cast<int64_t>(list.items.size()));
+          std::vector<double> runs(counts.size(), 0);
+          for (size_t i = 0; i < list.items.size(); ++i) {
+            const CudaWorkItem& item = list.items[i];
+            ASSERT_GT(item.rows.count, 0) << "item " << i;
+            ASSERT_LT(item.first, item.last) << "item " << i << " has no tiles";
+            ASSERT_LE(item.last, static_cast<int64_t>(list.tiles.size()));
+            EXPECT_GE(static_cast<int64_t>(i),
+                      list.pattern_begin[item.pattern]);
+            EXPECT_LT(static_cast<int64_t>(i),
+                      list.pattern_begin[item.pattern + 1]);
+            for (int32_t j = item.first; j < item.last; ++j) {
+              const CudaTileRows& tile = list.tiles[j];
+              ASSERT_GT(tile.count, 0) << "tile " << j;
+              for (int32_t a = 0; a < item.rows.count; ++a) {
+                for (int32_t b = 0; b < tile.count; ++b) {
+                  const int64_t own =
+                      item.rows.position + a * item.rows.position_step;
+                  const int64_t other = tile.position + b * tile.position_step;
+                  const int64_t t = by_query ? own : other;
+                  const int64_t u = by_query ? other : own;
+                  if (causal && u > t) continue;
+                  runs[(item.head * n + t) * n + u] += 1;
+                }
+              }
+            }
+          }
+          int64_t wrong = 0;
+          for (int64_t h = 0; h < c.heads; ++h) {
+            for (int64_t t = 0; t < n; ++t) {
+              for (int64_t u = 0; u < n; ++u) {
+                const int64_t at = (h * n + t) * n + u;
+                const double want =
+                    holds(*ql, t) && holds(*kl, u) ? counts[at] : 0;
+                wrong += runs[at] != want;
+              }
+            }
+          }
+          EXPECT_EQ(wrong, 0);
+        }
+      }
+    }
+  }
 }
 
 // Tile order is scheduling only: Hilbert and row-major give the same out,

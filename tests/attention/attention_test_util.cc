@@ -167,8 +167,10 @@ OracleWeights WeightsFor(const AttentionCase& c, const Generator& gen) {
             const size_t at = ((b * heads + h) * n + t) * n + u;
             counts[at] += 1;
             if (p > 0) {
-              const uint64_t index = (stream * n + t) * n + u;
-              const bool kept = UniformAt(gen.seed(), gen.offset(), index) >= p;
+              // Philox counter: stream, offset and t * n + u, from the top.
+              const bool kept =
+                  UniformAt(gen.seed(), stream << 32 | gen.offset(),
+                            t * n + u) >= p;
               keep[at] += kept ? 1 / (1 - p) : 0;
             }
           }

@@ -1,7 +1,10 @@
 #include "core/random.h"
 
 #include <cmath>
+#include <cstdint>
+#include <utility>
 
+#include "core/philox.h"
 #include "gtest/gtest.h"
 
 namespace lc {
@@ -61,6 +64,30 @@ TEST(RandomTest, UniformAndNormalHaveTheRightMoments) {
   EXPECT_NEAR(su / n, 0.5, 0.004);
   EXPECT_NEAR(sz / n, 0.0, 0.012);
   EXPECT_NEAR(szz / n, 1.0, 0.016);
+}
+
+// Attention dropout once drew pair (t, u) of stream s from element
+// (s * n + t) * n + u, which wraps in 64 bits: with n = 2^31 stream 4 adds
+// 4 n^2 = 2^64, with n = 2^32 stream 1 adds n^2 = 2^64, so those streams
+// drew the same numbers as stream 0. Their counters now differ (the stream
+// has its own word); stream 0 stays element t * n + u of a plain draw.
+TEST(RandomTest, AttentionDropoutStreamsNeverShareADraw) {
+  const uint64_t seed = 42, offset = 3;
+  for (const auto [n, stream] :
+       {std::pair<uint64_t, uint64_t>{uint64_t{1} << 31, 4},
+        {uint64_t{1} << 32, 1}}) {
+    for (uint64_t t : {uint64_t{0}, uint64_t{5}, n - 1}) {
+      for (uint64_t u : {uint64_t{0}, uint64_t{7}, n - 2}) {
+        ASSERT_EQ((stream * n + t) * n + u, t * n + u) << "the old collision";
+        const float other =
+            AttentionDropoutUniform(seed, offset, stream, n, t, u);
+        const float first = AttentionDropoutUniform(seed, offset, 0, n, t, u);
+        EXPECT_NE(other, first) << "n " << n << " stream " << stream << " ("
+                                << t << ", " << u << ")";
+        EXPECT_EQ(first, UniformAt(seed, offset, t * n + u));
+      }
+    }
+  }
 }
 
 TEST(RandomTest, RejectsIntegerDtypes) {

@@ -6,6 +6,8 @@
 // float64 Attention on the same inputs (out, lse and the gradients of q, k,
 // v through both out and lse); multi-span layouts of the ring against the
 // CPU drivers; determinism, memory, queries without keys, bad input.
+#include "attention/attention_cuda.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -19,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "attention/attention.h"
+#include "attention/attention_cuda_plan.h"
 #include "attention/attention_kernel.h"
 #include "attention/pattern.h"
 #include "core/autograd.h"
@@ -576,6 +579,88 @@ TEST_F(CudaTest, CudaDriversMatchCpuDriversOnRingLayouts) {
   }
 }
 
+// Buffers whose bases are 16-byte aligned but whose rows are not all:
+// q, k, v, grad_out and the accumulators are columns [0, heads * 64) of
+// [batch, n, heads * 64 + 4] buffers, so every other row starts 8 bytes off
+// a 16-byte boundary. The launchers send them to the FMA kernels (the
+// tensor-core kernels' 16-byte copies would fault): forward, and backward
+// through lse, match the CPU.
+TEST_F(CudaTest, AttentionKernelsTakeRowsThatAreNotAllAligned) {
+  const int64_t batch = 2, n = 200, heads = 2, head_dim = 64;
+  const int64_t width = heads * head_dim + 4;
+  const Shape wide = {batch, n, width};
+  const AttentionPattern pattern = testing::DilatedHeads(
+      DilatedOptions{{64, 128}, {1, 2}, HeadLayout::kAllHeads}, heads);
+  auto columns = [&](const Tensor& t) {
+    return t.slice(2, 0, heads * head_dim)
+        .contiguous()
+        .view({batch, n, heads, head_dim});
+  };
+  const Tensor qw = RandomNormal(wide, DType::kBFloat16, kGpu, 1);
+  const Tensor kw = RandomNormal(wide, DType::kBFloat16, kGpu, 2);
+  const Tensor vw = RandomNormal(wide, DType::kBFloat16, kGpu, 3);
+  const Tensor grad_lse =
+      RandomNormal({batch, heads, n}, DType::kFloat32, kGpu, 4);
+  AttentionOptions options;
+  options.causal = true;
+
+  // The CPU in float64 on the same values; gradients through lse alone.
+  auto leaf = [&](const Tensor& t) {
+    return columns(t)
+        .to(Device::Cpu())
+        .to(DType::kFloat64)
+        .detach()
+        .set_requires_grad(true);
+  };
+  const Tensor q = leaf(qw), k = leaf(kw), v = leaf(vw);
+  const AttentionResult want = Attention(q, k, v, pattern, options);
+  Backward({want.lse}, {grad_lse.to(Device::Cpu()).to(DType::kFloat64)});
+
+  const Tensor qd = columns(qw), kd = columns(kw), vd = columns(vw);
+  const auto p = MakeAttentionProblem(qd, kd, vd, n, pattern, options);
+  const TokenLayout all = TokenLayoutOf({PositionSpan{0, n}});
+  CudaAttentionArgs args;
+  args.dtype = DType::kBFloat16;
+  args.out_dtype = DType::kFloat32;
+  args.batch = batch;
+  args.n = n;
+  args.heads = heads;
+  args.head_dim = head_dim;
+  args.q_rows = n;
+  args.q_batch_stride = args.k_batch_stride = n * width;
+  args.q_row_stride = args.k_row_stride = width;
+  args.k_head_stride = head_dim;
+  args.max_patterns = p->max_patterns;
+  args.scale = p->scale;
+  args.causal = true;
+  const CudaWorkList& queries =
+      p->cuda_plans->Get(*p, all, all, CudaWorkKind::kQueryItems, kGpu);
+  const CudaWorkList& keys =
+      p->cuda_plans->Get(*p, all, all, CudaWorkKind::kKeyItems, kGpu);
+  const Tensor out = Zeros(wide, DType::kFloat32, kGpu);
+  const Tensor lse =
+      Full({batch, heads, n}, -std::numeric_limits<double>::infinity(),
+           DType::kFloat32, kGpu);
+  LaunchAttentionForward(args, queries, qw.raw_data(), kw.raw_data(),
+                         vw.raw_data(), out.raw_data(), lse.raw_data());
+  const double rtol = CudaRelativeTolerance(DType::kFloat32);
+  ExpectCudaClose(columns(out), want.out, rtol, "out");
+  ExpectCudaClose(lse, want.lse, rtol, "lse");
+
+  // With grad_out = 0 (so delta = 0) only lse's gradient flows.
+  const Tensor grad_out = Zeros(wide, DType::kBFloat16, kGpu);
+  const Tensor delta = Zeros({batch, heads, n}, DType::kFloat32, kGpu);
+  const Tensor dq = Zeros(wide, DType::kFloat32, kGpu);
+  const Tensor dk = Zeros(wide, DType::kFloat32, kGpu);
+  const Tensor dv = Zeros(wide, DType::kFloat32, kGpu);  // stays 0
+  LaunchAttentionBackward(args, queries, keys, qw.raw_data(), kw.raw_data(),
+                          vw.raw_data(), grad_out.raw_data(), lse.raw_data(),
+                          delta.raw_data(), grad_lse.raw_data(), dq.raw_data(),
+                          dk.raw_data(), dv.raw_data());
+  ExpectCudaClose(columns(dq), q.grad(), rtol, "dq");
+  ExpectCudaClose(columns(dk), k.grad(), rtol, "dk");
+}
+
 void ExpectError(const std::function<void()>& fn,
                  const std::vector<std::string>& parts) {
   try {
@@ -654,7 +739,8 @@ TEST_F(CudaTest, AttentionOnCudnnMatchesCpu) {
 }
 
 // With deterministic, kAuto runs cuDNN's forward and our backward: equal
-// inputs give bit-identical gradients; kCudnn refuses it.
+// inputs give bit-identical gradients; kCudnn refuses it before running the
+// forward.
 TEST_F(CudaTest, AttentionOnCudnnWithDeterministicRunsOurBackward) {
   for (bool causal : {false, true}) {
     Case c = CudnnCases()[1];
@@ -668,8 +754,9 @@ TEST_F(CudaTest, AttentionOnCudnnWithDeterministicRunsOurBackward) {
     EXPECT_TRUE(BitwiseEqual(a.dv, b.dv)) << causal;
     ExpectMatchesCpu(c, 64, DType::kBFloat16, 901, kBf16Tolerance, false);
     c.options.backend = AttentionBackend::kCudnn;
-    ExpectError([&] { RunAttention(c, in, DType::kBFloat16, kGpu, 5, false); },
-                {"kCudnn has no backward that is deterministic"});
+    const Tensor q = in.q.to(DType::kBFloat16).to(kGpu);
+    ExpectError([&] { Attention(q, q, q, c.pattern, c.options); },
+                {"backend kCudnn with deterministic"});
   }
 }
 
