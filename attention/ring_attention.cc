@@ -998,13 +998,13 @@ AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
   return {out, lse};
 }
 
-}  // namespace
-
-AttentionResult RingAttention(Communicator& comm, const Tensor& q,
-                              const Tensor& k, const Tensor& v, int64_t n,
-                              const AttentionPattern& pattern,
-                              const AttentionOptions& options,
-                              const RingOptions& ring) {
+// RingAttention as this rank runs it; an lc::Error it throws is this rank's
+// alone until RingAttention aborts the group with it.
+AttentionResult RingAttentionOnRank(Communicator& comm, const Tensor& q,
+                                    const Tensor& k, const Tensor& v, int64_t n,
+                                    const AttentionPattern& pattern,
+                                    const AttentionOptions& options,
+                                    const RingOptions& ring) {
   const int size = comm.size(), rank = comm.rank();
   LC_REQUIRE(q.defined() && q.dim() == 4, "RingAttention: q has shape ",
              q.defined() ? ShapeToString(q.shape()) : "undefined",
@@ -1023,6 +1023,26 @@ AttentionResult RingAttention(Communicator& comm, const Tensor& q,
     return {r.out.to(DType::kBFloat16), r.lse};
   }
   return RingAttentionOf(comm, q, k, v, n, pattern, options, ring, q.dtype());
+}
+
+}  // namespace
+
+AttentionResult RingAttention(Communicator& comm, const Tensor& q,
+                              const Tensor& k, const Tensor& v, int64_t n,
+                              const AttentionPattern& pattern,
+                              const AttentionOptions& options,
+                              const RingOptions& ring) {
+  // An error found on this rank alone (a bad input, before any
+  // communication) aborts the group with it, so that every rank fails at
+  // once: peers waiting in the agreement check would otherwise block until
+  // the timeout, which is what happens to ranks that RunRanks does not run
+  // (processes of their own). Errors inside the ring abort it already.
+  try {
+    return RingAttentionOnRank(comm, q, k, v, n, pattern, options, ring);
+  } catch (const Error& e) {
+    comm.Abort(e.status());
+    throw;
+  }
 }
 
 }  // namespace lc

@@ -182,6 +182,46 @@ TEST(RingFaultTest, FailingRankStopsEveryRankPromptly) {
   }
 }
 
+// A bad input on one rank (here a pattern for another head count: an error
+// it finds before any communication) fails every rank at once: its peers,
+// already waiting in the ranks' agreement check, learn its error instead of
+// blocking there until the timeout (issue 15, defect 2).
+TEST(RingFaultTest, BadInputOnOneRankFailsEveryRankAtOnce) {
+  const Whole w = MakeWhole();
+  const int k = 3, bad = 1;
+  // Threads of our own, not RunRanks (which aborts the group when a rank
+  // returns an error): as ranks that are processes of their own would be.
+  auto comms = MakeThreadGroup(k, Timeout(5000));
+  std::vector<absl::Status> statuses(k);
+  const Clock::time_point start = Clock::now();
+  std::vector<std::thread> threads;
+  for (int r = 0; r < k; ++r) {
+    threads.emplace_back([&, r] {
+      Tensors local;
+      for (const Tensor* t : {&w.q, &w.k, &w.v}) {
+        local.push_back(SplitSequence(*t, k, r, SequenceLayout::kContiguous));
+      }
+      if (r == bad) {
+        // Let the others enter the agreement check and wait on this rank.
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+      statuses[r] = StatusFromCall([&] {
+        RingAttention(*comms[r], local[0], local[1], local[2], kN,
+                      testing::DenseHeads(r == bad ? kHeads + 1 : kHeads, kN),
+                      {});
+      });
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_LT(SecondsSince(start), 2.0) << "the others waited for the timeout";
+  const char* cause = "the pattern has 4 heads but q has 3";
+  for (int r = 0; r < k; ++r) {
+    EXPECT_TRUE(Contains(statuses[r].message(), cause))
+        << "rank " << r << ": " << statuses[r];
+  }
+  EXPECT_EQ(statuses[bad].code(), absl::StatusCode::kInvalidArgument);
+}
+
 // RunRanks promises the root cause, not the Aborted errors it caused. When
 // a transfer fails inside the ring, RingAttention aborts the group itself
 // (so that ranks not run by RunRanks stop too) before its exception reaches
