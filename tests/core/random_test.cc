@@ -73,7 +73,7 @@ TEST(RandomTest, UniformAndNormalHaveTheRightMoments) {
 // has its own word); stream 0 stays element t * n + u of a plain draw.
 TEST(RandomTest, AttentionDropoutStreamsNeverShareADraw) {
   const uint64_t seed = 42, offset = 3;
-  for (const auto [n, stream] :
+  for (const auto& [n, stream] :
        {std::pair<uint64_t, uint64_t>{uint64_t{1} << 31, 4},
         {uint64_t{1} << 32, 1}}) {
     for (uint64_t t : {uint64_t{0}, uint64_t{5}, n - 1}) {
