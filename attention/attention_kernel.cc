@@ -1,12 +1,14 @@
 #include "attention/attention_kernel.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <numeric>
 
 #include "attention/attention_cuda.h"
 #include "attention/attention_cuda_plan.h"
 #include "attention/partial_attention.h"
+#include "core/check.h"
 #include "core/status.h"
 
 namespace lc {
@@ -183,6 +185,66 @@ TokenLayout TokenLayoutOf(const std::vector<PositionSpan>& spans) {
     layout.rows += s.end - s.begin;
   }
   return layout;
+}
+
+namespace {
+
+// The keys of a layout in one canonical form: per head (one list for the
+// unpacked form, whose spans every head shares) and pattern, the maximal
+// runs {first, last, step} of positions, sorted. Two layouts hold the same
+// keys exactly when these are equal, however their spans were cut.
+std::vector<std::array<int64_t, 5>> CanonicalKeys(const TokenLayout& layout) {
+  std::vector<std::array<int64_t, 5>> runs;  // head, pattern, first, last, step
+  const int64_t heads =
+      layout.packed() ? static_cast<int64_t>(layout.head_spans.size()) : 1;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (const LocalSpan& span : layout.SpansOf(h)) {
+      if (span.end <= span.begin) continue;
+      const int64_t last =
+          span.begin + (span.end - 1 - span.begin) / span.step * span.step;
+      runs.push_back({h, span.pattern, span.begin, last, span.step});
+    }
+  }
+  std::sort(runs.begin(), runs.end());
+  std::vector<std::array<int64_t, 5>> merged;
+  for (const auto& run : runs) {
+    if (!merged.empty()) {
+      auto& prev = merged.back();
+      if (prev[0] == run[0] && prev[1] == run[1] && prev[4] == run[4] &&
+          run[2] == prev[3] + run[4]) {
+        prev[3] = run[3];
+        continue;
+      }
+    }
+    merged.push_back(run);
+  }
+  return merged;
+}
+
+bool SameSpans(const std::vector<LocalSpan>& a,
+               const std::vector<LocalSpan>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(),
+                    [](const LocalSpan& x, const LocalSpan& y) {
+                      return x.begin == y.begin && x.end == y.end &&
+                             x.step == y.step && x.pattern == y.pattern;
+                    });
+}
+
+}  // namespace
+
+bool SameKeys(const TokenLayout& earlier, const TokenLayout& later) {
+  const bool same =
+      earlier.packed() == later.packed() && earlier.rows == later.rows;
+  if (same && !(SameSpans(earlier.spans, later.spans) &&
+                earlier.head_spans.size() == later.head_spans.size() &&
+                std::equal(earlier.head_spans.begin(), earlier.head_spans.end(),
+                           later.head_spans.begin(), SameSpans))) {
+    LC_CHECK(CanonicalKeys(earlier) == CanonicalKeys(later))
+        << "SameKeys: two layouts of one chunk's trip hold " << later.rows
+        << " rows each but different keys; a later layout must keep a subset "
+           "of the earlier one's keys";
+  }
+  return same;
 }
 
 std::shared_ptr<const AttentionProblem> MakeAttentionProblem(

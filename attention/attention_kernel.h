@@ -65,6 +65,15 @@ struct TokenLayout {
 // Spans stored one after another, in order (empty spans dropped).
 TokenLayout TokenLayoutOf(const std::vector<PositionSpan>& spans);
 
+// Whether `later`, a layout of a K/V chunk at a later step of its ring trip
+// than `earlier`, holds the same keys. A trip's layouts only ever drop keys
+// (each holds the keys its remaining holders use), so equal forms and row
+// counts mean equal keys: the ring decides from that alone whether gradient
+// accumulators travel on. The subset property this relies on is checked:
+// equal counts of different keys abort (LC_CHECK) naming both layouts. The
+// check is O(spans), sorting them only when the two lists of spans differ.
+bool SameKeys(const TokenLayout& earlier, const TokenLayout& later);
+
 class CudaPlanCache;  // attention_cuda_plan.h
 
 // Validated geometry and options of one call, shared by forward and

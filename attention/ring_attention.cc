@@ -123,12 +123,6 @@ bool AnyKey(const UsedKeys& used) {
   return false;
 }
 
-// Whether `later`, a layout of a chunk's trip at a later step than
-// `earlier` (so a subset of its keys), holds the same keys.
-bool SameKeys(const TokenLayout& earlier, const TokenLayout& later) {
-  return earlier.packed() == later.packed() && earlier.rows == later.rows;
-}
-
 // The token positions of the ranks origin + first .. origin + last (mod
 // size), 1 <= first <= last < size: one or two runs of consecutive ranks,
 // each holding one span (contiguous) or two (zigzag: ranks a..b hold
