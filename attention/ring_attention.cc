@@ -849,11 +849,13 @@ int64_t DoubleBits(double x) {
 
 enum class FieldKind { kInteger, kDType, kLayout, kBool, kReal, kFingerprint };
 
-// One value of a call that every rank must pass alike.
+// One value of a call that every rank must pass alike (or, when not
+// `compared`, whose rank-0 value every rank takes).
 struct Field {
   const char* name;
   FieldKind kind;
   int64_t value;
+  bool compared = true;
 };
 
 std::string DescribeField(FieldKind kind, int64_t value) {
@@ -892,20 +894,26 @@ std::vector<Field> CallFields(const AttentionProblem& p, DType dtype,
        BlockMaskFingerprint(p.pattern.block_mask.get())},
       {"scale", FieldKind::kReal, DoubleBits(p.scale)},
       {"dropout", FieldKind::kReal, DoubleBits(p.dropout)},
-      {"dropout seed", FieldKind::kInteger,
-       static_cast<int64_t>(p.dropout_seed)},
       {"dropout offset", FieldKind::kInteger,
        static_cast<int64_t>(p.dropout_offset)},
       {"key_padding_mask", FieldKind::kFingerprint,
        PaddingFingerprint(p.key_padding)},
+      // Each rank's generator has its own seed (a trainer seeds every rank's
+      // thread apart, for the dropout of its own tokens); the ring draws
+      // rank 0's stream. Keep it the last field: RingAttentionOf reads it
+      // there.
+      {"dropout seed", FieldKind::kInteger,
+       static_cast<int64_t>(p.dropout_seed), /*compared=*/false},
   };
 }
 
 // Gathers every rank's `fields` and throws lc::Error (InvalidArgument, on
-// every rank alike) naming the first field on which the ranks disagree and
-// each rank's value; a failed gather aborts the group and throws.
-void CheckRanksAgree(Communicator& comm, const std::vector<Field>& fields,
-                     Device device) {
+// every rank alike) naming the first compared field on which the ranks
+// disagree and each rank's value; a failed gather aborts the group and
+// throws. Returns rank 0's values.
+std::vector<int64_t> CheckRanksAgree(Communicator& comm,
+                                     const std::vector<Field>& fields,
+                                     Device device) {
   const int size = comm.size();
   const auto count = static_cast<int64_t>(fields.size());
   Tensor mine = Empty({count}, DType::kInt64);
@@ -919,6 +927,7 @@ void CheckRanksAgree(Communicator& comm, const std::vector<Field>& fields,
   const Tensor host = all.to(Device::Cpu());
   const int64_t* values = host.data<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
+    if (!fields[i].compared) continue;
     // Ranks grouped by their value, in order of first appearance.
     std::vector<std::pair<int64_t, std::vector<int>>> groups;
     for (int r = 0; r < size; ++r) {
@@ -945,6 +954,7 @@ void CheckRanksAgree(Communicator& comm, const std::vector<Field>& fields,
         "); every rank must pass the same shapes (but for its own tokens), "
         "dtype, n, layout, pattern and options")));
   }
+  return std::vector<int64_t>(values, values + count);
 }
 
 // RingAttention on inputs the drivers take (float32 or float64 on the CPU;
@@ -959,7 +969,16 @@ AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
   std::shared_ptr<const AttentionProblem> p =
       MakeAttentionProblem(q, k, v, n, pattern, options);
   if (size > 1) {
-    CheckRanksAgree(comm, CallFields(*p, dtype, ring.layout), q.device());
+    const std::vector<Field> fields = CallFields(*p, dtype, ring.layout);
+    const std::vector<int64_t> first =
+        CheckRanksAgree(comm, fields, q.device());
+    // Dropout draws rank 0's stream on every rank (see RingAttention).
+    const auto seed = static_cast<uint64_t>(first.back());
+    if (p->dropout > 0 && p->dropout_seed != seed) {
+      auto shared = std::make_shared<AttentionProblem>(*p);
+      shared->dropout_seed = seed;
+      p = std::move(shared);
+    }
   }
   auto plan =
       std::make_shared<const RingPlan>(MakePlan(*p, size, rank, ring.layout));

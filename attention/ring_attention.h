@@ -61,8 +61,16 @@ struct RingOptions {
 // inputs (before any communication), for ranks that disagree on the call
 // (InvalidArgument on every rank, naming the field: batch, heads, head_dim,
 // dtype, n, layout, causal, pattern, block mask, scale, dropout and its
-// seed and offset, key padding mask; found by one all-gather at the start)
-// and for communication failures (timeouts, aborted groups).
+// offset, key padding mask; found by one all-gather at the start) and for
+// communication failures (timeouts, aborted groups). A bad input on one rank
+// aborts the group with its error, so every rank fails at once.
+//
+// Attention dropout draws rank 0's stream: every rank takes its generator's
+// next offset, as a one-rank call does (the offsets must agree), but the
+// seed of rank 0's generator (options.generator, or its thread's default
+// one), so that ranks whose generators are seeded apart (a trainer's, for
+// the dropout of their own tokens) still drop the same pairs, exactly those
+// one rank with rank 0's generator drops.
 AttentionResult RingAttention(Communicator& comm, const Tensor& q,
                               const Tensor& k, const Tensor& v, int64_t n,
                               const AttentionPattern& pattern,

@@ -44,6 +44,9 @@ ABSL_FLAG(bool, tied, true,
           "Tie the output head to the token embedding (--notied: separate "
           "lm_head.weight).");
 ABSL_FLAG(double, dropout, 0, "Residual and MLP dropout probability.");
+ABSL_FLAG(double, attention_dropout, 0,
+          "Dropout probability on the attention weights; with --ranks=K every "
+          "rank drops the pairs one rank would (the ring draws one stream).");
 ABSL_FLAG(bool, recompute, false,
           "Recompute each block's activations in backward instead of storing "
           "them (less memory, ~1/3 more compute; same results).");
@@ -67,8 +70,9 @@ ABSL_FLAG(std::string, head_layout, "head_groups",
           "head_groups (dilated-attention-pytorch) or all_heads (LongNet).");
 ABSL_FLAG(int64_t, ranks, 1,
           "Context-parallel thread ranks: each holds context/ranks tokens; "
-          "gives the same losses as 1 rank up to float32 rounding (not with "
-          "--dropout > 0: each rank draws the masks of its own tokens).");
+          "gives the same losses as 1 rank up to float32 rounding (also with "
+          "--attention_dropout; not with --dropout > 0: each rank draws the "
+          "masks of its own tokens).");
 ABSL_FLAG(std::string, layout, "contiguous",
           "How the sequence is cut among ranks: contiguous or zigzag.");
 
@@ -206,6 +210,7 @@ absl::StatusOr<TrainOptions> OptionsFromFlags() {
       ForFlag("head_layout",
               ParseHeadLayout(absl::GetFlag(FLAGS_head_layout))));
   attention.causal = true;
+  attention.dropout = absl::GetFlag(FLAGS_attention_dropout);
   LC_ASSIGN_OR_RETURN(
       attention.backend,
       ForFlag("attention_backend",

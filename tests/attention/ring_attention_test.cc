@@ -40,13 +40,16 @@ constexpr SequenceLayout kLayouts[] = {SequenceLayout::kContiguous,
                                        SequenceLayout::kZigzag};
 
 // One problem: shapes, pattern and options. Dropout draws from a copy of
-// `dropout_state` on every rank and on the single rank alike.
+// `dropout_state` on every rank and on the single rank alike; with
+// `seeds_apart`, rank r's copy has seed dropout_state.seed() + r instead (the
+// same offset), as a trainer seeds its ranks.
 struct RingCase {
   std::string name;
   int64_t batch = 2, n = 37, heads = 3, head_dim = 4;
   AttentionPattern pattern;
   AttentionOptions options;
   Generator dropout_state{0};
+  bool seeds_apart = false;
 };
 
 // The whole-sequence inputs of one comparison and the gradients fed back
@@ -107,6 +110,10 @@ RingRun RunRing(const RingCase& c, const Inputs& in, int k,
       local.push_back(x);
     }
     Generator gen = c.dropout_state;
+    if (c.seeds_apart) {
+      gen = Generator(c.dropout_state.seed() + r);
+      gen.set_offset(c.dropout_state.offset());
+    }
     AttentionOptions options = c.options;
     options.generator = &gen;
     RingOptions ring;
@@ -426,6 +433,21 @@ TEST(RingAttentionTest, KeyPaddingMaskAndDropout) {
   c.options.dropout = 0.25;
   c.dropout_state = Generator(99);
   ExpectRingMatchesSingleRank(c, DType::kFloat32, {3, 8});
+}
+
+// Ranks whose generators are seeded apart (a trainer seeds each rank's
+// thread for the dropout of its own tokens) drop exactly the pairs that one
+// rank with rank 0's generator drops: the ring draws rank 0's stream. (Its
+// agreement check refused the call, "dropout seed", so training with
+// attention dropout failed on more than one rank.)
+TEST(RingAttentionTest, DropoutDrawsRankZerosStream) {
+  RingCase c = MakeCase(Patterns()[1], 37, true);
+  c.name = "dilated, dropout, seeds apart";
+  c.options.dropout = 0.25;
+  c.dropout_state = Generator(7);
+  c.dropout_state.set_offset(5);
+  c.seeds_apart = true;
+  ExpectRingMatchesSingleRank(c, DType::kFloat64, {2, 3});
 }
 
 // Strided inputs (views, not contiguous buffers) and bfloat16 (computed in

@@ -117,6 +117,8 @@ TEST(TrainCliGuardTest, RefusesNonFiniteAndOutOfRangeNumbers) {
       {"--weight_decay=inf", "weight_decay = inf"},
       {"--weight_decay=-0.5", "weight_decay = -0.5"},
       {"--dropout=nan", "dropout nan"},
+      {"--attention_dropout=1", "attention dropout 1 (expected in [0, 1))"},
+      {"--attention_dropout=nan", "attention dropout nan"},
       {"--threads=100000", "threads 100000 with 1 rank(s)"},
       {"--skip_nonfinite_steps=-1", "skip_nonfinite_steps -1"},
       {"--batch=9223372036854775807", "batch 9223372036854775807 x context"},

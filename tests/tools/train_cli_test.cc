@@ -258,6 +258,15 @@ TEST(TrainCliTest, PlotMetricsWritesAPng) {
   EXPECT_EQ(big_endian(20), 450u);
 }
 
+// --attention_dropout trains on several ranks (the ring's ranks draw one
+// dropout stream; they used to disagree on its seed and stop).
+TEST(TrainCliTest, AttentionDropoutOnTwoRanks) {
+  const Result result =
+      RunTrain({"--steps=2", "--attention_dropout=0.1", "--ranks=2"});
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_THAT(result.output, HasSubstr("step 2/2"));
+}
+
 TEST(TrainCliTest, BadFlagValue) {
   {  // Not a number: absl's parser says so, in one line of its own.
     const Result result = RunTrain({"--steps=many"});

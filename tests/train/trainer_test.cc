@@ -228,6 +228,42 @@ TEST(TrainerTest, DropoutOnSeveralRanksDrawsOtherMasksThanOneRank) {
             1e-4 * std::abs(a->steps[0].loss));
 }
 
+// Attention dropout on K ranks drops the pairs one rank drops (the ring
+// draws rank 0's stream, whose seed is the one rank's), so the losses and
+// gradient norms are one rank's up to float32 rounding; the dropout changes
+// them (against no dropout) by far more. It used to fail: the ranks' seeds
+// differ and the ring's agreement check refused "dropout seed".
+TEST(TrainerTest, AttentionDropoutOnSeveralRanksGivesTheLossesOfOne) {
+  TrainOptions one = TinyOptions(1);
+  one.steps = 3;
+  one.model.attention.dropout = 0.2;
+  TrainOptions none = one;
+  none.model.attention.dropout = 0;
+  absl::StatusOr<TrainResult> a = Train(one);
+  absl::StatusOr<TrainResult> without = Train(none);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(without.ok()) << without.status();
+  // 100x the rounding allowed below (seen: 8.6e-4 relative).
+  EXPECT_GT(std::abs(without->steps[0].loss - a->steps[0].loss),
+            1e-4 * std::abs(a->steps[0].loss));
+  for (int ranks : {2, 3}) {
+    SCOPED_TRACE(absl::StrCat(ranks, " ranks"));
+    TrainOptions k = one;
+    k.model.attention.ranks = ranks;
+    absl::StatusOr<TrainResult> b = Train(k);
+    ASSERT_TRUE(b.ok()) << b.status();
+    ASSERT_EQ(b->steps.size(), 3u);
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_NEAR(b->steps[i].loss, a->steps[i].loss,
+                  1e-6 * std::abs(a->steps[i].loss))
+          << "step " << i + 1;
+      EXPECT_NEAR(b->steps[i].grad_norm, a->steps[i].grad_norm,
+                  2e-6 * a->steps[i].grad_norm)
+          << "step " << i + 1;
+    }
+  }
+}
+
 // A real assertion that the model learns: 150 seeded steps of passkey
 // retrieval over 256 tokens (8 keys, chance 12.5%, i.e. a loss of ln 8 = 2.1
 // for a model that knows the keys but cannot find them; segments 64 and 256
