@@ -147,19 +147,15 @@ AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
              q.defined() ? ShapeToString(q.shape()) : "undefined",
              " (expected [batch, n, heads, head_dim])");
   const int64_t n = q.size(1);
-  // A user's segment lengths and rates may be anything >= 1 (up to
-  // INT64_MAX): the kernels run the same pairs with values below 2n.
-  AttentionPattern within = pattern;
-  within.head_patterns = PatternsWithin(pattern.head_patterns, n);
-  if (q.device().is_cuda()) return AttentionCuda(q, k, v, within, options);
+  if (q.device().is_cuda()) return AttentionCuda(q, k, v, pattern, options);
   if (q.dtype() == DType::kBFloat16 && k.defined() && v.defined() &&
       k.dtype() == q.dtype() && v.dtype() == q.dtype()) {
     AttentionResult r = Attention(q.to(DType::kFloat32), k.to(DType::kFloat32),
-                                  v.to(DType::kFloat32), within, options);
+                                  v.to(DType::kFloat32), pattern, options);
     return {r.out.to(DType::kBFloat16), r.lse};
   }
   std::shared_ptr<const AttentionProblem> p =
-      MakeAttentionProblem(q, k, v, n, within, options);
+      MakeAttentionProblem(q, k, v, n, pattern, options);
   const TokenLayout all = TokenLayoutOf({PositionSpan{0, n}});
 
   const Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();

@@ -105,11 +105,8 @@ absl::StatusOr<AttentionPattern> BuildAttentionPattern(
   const bool dilated =
       IsDilatedType(config.type) || !config.dilated.segment_lengths.empty();
   if (dilated && config.type != AttentionType::kDense) {
-    LC_ASSIGN_OR_RETURN(std::vector<std::vector<DilatedPattern>> head_patterns,
+    LC_ASSIGN_OR_RETURN(pattern.head_patterns,
                         DilatedHeadPatterns(config.dilated, heads));
-    // Segment lengths and rates may be anything >= 1 (up to INT64_MAX):
-    // ring attention plans with the equivalent values below 2n.
-    pattern.head_patterns = PatternsWithin(std::move(head_patterns), n);
   } else {
     pattern.head_patterns.assign(heads, {DensePattern(n)});
   }

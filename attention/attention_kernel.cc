@@ -298,8 +298,7 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
   if (pattern.block_mask != nullptr) {
     const BlockMask& m = *pattern.block_mask;
     LC_REQUIRE(
-        m.block_size() >= 1 &&
-            m.num_blocks() == n / m.block_size() + (n % m.block_size() != 0),
+        m.block_size() >= 1 && m.num_blocks() == CeilDiv(n, m.block_size()),
         "Attention: block mask of ", m.num_blocks(), " blocks of ",
         m.block_size(), " tokens does not cover n = ", n);
   }
@@ -326,7 +325,11 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
   p->heads = heads;
   p->head_dim = q.size(3);
   p->scale = options.scale.value_or(1.0 / std::sqrt(double(p->head_dim)));
+  // A user's segment lengths and rates may be anything >= 1 (up to
+  // INT64_MAX): every driver, one rank or the ring, runs the same pairs with
+  // the equivalent values below 2n.
   p->pattern = pattern;
+  p->pattern.head_patterns = PatternsWithin(pattern.head_patterns, n);
   for (const auto& patterns : pattern.head_patterns) {
     p->max_patterns = std::max<int64_t>(p->max_patterns,
                                         static_cast<int64_t>(patterns.size()));

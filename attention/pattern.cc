@@ -10,13 +10,8 @@
 #include "core/random.h"
 
 namespace lc {
-namespace {
 
-// ceil(a / b) for a >= 0 and b >= 1, for any such values (a + b - 1
-// overflows for b near INT64_MAX).
 int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
-
-}  // namespace
 
 absl::StatusOr<HeadLayout> ParseHeadLayout(const std::string& name) {
   if (name == "head_groups") return HeadLayout::kHeadGroups;

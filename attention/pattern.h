@@ -22,6 +22,10 @@
 
 namespace lc {
 
+// ceil(a / b) for a >= 0 and b >= 1, for any such values (a + b - 1
+// overflows for b near INT64_MAX).
+int64_t CeilDiv(int64_t a, int64_t b);
+
 struct DilatedPattern {
   int64_t segment_length = 0;  // w >= 1
   int64_t dilation_rate = 1;   // r >= 1

@@ -257,13 +257,14 @@ class ChunkTrip {
 
 // What one rank does at one ring step, forward and backward alike.
 struct RingStep {
-  int origin = 0;          // whose chunk it holds: (rank - step) mod size
-  bool held = false;       // the chunk gets here (a holder here or later
-                           // uses it)
-  bool needs = false;      // this rank's queries use keys of it
-  bool forwarded = false;  // it goes on to rank + 1 (a later holder uses it)
-  TokenLayout layout;      // held: the layout it is held in
-  TokenLayout carried;     // forwarded: the layout it goes on in
+  int origin = 0;             // whose chunk it holds: (rank - step) mod size
+  bool held = false;          // the chunk gets here (a holder here or later
+                              // uses it)
+  bool needs = false;         // this rank's queries use keys of it
+  bool forwarded = false;     // it goes on to rank + 1 (a later holder uses it)
+  TokenLayout layout;         // held: the layout it is held in
+  TokenLayout carried;        // forwarded: the layout it goes on in
+  bool carried_same = false;  // forwarded in the layout it is held in
   // Backward: the chunk's dK/dV accumulators come with it from rank - 1,
   // go on with it, or go home to its origin after this step. They exist
   // from the first holder (step >= 1) that uses the chunk; they go on while
@@ -314,21 +315,20 @@ RingPlan MakePlan(const AttentionProblem& p, int size, int rank,
     step.held = true;
     step.forwarded = s < last;
     if (step.forwarded) step.carried = trip.Layout(s + 1);
+    step.layout = s == 0 ? plan.mine : trip.Layout(s);
+    step.carried_same = step.forwarded && SameKeys(step.layout, step.carried);
     if (s == 0) {
-      step.layout = plan.mine;
       step.needs = AnyKey(
           FindUsedKeys(p, RankSpans(p.n, size, rank, layout), plan.mine));
       continue;
     }
-    step.layout = trip.Layout(s);
     step.needs = AnyKey(trip.Used(s, s));
     // Accumulators arrive when they exist at step s - 1 in the same
     // layout: some holder of that run of steps used the chunk.
     const int start = trip.RunStart(s, step.layout);
     step.grads_in = start < s && AnyKey(trip.Used(start, s - 1));
     const bool live = step.grads_in || step.needs;
-    step.grads_on =
-        live && step.forwarded && SameKeys(step.layout, step.carried);
+    step.grads_on = live && step.carried_same;
     step.grads_home = live && !step.grads_on;
   }
   // This rank's own chunk, step by step along its trip: where its
@@ -497,8 +497,10 @@ class RingKernels {
         return lc::Carry<decltype(tag)>(*p_, from, kv, to);
       });
     }
-    if (SameKeys(from, to)) return kv;
-    const Tensor& map = carry_maps_.at(step);
+    // PrepareCuda made a map exactly where the layout changes.
+    const auto found = carry_maps_.find(step);
+    if (found == carry_maps_.end()) return kv;
+    const Tensor& map = found->second;
     std::vector<Tensor> packed;
     for (const Tensor& t : kv) {
       Tensor c = Empty(ChunkShape(*p_, to), t.dtype(), device_);
@@ -577,14 +579,15 @@ class RingKernels {
       });
       return;
     }
-    if (SameKeys(part, mine())) {
+    const auto found = home_maps_.find(step);
+    if (found == home_maps_.end()) {  // home in this rank's own layout
       AddInPlace(dst, src);
       return;
     }
     // The accumulator scattered into a zeroed buffer of this rank's tokens
     // (each of its rows goes to a distinct row), then added.
     const Tensor spread = Empty(dst.shape(), dst.dtype(), device_);
-    internal::IndexAddRowsCuda(src, home_maps_.at(step), p_->batch,
+    internal::IndexAddRowsCuda(src, found->second, p_->batch,
                                RowsPerBatch(*p_, mine()), p_->head_dim, spread);
     AddInPlace(dst, spread);
   }
@@ -619,7 +622,7 @@ class RingKernels {
     };
     for (int s = 0; s <= plan_->last_step; ++s) {
       const RingStep& step = plan_->steps[s];
-      if (step.forwarded && !SameKeys(step.layout, step.carried)) {
+      if (step.forwarded && !step.carried_same) {
         append(&carry_maps_[s], step.carried, step.layout);
       }
       if (step.ours_come_home && !SameKeys(step.home, mine())) {
@@ -900,8 +903,7 @@ std::vector<Field> CallFields(const AttentionProblem& p, DType dtype,
        PaddingFingerprint(p.key_padding)},
       // Each rank's generator has its own seed (a trainer seeds every rank's
       // thread apart, for the dropout of its own tokens); the ring draws
-      // rank 0's stream. Keep it the last field: RingAttentionOf reads it
-      // there.
+      // rank 0's stream.
       {"dropout seed", FieldKind::kInteger,
        static_cast<int64_t>(p.dropout_seed), /*compared=*/false},
   };
@@ -973,7 +975,13 @@ AttentionResult RingAttentionOf(Communicator& comm, const Tensor& q,
     const std::vector<int64_t> first =
         CheckRanksAgree(comm, fields, q.device());
     // Dropout draws rank 0's stream on every rank (see RingAttention).
-    const auto seed = static_cast<uint64_t>(first.back());
+    const size_t seed_at =
+        std::find_if(fields.begin(), fields.end(),
+                     [](const Field& f) {
+                       return std::strcmp(f.name, "dropout seed") == 0;
+                     }) -
+        fields.begin();
+    const auto seed = static_cast<uint64_t>(first[seed_at]);
     if (p->dropout > 0 && p->dropout_seed != seed) {
       auto shared = std::make_shared<AttentionProblem>(*p);
       shared->dropout_seed = seed;

@@ -253,7 +253,7 @@ class MappedFile {
   // Starts reading bytes [offset, offset + length) in one go: the map reads
   // no more than a fault needs (MADV_RANDOM), and a window is read whole.
   void WillRead(int64_t offset, int64_t length) const {
-    const int64_t page = sysconf(_SC_PAGESIZE);
+    static const int64_t page = sysconf(_SC_PAGESIZE);
     const int64_t first = offset / page * page;
     madvise(const_cast<unsigned char*>(bytes()) + first,
             offset + length - first, MADV_WILLNEED);

@@ -802,8 +802,9 @@ absl::Status PrepareCheckpoints(const RunContext& run, Reporter& reporter,
   }
   const int64_t ranks = options.model.attention.ranks;
   if (c.ranks != ranks) {
-    const bool dropout =
-        options.model.dropout > 0 || options.model.attention.dropout > 0;
+    // Attention dropout draws one stream on any rank count (the ring takes
+    // rank 0's); residual and MLP dropout draw per rank.
+    const bool dropout = options.model.dropout > 0;
     auto count = [](int64_t k) {
       return absl::StrCat(k, k == 1 ? " rank" : " ranks");
     };
