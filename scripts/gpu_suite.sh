@@ -30,6 +30,7 @@ TARGETS=(
   //tests:cuda_test
   //tests:nccl_test
   //attention:attention_cuda_benchmark
+  //attention:attention_host_benchmark
   //attention:attention_cli
   //train:train_benchmark
   //experiments:scaling
