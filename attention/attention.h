@@ -36,17 +36,14 @@ enum class AttentionBackend {
   kCudnn,  // cuDNN only: calls it cannot run are an error naming why
 };
 
+// What a plan is built for (attention_plan.h): fixed for every call of it.
 struct AttentionOptions {
   bool causal = false;
   std::optional<double> scale;  // default 1 / sqrt(head_dim)
   // Attention dropout probability in [0, 1), applied to the attention
-  // probabilities with the counter-based stream of `generator` (the thread's
-  // DefaultGenerator() when null): one offset per call.
+  // probabilities with the counter-based stream of the call's generator
+  // (AttentionCallOptions): one offset per call.
   double dropout = 0;
-  Generator* generator = nullptr;
-  // uint8 [batch, n]: nonzero marks a padding key that gets no weight (the
-  // PyTorch convention). Undefined for none.
-  Tensor key_padding_mask;
   TileOrder tile_order = TileOrder::kRowMajor;
   int64_t query_tile = 128;  // rows per tile (block-sparse: one block)
   int64_t key_tile = 256;
@@ -58,6 +55,17 @@ struct AttentionOptions {
   bool deterministic = false;
 };
 
+// What changes from one call of a plan to the next.
+struct AttentionCallOptions {
+  // The stream attention dropout draws from (its seed and next offset);
+  // required when the options' dropout is above 0, never implied.
+  Generator* generator = nullptr;
+  // uint8 [batch, n]: nonzero marks a padding key that gets no weight (the
+  // PyTorch convention). Undefined for none. On the CPU or the inputs'
+  // device.
+  Tensor key_padding_mask;
+};
+
 struct AttentionResult {
   Tensor out;  // [batch, n, heads, head_dim], the dtype of q
   Tensor lse;  // [batch, heads, n], float32 (float64 for float64 inputs);
@@ -67,20 +75,24 @@ struct AttentionResult {
 };
 
 // Attention of q over k, v ([batch, n, heads, head_dim], one dtype: float32,
-// float64, or bfloat16 computed in float32) under `pattern`. Differentiable
-// in q, k, v (and through lse). On a CUDA device (q, k, v on the same one;
-// head_dim <= 256) options.backend picks cuDNN's fused flash attention
-// (attention_cudnn.h) or our fused kernels, which compute bfloat16 natively
-// on tensor cores with float32 accumulation (head_dim 64 and 128; other head
-// dims and float32/float64 on FMA units); the key padding mask may be on the
-// CPU or the device. Throws lc::Error naming the bad value for mismatched
-// shapes, dtypes or devices, a pattern for a different number of heads, a
-// block mask for a different length, a bad dropout or padding mask, dropout
-// beyond 2^32 tokens, streams or generator offsets (its draws would repeat),
-// backend kCudnn with deterministic, or a call backend kCudnn cannot run.
+// float64, or bfloat16 computed in float32) under `pattern`: one call of a
+// plan made for it (MakeAttentionPlan; a layer that calls again with the
+// same shapes keeps the plan instead, as the multihead module does).
+// Differentiable in q, k, v (and through lse). On a CUDA device (q, k, v on the
+// same one; head_dim <= 256) options.backend picks cuDNN's fused flash
+// attention (attention_cudnn.h) or our fused kernels, which compute bfloat16
+// natively on tensor cores with float32 accumulation (head_dim 64 and 128;
+// other head dims and float32/float64 on FMA units); the key padding mask may
+// be on the CPU or the device. Throws lc::Error naming the bad value for
+// mismatched shapes, dtypes or devices, a pattern for a different number of
+// heads, a block mask for a different length, a bad dropout or padding mask,
+// dropout without a generator or beyond 2^32 tokens, streams or generator
+// offsets (its draws would repeat), backend kCudnn with deterministic, or a
+// call backend kCudnn cannot run.
 AttentionResult Attention(const Tensor& q, const Tensor& k, const Tensor& v,
                           const AttentionPattern& pattern,
-                          const AttentionOptions& options = {});
+                          const AttentionOptions& options = {},
+                          const AttentionCallOptions& call = {});
 
 }  // namespace lc
 

@@ -290,7 +290,7 @@ absl::Status Run() {
     for (const Tensor& leaf : {q, kk, v}) leaf.set_requires_grad(backward);
     auto start = std::chrono::steady_clock::now();
     const AttentionResult result =
-        RunAttention(config, q, kk, v, /*training=*/false, Tensor(), sp);
+        RunAttention(config, q, kk, v, /*training=*/false, {}, sp);
     SynchronizeDevice(device);
     forward_ms = MillisecondsSince(start);
     std::map<std::string, Tensor> mine = {{"out", result.out},

@@ -129,34 +129,43 @@ AttentionOptions MakeAttentionOptions(const AttentionConfig& config,
   return options;
 }
 
-AttentionResult RunAttention(const AttentionConfig& config, const Tensor& q,
-                             const Tensor& k, const Tensor& v, bool training,
-                             const Tensor& key_padding_mask,
-                             const SequenceParallelContext* sp) {
-  LC_REQUIRE(q.defined() && q.dim() == 4, "RunAttention: q has shape ",
-             q.defined() ? ShapeToString(q.shape()) : "undefined",
+std::shared_ptr<const AttentionPlan> MakeAttentionPlan(
+    const AttentionConfig& config, const TensorSpec& inputs, bool training,
+    const SequenceParallelContext* sp) {
+  LC_REQUIRE(inputs.shape.size() == 4, "attention: q has shape ",
+             ShapeToString(inputs.shape),
              " (expected [batch, n, heads, head_dim])");
   const bool ring = IsRingType(config.type) && sp != nullptr;
   if (ring) {
     LC_REQUIRE(sp->comm != nullptr && sp->comm->size() == config.ranks,
-               "RunAttention: the sequence-parallel group has ",
+               "attention: the sequence-parallel group has ",
                sp->comm != nullptr ? sp->comm->size() : 0,
                " ranks but the config says ranks = ", config.ranks);
   } else {
-    LC_REQUIRE(config.ranks == 1, "RunAttention: ", config.ranks,
+    LC_REQUIRE(config.ranks == 1, "attention: ", config.ranks,
                " ranks need a sequence-parallel context (a communicator)");
   }
-  const int64_t n = ring ? sp->n : q.size(1);
+  const int64_t n = ring ? sp->n : inputs.shape[1];
   absl::StatusOr<AttentionPattern> pattern =
-      BuildAttentionPattern(config, q.size(2), n);
+      BuildAttentionPattern(config, inputs.shape[2], n);
   ThrowIfError(pattern.status());
-  AttentionOptions options = MakeAttentionOptions(config, training);
-  options.key_padding_mask = key_padding_mask;
-  if (!ring) return Attention(q, k, v, *pattern, options);
+  const AttentionOptions options = MakeAttentionOptions(config, training);
+  if (!ring) return MakeAttentionPlan(inputs, *pattern, options);
   RingOptions ring_options;
   ring_options.layout = config.layout;
   ring_options.stats = sp->stats;
-  return RingAttention(*sp->comm, q, k, v, n, *pattern, options, ring_options);
+  return MakeRingAttentionPlan(*sp->comm, inputs, n, *pattern, options,
+                               ring_options);
+}
+
+AttentionResult RunAttention(const AttentionConfig& config, const Tensor& q,
+                             const Tensor& k, const Tensor& v, bool training,
+                             const AttentionCallOptions& call,
+                             const SequenceParallelContext* sp) {
+  LC_REQUIRE(q.defined() && q.dim() == 4, "RunAttention: q has shape ",
+             q.defined() ? ShapeToString(q.shape()) : "undefined",
+             " (expected [batch, n, heads, head_dim])");
+  return MakeAttentionPlan(config, SpecOf(q), training, sp)->Run(q, k, v, call);
 }
 
 }  // namespace lc

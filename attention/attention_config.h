@@ -6,11 +6,13 @@
 #ifndef LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 #define LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "attention/attention.h"
+#include "attention/attention_plan.h"
 #include "attention/pattern.h"
 #include "attention/ring_attention.h"
 #include "attention/tile_plan.h"
@@ -75,15 +77,23 @@ absl::StatusOr<AttentionPattern> BuildAttentionPattern(
 AttentionOptions MakeAttentionOptions(const AttentionConfig& config,
                                       bool training);
 
-// Runs the attention of `config` on q, k, v ([batch, n_local, heads,
-// head_dim]): builds the pattern for the whole sequence and calls Attention,
-// or, for ring types given a context `sp`, RingAttention on this rank's
-// tokens (key_padding_mask is then the whole sequence's [batch, n]). Ring
-// types without a context run on one rank. Throws lc::Error on bad input,
-// including a context whose group size is not config.ranks.
+// The plan of `config`'s attention for this rank's inputs ([batch, n_local,
+// heads, head_dim]; see AttentionPlan): for ring types given a context `sp`,
+// a ring plan over sp's communicator and sequence of sp->n tokens
+// (collective: every rank makes it together); else a one-rank plan over
+// n_local tokens (ring types without a context run on one rank). Dropout
+// only when `training`. Throws lc::Error on bad input, including a context
+// whose group size is not config.ranks.
+std::shared_ptr<const AttentionPlan> MakeAttentionPlan(
+    const AttentionConfig& config, const TensorSpec& inputs, bool training,
+    const SequenceParallelContext* sp = nullptr);
+
+// One call of the plan of `config` made for q: MakeAttentionPlan(config,
+// SpecOf(q), training, sp)->Run(q, k, v, call) (call.key_padding_mask is
+// then the whole sequence's [batch, n]).
 AttentionResult RunAttention(const AttentionConfig& config, const Tensor& q,
                              const Tensor& k, const Tensor& v, bool training,
-                             const Tensor& key_padding_mask = Tensor(),
+                             const AttentionCallOptions& call = {},
                              const SequenceParallelContext* sp = nullptr);
 
 }  // namespace lc

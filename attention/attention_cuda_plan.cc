@@ -177,82 +177,59 @@ CudaWorkListHost BuildCudaWorkList(const AttentionProblem& p,
   return list;
 }
 
-std::shared_ptr<const CudaWorkListHost> CachedCudaWorkList(
-    const AttentionProblem& p, const TokenLayout& ql, const TokenLayout& kl,
-    CudaWorkKind kind) {
-  // The block mask is part of the key by address; entries hold the mask, so
-  // the address stays unique while it is cached.
-  struct Entry {
-    std::vector<int64_t> key;
-    std::shared_ptr<const BlockMask> block_mask;
-    std::shared_ptr<const CudaWorkListHost> list;
-  };
-  constexpr size_t kEntries = 32;
-  static std::mutex mu;
-  static std::vector<Entry> entries;  // most recently used last
+namespace {
 
-  std::vector<int64_t> key = {
-      static_cast<int64_t>(kind), p.n, p.heads, p.plan.causal ? 1 : 0,
-      static_cast<int64_t>(
-          reinterpret_cast<uintptr_t>(p.pattern.block_mask.get()))};
-  for (const std::vector<DilatedPattern>& head : p.pattern.head_patterns) {
-    key.push_back(static_cast<int64_t>(head.size()));
-    for (const DilatedPattern& d : head) {
-      key.insert(key.end(), {d.segment_length, d.dilation_rate, d.offset});
-    }
-  }
+std::vector<int64_t> EntryKey(const TokenLayout& ql, const TokenLayout& kl) {
+  std::vector<int64_t> key;
   AppendLayoutKey(ql, &key);
   AppendLayoutKey(kl, &key);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (size_t i = 0; i < entries.size(); ++i) {
-      if (entries[i].key != key) continue;
-      Entry hit = std::move(entries[i]);
-      entries.erase(entries.begin() + i);
-      entries.push_back(std::move(hit));
-      return entries.back().list;
-    }
-  }
-  auto list = std::make_shared<const CudaWorkListHost>(
-      BuildCudaWorkList(p, ql, kl, kind));
-  std::lock_guard<std::mutex> lock(mu);
-  if (entries.size() == kEntries) entries.erase(entries.begin());
-  entries.push_back(Entry{std::move(key), p.pattern.block_mask, list});
-  return list;
+  return key;
 }
 
-const CudaWorkList& CudaPlanCache::Get(const AttentionProblem& p,
-                                       const TokenLayout& ql,
-                                       const TokenLayout& kl, CudaWorkKind kind,
-                                       Device device) {
-  std::vector<int64_t> key = {static_cast<int64_t>(kind), device.index};
-  AppendLayoutKey(ql, &key);
-  AppendLayoutKey(kl, &key);
-  std::lock_guard<std::mutex> lock(mu_);
-  std::unique_ptr<Entry>& entry = entries_[key];
-  if (entry != nullptr) return entry->list;
+}  // namespace
 
-  const std::shared_ptr<const CudaWorkListHost> cached =
-      CachedCudaWorkList(p, ql, kl, kind);
-  const CudaWorkListHost& host = *cached;
-  const int64_t item_bytes = host.items.size() * sizeof(CudaWorkItem);
-  const int64_t tile_bytes = host.tiles.size() * sizeof(CudaTileRows);
-  auto fresh = std::make_unique<Entry>();
-  fresh->buffer = Empty({std::max<int64_t>(1, item_bytes + tile_bytes)},
-                        DType::kUInt8, device);
-  uint8_t* base = static_cast<uint8_t*>(fresh->buffer.raw_data());
-  if (item_bytes > 0) {
-    CopyBytes(base, device, host.items.data(), Device::Cpu(), item_bytes);
+void CudaWorkLists::Prepare(const AttentionProblem& p, const TokenLayout& ql,
+                            const TokenLayout& kl) {
+  for (CudaWorkKind kind :
+       {CudaWorkKind::kQueryItems, CudaWorkKind::kKeyItems}) {
+    std::vector<int64_t> key = EntryKey(ql, kl);
+    key.push_back(static_cast<int64_t>(kind));
+    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_ptr<Entry>& entry = entries_[key];
+    if (entry != nullptr) continue;
+    const CudaWorkListHost host = BuildCudaWorkList(p, ql, kl, kind);
+    const int64_t item_bytes = host.items.size() * sizeof(CudaWorkItem);
+    const int64_t tile_bytes = host.tiles.size() * sizeof(CudaTileRows);
+    auto fresh = std::make_unique<Entry>();
+    fresh->buffer = Empty({std::max<int64_t>(1, item_bytes + tile_bytes)},
+                          DType::kUInt8, p.device);
+    uint8_t* base = static_cast<uint8_t*>(fresh->buffer.raw_data());
+    if (item_bytes > 0) {
+      CopyBytes(base, p.device, host.items.data(), Device::Cpu(), item_bytes);
+    }
+    if (tile_bytes > 0) {
+      CopyBytes(base + item_bytes, p.device, host.tiles.data(), Device::Cpu(),
+                tile_bytes);
+    }
+    fresh->list.items = reinterpret_cast<const CudaWorkItem*>(base);
+    fresh->list.tiles =
+        reinterpret_cast<const CudaTileRows*>(base + item_bytes);
+    fresh->list.pattern_begin = host.pattern_begin;
+    entry = std::move(fresh);
   }
-  if (tile_bytes > 0) {
-    CopyBytes(base + item_bytes, device, host.tiles.data(), Device::Cpu(),
-              tile_bytes);
-  }
-  fresh->list.items = reinterpret_cast<const CudaWorkItem*>(base);
-  fresh->list.tiles = reinterpret_cast<const CudaTileRows*>(base + item_bytes);
-  fresh->list.pattern_begin = host.pattern_begin;
-  entry = std::move(fresh);
-  return entry->list;
+}
+
+const CudaWorkList& CudaWorkLists::Get(const TokenLayout& ql,
+                                       const TokenLayout& kl,
+                                       CudaWorkKind kind) const {
+  std::vector<int64_t> key = EntryKey(ql, kl);
+  key.push_back(static_cast<int64_t>(kind));
+  std::lock_guard<std::mutex> lock(mu_);
+  const auto found = entries_.find(key);
+  LC_CHECK(found != entries_.end())
+      << "CUDA work lists of layouts the plan did not prepare (" << ql.rows
+      << " query rows, " << kl.rows << " key rows)";
+  return found->second->list;
 }
 
 }  // namespace lc

@@ -1,9 +1,8 @@
 // The work lists of the CUDA attention kernels (attention_cuda.h), built
 // from the same tile plan as the CPU drivers (ForEachTile over every head
 // and every pair of local spans), so the GPU visits exactly the tiles the CPU
-// visits under the same masks, and kept on the device for the calls that
-// reuse them (a call's backward, a ring step's backward). Internal to
-// attention/.
+// visits under the same masks, and kept on the device for every call of the
+// plan that built them. Internal to attention/.
 #ifndef LONGCTX_ATTENTION_ATTENTION_CUDA_PLAN_H_
 #define LONGCTX_ATTENTION_ATTENTION_CUDA_PLAN_H_
 
@@ -42,31 +41,31 @@ CudaWorkListHost BuildCudaWorkList(const AttentionProblem& p,
                                    const TokenLayout& ql, const TokenLayout& kl,
                                    CudaWorkKind kind);
 
-// BuildCudaWorkList through a process-wide cache of the most recent lists
-// (keyed by everything a list depends on: heads' patterns, n, causality, the
-// block mask, layouts and kind), so that repeated calls of one geometry
-// (layers, training steps, ring steps) skip the host planning; the upload to
-// the device (CudaPlanCache) is still made per call. Thread-safe.
-std::shared_ptr<const CudaWorkListHost> CachedCudaWorkList(
-    const AttentionProblem& p, const TokenLayout& ql, const TokenLayout& kl,
-    CudaWorkKind kind);
-
-// Work lists on the device, built and uploaded on first use for each
-// (kind, query layout, key layout, device) and kept while the cache lives
-// (the problem holds it: forward and backward of a call share the lists).
-// Thread-safe.
-class CudaPlanCache {
+// NOTE [ Work lists per plan ]
+// The device work lists of one problem (AttentionProblem::cuda_work_lists):
+// the plan prepares every pair of layouts its calls use when it is made
+// (one rank: all tokens against all; the ring: this rank's queries against
+// each step's chunk layout), building the lists on the host and uploading
+// them with host waits once; a call only looks them up, so the steady state
+// plans and uploads nothing. Thread-safe.
+class CudaWorkLists {
  public:
-  const CudaWorkList& Get(const AttentionProblem& p, const TokenLayout& ql,
-                          const TokenLayout& kl, CudaWorkKind kind,
-                          Device device);
+  // Builds and uploads the query and key lists of ql x kl on p's device,
+  // unless they are there already.
+  void Prepare(const AttentionProblem& p, const TokenLayout& ql,
+               const TokenLayout& kl);
+
+  // The list of `kind` that Prepare made for ql x kl (a pair never
+  // prepared is an internal error).
+  const CudaWorkList& Get(const TokenLayout& ql, const TokenLayout& kl,
+                          CudaWorkKind kind) const;
 
  private:
   struct Entry {
     Tensor buffer;  // uint8 on the device: items, then tiles
     CudaWorkList list;
   };
-  std::mutex mu_;
+  mutable std::mutex mu_;
   std::map<std::vector<int64_t>, std::unique_ptr<Entry>> entries_;
 };
 

@@ -59,7 +59,9 @@ char* FirstRow(const CudnnAttentionLaunch& l, const Tensor& t) {
 }  // namespace
 
 absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
-    const AttentionProblem& p, DType dtype, int device) {
+    const AttentionProblem& p) {
+  const DType dtype = p.dtype;
+  const int device = p.device.index;
   auto no = [](auto... why) {
     return absl::UnimplementedError(
         absl::StrCat("cuDNN attention does not run this call: ", why...));
@@ -72,7 +74,6 @@ absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
   }
   if (p.pattern.block_mask != nullptr) return no("a block mask is set");
   if (p.dropout > 0) return no("dropout ", p.dropout, " (it takes 0)");
-  if (p.key_padding.defined()) return no("a key padding mask is set");
   if (p.max_patterns > 1) {
     return no("a head has ", p.max_patterns,
               " dilated patterns (it takes one per head)");

@@ -27,14 +27,18 @@ struct CudnnAttentionLaunch {
   int64_t segment = 0, rate = 1, offset = 0;
 };
 
-// The launches that run problem p (inputs of `dtype` on CUDA device
-// `device`) on cuDNN,
-// or Unimplemented saying what keeps cuDNN from running it: a head with
-// more than one pattern, a block mask, dropout, a key padding mask, a
-// segment length that does not divide n, a head_dim that is not a multiple
-// of 8 up to 128, or inputs that are not bfloat16.
+// The launches that run the calls of problem p (on a CUDA device) on cuDNN,
+// or Unimplemented saying what keeps cuDNN from running them: a head with
+// more than one pattern, a block mask, dropout, a segment length that does
+// not divide n, a head_dim that is not a multiple of 8 up to 128, or inputs
+// that are not bfloat16. (A call with a key padding mask runs on ours: see
+// kCudnnNoPaddingMask.)
 absl::StatusOr<std::vector<CudnnAttentionLaunch>> CudnnAttentionLaunches(
-    const AttentionProblem& p, DType dtype, int device);
+    const AttentionProblem& p);
+
+// Why cuDNN does not run a call with a key padding mask.
+inline constexpr char kCudnnNoPaddingMask[] =
+    "cuDNN attention does not run this call: a key padding mask is set";
 
 // out ([batch, n, heads, head_dim] bfloat16, contiguous; rows no launch
 // selects keep their values) and lse ([batch, heads, n] float32, likewise)

@@ -24,17 +24,17 @@ using ScratchPtr =
 // Units touch disjoint rows of out, lse and every gradient.
 struct WorkUnit {
   int64_t b, h;
-  PositionRange range;
+  PositionSpan range;
   double cost;  // allowed pairs before causality and masks, for scheduling
 };
 
-PositionRange Intersect(PositionRange a, int64_t begin, int64_t end) {
+PositionSpan Intersect(PositionSpan a, int64_t begin, int64_t end) {
   return {std::max(a.begin, begin), std::min(a.end, end)};
 }
 
-bool Touches(const std::vector<LocalSpan>& spans, PositionRange range) {
+bool Touches(const std::vector<LocalSpan>& spans, PositionSpan range) {
   for (const LocalSpan& s : spans) {
-    const PositionRange r = Intersect(range, s.begin, s.end);
+    const PositionSpan r = Intersect(range, s.begin, s.end);
     if (r.begin < r.end) return true;
   }
   return false;
@@ -55,7 +55,7 @@ std::vector<WorkUnit> WorkUnits(const AttentionProblem& p,
       span = std::min(p.n, std::lcm(span, std::min(d.segment_length, p.n)));
     }
     for (int64_t begin = 0; begin < p.n; begin += span) {
-      const PositionRange range{begin, std::min(begin + span, p.n)};
+      const PositionSpan range{begin, std::min(begin + span, p.n)};
       if (!Touches(ql.SpansOf(h), range) || !Touches(kl.SpansOf(h), range)) {
         continue;
       }
@@ -93,8 +93,8 @@ struct TileContext {
 // every gradient, so no two threads touch the same memory, and each unit
 // visits its tiles in the same order whichever thread runs it.
 template <typename Fn>
-void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
-                     const TokenLayout& kl, Fn&& fn) {
+void ForEachHeadTile(const AttentionProblem& p, const AttentionCall& call,
+                     const TokenLayout& ql, const TokenLayout& kl, Fn&& fn) {
   const std::vector<WorkUnit> units = WorkUnits(p, ql, kl);
   const int64_t num_units = static_cast<int64_t>(units.size());
 #pragma omp parallel
@@ -105,15 +105,16 @@ void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
       const WorkUnit& unit = units[i];
       const int64_t bh = unit.b * p.heads + unit.h;
       const uint8_t* padding =
-          p.key_padding.defined() ? p.key_padding.data<uint8_t>() + unit.b * p.n
-                                  : nullptr;
+          call.key_padding.defined()
+              ? call.key_padding.data<uint8_t>() + unit.b * p.n
+              : nullptr;
       const std::vector<DilatedPattern>& patterns =
           p.pattern.head_patterns[unit.h];
       for (const LocalSpan& qs : ql.SpansOf(unit.h)) {
-        const PositionRange q_range = Intersect(unit.range, qs.begin, qs.end);
+        const PositionSpan q_range = Intersect(unit.range, qs.begin, qs.end);
         if (q_range.begin >= q_range.end) continue;
         for (const LocalSpan& ks : kl.SpansOf(unit.h)) {
-          const PositionRange k_range = Intersect(unit.range, ks.begin, ks.end);
+          const PositionSpan k_range = Intersect(unit.range, ks.begin, ks.end);
           if (k_range.begin >= k_range.end) continue;
           // A span of one pattern's keys is visited by that pattern alone.
           const int first = std::max(ks.pattern, 0);
@@ -129,8 +130,8 @@ void ForEachHeadTile(const AttentionProblem& p, const TokenLayout& ql,
                           mask.key_padding_step = tile.k.step;
                         }
                         mask.dropout = p.dropout;
-                        mask.dropout_seed = p.dropout_seed;
-                        mask.dropout_offset = p.dropout_offset;
+                        mask.dropout_seed = call.dropout_seed;
+                        mask.dropout_offset = call.dropout_offset;
                         mask.dropout_stream =
                             bh * p.max_patterns + first + tile.pattern;
                         mask.sequence_length = p.n;
@@ -247,42 +248,30 @@ bool SameKeys(const TokenLayout& earlier, const TokenLayout& later) {
   return same;
 }
 
-std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
-    const Tensor& q, const Tensor& k, const Tensor& v, int64_t n,
-    const AttentionPattern& pattern, const AttentionOptions& options) {
-  for (const Tensor* t : {&q, &k, &v}) {
-    LC_REQUIRE(t->defined(), "Attention: q, k and v must be defined");
-  }
-  LC_REQUIRE(q.dim() == 4, "Attention: q has shape ", ShapeToString(q.shape()),
+std::shared_ptr<AttentionProblem> MakeAttentionProblem(
+    const TensorSpec& inputs, int64_t n, const AttentionPattern& pattern,
+    const AttentionOptions& options) {
+  const Shape& shape = inputs.shape;
+  LC_REQUIRE(shape.size() == 4, "Attention: q has shape ", ShapeToString(shape),
              " (expected [batch, n, heads, head_dim])");
-  LC_REQUIRE(k.shape() == q.shape() && v.shape() == q.shape(), "Attention: q ",
-             ShapeToString(q.shape()), ", k ", ShapeToString(k.shape()),
-             " and v ", ShapeToString(v.shape()), " must have the same shape");
-  LC_REQUIRE(k.dtype() == q.dtype() && v.dtype() == q.dtype(),
-             "Attention: q, k, v dtypes ", DTypeName(q.dtype()), ", ",
-             DTypeName(k.dtype()), ", ", DTypeName(v.dtype()),
-             " (expected one dtype)");
-  LC_REQUIRE(k.device() == q.device() && v.device() == q.device(),
-             "Attention: q on ", q.device().ToString(), ", k on ",
-             k.device().ToString(), ", v on ", v.device().ToString(),
-             " (expected one device)");
-  const bool cuda = q.device().is_cuda();
-  // On the CPU, bfloat16 was converted to float32 by the caller.
-  LC_REQUIRE(q.dtype() == DType::kFloat32 || q.dtype() == DType::kFloat64 ||
-                 (cuda && q.dtype() == DType::kBFloat16),
-             "Attention: dtype ", DTypeName(q.dtype()),
+  const bool cuda = inputs.device.is_cuda();
+  LC_REQUIRE(inputs.dtype == DType::kFloat32 ||
+                 inputs.dtype == DType::kFloat64 ||
+                 inputs.dtype == DType::kBFloat16,
+             "Attention: dtype ", DTypeName(inputs.dtype),
              " (expected float32, float64 or bfloat16)");
   if (cuda) {
-    LC_REQUIRE(q.size(3) >= 1 && q.size(3) <= kCudaMaxHeadDim,
-               "Attention: head_dim ", q.size(3), " on ", q.device().ToString(),
-               " (expected 1 to ", kCudaMaxHeadDim, ")");
-    LC_REQUIRE(q.size(0) <= 65535, "Attention: batch ", q.size(0), " on ",
-               q.device().ToString(), " (expected at most 65535)");
-    LC_REQUIRE(n < (int64_t{1} << 31) && q.size(1) < (int64_t{1} << 31),
-               "Attention: n = ", n, " on ", q.device().ToString(),
+    LC_REQUIRE(shape[3] >= 1 && shape[3] <= kCudaMaxHeadDim,
+               "Attention: head_dim ", shape[3], " on ",
+               inputs.device.ToString(), " (expected 1 to ", kCudaMaxHeadDim,
+               ")");
+    LC_REQUIRE(shape[0] <= 65535, "Attention: batch ", shape[0], " on ",
+               inputs.device.ToString(), " (expected at most 65535)");
+    LC_REQUIRE(n < (int64_t{1} << 31) && shape[1] < (int64_t{1} << 31),
+               "Attention: n = ", n, " on ", inputs.device.ToString(),
                " (expected fewer than 2^31 tokens)");
   }
-  const int64_t heads = q.size(2);
+  const int64_t heads = shape[2];
   LC_REQUIRE(static_cast<int64_t>(pattern.head_patterns.size()) == heads,
              "Attention: the pattern has ", pattern.head_patterns.size(),
              " heads but q has ", heads);
@@ -311,19 +300,15 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
   LC_REQUIRE(options.query_tile >= 1 && options.key_tile >= 1,
              "Attention: tile sizes ", options.query_tile, " x ",
              options.key_tile, " (expected >= 1)");
-  if (options.key_padding_mask.defined()) {
-    const Tensor& m = options.key_padding_mask;
-    LC_REQUIRE(m.dtype() == DType::kUInt8 && m.shape() == Shape({q.size(0), n}),
-               "Attention: key_padding_mask is ", DTypeName(m.dtype()), " ",
-               ShapeToString(m.shape()), " (expected uint8 [", q.size(0), ", ",
-               n, "])");
-  }
 
   auto p = std::make_shared<AttentionProblem>();
-  p->batch = q.size(0);
+  p->batch = shape[0];
+  p->rows = shape[1];
   p->n = n;
   p->heads = heads;
-  p->head_dim = q.size(3);
+  p->head_dim = shape[3];
+  p->dtype = inputs.dtype;
+  p->device = inputs.device;
   p->scale = options.scale.value_or(1.0 / std::sqrt(double(p->head_dim)));
   // A user's segment lengths and rates may be anything >= 1 (up to
   // INT64_MAX): every driver, one rank or the ring, runs the same pairs with
@@ -340,27 +325,67 @@ std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
   p->plan.key_tile = options.key_tile;
   p->plan.order = options.tile_order;
   p->dropout = options.dropout;
-  if (options.dropout > 0) {
-    Generator& gen =
-        options.generator != nullptr ? *options.generator : DefaultGenerator();
-    p->dropout_seed = gen.seed();
-    p->dropout_offset = gen.NextOffset();
-    CheckAttentionDropoutDraws("Attention", n,
-                               p->batch * p->heads * p->max_patterns,
-                               p->dropout_offset);
-  }
-  if (options.key_padding_mask.defined()) {
-    p->key_padding = options.key_padding_mask.to(q.device()).contiguous();
-  }
-  if (cuda) p->cuda_plans = std::make_shared<CudaPlanCache>();
+  if (cuda) p->cuda_work_lists = std::make_shared<CudaWorkLists>();
   return p;
 }
 
+void CheckAttentionInputs(const char* op, const TensorSpec& expected,
+                          const Tensor& q, const Tensor& k, const Tensor& v) {
+  for (const Tensor* t : {&q, &k, &v}) {
+    LC_REQUIRE(t->defined(), op, ": q, k and v must be defined");
+  }
+  LC_REQUIRE(q.shape() == expected.shape && k.shape() == expected.shape &&
+                 v.shape() == expected.shape,
+             op, ": q ", ShapeToString(q.shape()), ", k ",
+             ShapeToString(k.shape()), " and v ", ShapeToString(v.shape()),
+             " must have the same shape (expected ",
+             ShapeToString(expected.shape), ")");
+  LC_REQUIRE(q.dtype() == expected.dtype && k.dtype() == expected.dtype &&
+                 v.dtype() == expected.dtype,
+             op, ": q, k, v dtypes ", DTypeName(q.dtype()), ", ",
+             DTypeName(k.dtype()), ", ", DTypeName(v.dtype()),
+             " (expected one dtype, ", DTypeName(expected.dtype), ")");
+  LC_REQUIRE(q.device() == expected.device && k.device() == expected.device &&
+                 v.device() == expected.device,
+             op, ": q on ", q.device().ToString(), ", k on ",
+             k.device().ToString(), ", v on ", v.device().ToString(),
+             " (expected one device, ", expected.device.ToString(), ")");
+}
+
+AttentionCall MakeAttentionCall(const char* op, const AttentionProblem& p,
+                                const AttentionCallOptions& options) {
+  AttentionCall call;
+  if (p.dropout > 0) {
+    LC_REQUIRE(options.generator != nullptr, op, ": dropout ", p.dropout,
+               " without a generator (AttentionCallOptions::generator must "
+               "name the stream its draws come from)");
+    call.dropout_seed = options.generator->seed();
+    call.dropout_offset = options.generator->NextOffset();
+    CheckAttentionDropoutDraws(op, p.n, p.batch * p.heads * p.max_patterns,
+                               call.dropout_offset);
+  }
+  if (options.key_padding_mask.defined()) {
+    CheckKeyPaddingMask(op, options.key_padding_mask, p.batch, p.n);
+    call.key_padding = options.key_padding_mask.to(p.device).contiguous();
+  }
+  return call;
+}
+
+void CheckKeyPaddingMask(const char* op, const Tensor& mask, int64_t batch,
+                         int64_t n) {
+  if (!mask.defined()) return;
+  LC_REQUIRE(mask.dtype() == DType::kUInt8 && mask.shape() == Shape({batch, n}),
+             op, ": key_padding_mask is ", DTypeName(mask.dtype()), " ",
+             ShapeToString(mask.shape()), " (expected uint8 [", batch, ", ", n,
+             "])");
+}
+
 template <typename T>
-void AttentionForwardTiles(const AttentionProblem& p, const TokenLayout& ql,
-                           const T* q, const TokenLayout& kl, const T* k,
-                           const T* v, T* out, T* lse) {
-  ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
+void AttentionForwardTiles(const AttentionProblem& p, const AttentionCall& call,
+                           const TokenLayout& ql, const T* q,
+                           const TokenLayout& kl, const T* k, const T* v,
+                           T* out, T* lse) {
+  ForEachHeadTile(p, call, ql, kl, [&](const TileContext& c) {
     const TileRows& tq = c.tile.q;
     PartialAttentionForward<T>(
         TileRowSet(q, p, ql, c.q_span, c.b, c.h, tq),
@@ -375,12 +400,13 @@ void AttentionForwardTiles(const AttentionProblem& p, const TokenLayout& ql,
 }
 
 template <typename T>
-void AttentionBackwardTiles(const AttentionProblem& p, const TokenLayout& ql,
+void AttentionBackwardTiles(const AttentionProblem& p,
+                            const AttentionCall& call, const TokenLayout& ql,
                             const T* q, const TokenLayout& kl, const T* k,
                             const T* v, const T* grad_out, const T* lse,
                             const T* delta, const T* grad_lse, T* dq, T* dk,
                             T* dv) {
-  ForEachHeadTile(p, ql, kl, [&](const TileContext& c) {
+  ForEachHeadTile(p, call, ql, kl, [&](const TileContext& c) {
     const TileRows& tq = c.tile.q;
     const TileRows& tk = c.tile.k;
     const int64_t stat =
@@ -417,155 +443,16 @@ void RowDelta(const AttentionProblem& p, int64_t rows, const T* out,
 
 #define LC_INSTANTIATE_ATTENTION_KERNEL(T)                                  \
   template void AttentionForwardTiles<T>(                                   \
-      const AttentionProblem&, const TokenLayout&, const T*,                \
-      const TokenLayout&, const T*, const T*, T*, T*);                      \
+      const AttentionProblem&, const AttentionCall&, const TokenLayout&,    \
+      const T*, const TokenLayout&, const T*, const T*, T*, T*);            \
   template void AttentionBackwardTiles<T>(                                  \
-      const AttentionProblem&, const TokenLayout&, const T*,                \
-      const TokenLayout&, const T*, const T*, const T*, const T*, const T*, \
-      const T*, T*, T*, T*);                                                \
+      const AttentionProblem&, const AttentionCall&, const TokenLayout&,    \
+      const T*, const TokenLayout&, const T*, const T*, const T*, const T*, \
+      const T*, const T*, T*, T*, T*);                                      \
   template void RowDelta<T>(const AttentionProblem&, int64_t, const T*,     \
                             const T*, T*);
 
 LC_INSTANTIATE_ATTENTION_KERNEL(float)
 LC_INSTANTIATE_ATTENTION_KERNEL(double)
-
-namespace {
-
-// The shape of a buffer of `layout`: [batch, rows, heads, head_dim], or
-// [batch, rows, head_dim] packed; with per_row, the statistics shape
-// [batch, heads, rows] of a shared layout.
-Shape BufferShape(const AttentionProblem& p, const TokenLayout& layout,
-                  bool per_row) {
-  if (per_row) return {p.batch, p.heads, layout.rows};
-  if (layout.packed()) return {p.batch, layout.rows, p.head_dim};
-  return {p.batch, layout.rows, p.heads, p.head_dim};
-}
-
-// Checks that t is a contiguous buffer of `layout` (BufferShape) of `dtype`
-// on `device`. Internal invariant of the drivers' callers.
-void CheckBuffer(const AttentionProblem& p, const Tensor& t, DType dtype,
-                 Device device, const TokenLayout& layout, bool per_row,
-                 const char* what) {
-  const Shape expected = BufferShape(p, layout, per_row);
-  LC_CHECK(t.defined() && t.device() == device && t.dtype() == dtype &&
-           t.shape() == expected && t.is_contiguous())
-      << what << ": " << (t.defined() ? t.ToString() : "undefined")
-      << " (expected contiguous " << DTypeName(dtype) << " "
-      << ShapeToString(expected) << " on " << device.ToString() << ")";
-}
-
-// The dtype of the drivers' outputs (out, or dq, dk, dv) for inputs of
-// `dtype`: the accumulator dtype, or bfloat16 written once (see
-// CudaAttentionArgs::out_dtype) when `out` is bfloat16.
-DType OutputDType(const AttentionProblem& p, DType dtype, const Tensor& out) {
-  if (dtype == DType::kBFloat16 && out.defined() &&
-      out.dtype() == DType::kBFloat16) {
-    LC_CHECK_EQ(p.max_patterns, 1)
-        << "bfloat16 outputs are written once: one pattern per head";
-    return DType::kBFloat16;
-  }
-  return CudaAccumulatorDType(dtype);
-}
-
-CudaAttentionArgs ArgsOf(const AttentionProblem& p, const Tensor& q,
-                         const TokenLayout& ql, const TokenLayout& kl,
-                         DType out_dtype) {
-  LC_CHECK(p.cuda_plans != nullptr) << "a CUDA driver on a CPU problem";
-  CudaAttentionArgs args;
-  args.dtype = q.dtype();
-  args.out_dtype = out_dtype;
-  args.device = q.device().index;
-  args.batch = p.batch;
-  args.n = p.n;
-  args.heads = p.heads;
-  args.head_dim = p.head_dim;
-  LC_CHECK(!ql.packed()) << "queries come in a shared layout";
-  args.q_rows = ql.rows;
-  args.q_batch_stride = ql.rows * p.heads * p.head_dim;
-  args.q_row_stride = p.heads * p.head_dim;
-  args.k_batch_stride = kl.rows * kl.RowStride(p.heads, p.head_dim);
-  args.k_row_stride = kl.RowStride(p.heads, p.head_dim);
-  args.k_head_stride = kl.packed() ? 0 : p.head_dim;
-  args.max_patterns = p.max_patterns;
-  args.scale = p.scale;
-  args.causal = p.plan.causal;
-  args.key_padding =
-      p.key_padding.defined() ? p.key_padding.data<uint8_t>() : nullptr;
-  args.dropout = p.dropout;
-  args.dropout_seed = p.dropout_seed;
-  args.dropout_offset = p.dropout_offset;
-  return args;
-}
-
-}  // namespace
-
-DType CudaAccumulatorDType(DType dtype) {
-  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-}
-
-void AttentionForwardTilesCuda(const AttentionProblem& p, const TokenLayout& ql,
-                               const Tensor& q, const TokenLayout& kl,
-                               const Tensor& k, const Tensor& v,
-                               const Tensor& out_acc, const Tensor& lse) {
-  const Device device = q.device();
-  const DType acc = CudaAccumulatorDType(q.dtype());
-  const DType out_dtype = OutputDType(p, q.dtype(), out_acc);
-  CheckBuffer(p, q, q.dtype(), device, ql, false, "q");
-  CheckBuffer(p, k, q.dtype(), device, kl, false, "k");
-  CheckBuffer(p, v, q.dtype(), device, kl, false, "v");
-  CheckBuffer(p, out_acc, out_dtype, device, ql, false, "out_acc");
-  CheckBuffer(p, lse, acc, device, ql, true, "lse");
-  if (ql.rows == 0 || kl.rows == 0) return;
-  const CudaWorkList& queries =
-      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kQueryItems, device);
-  LaunchAttentionForward(ArgsOf(p, q, ql, kl, out_dtype), queries, q.raw_data(),
-                         k.raw_data(), v.raw_data(), out_acc.raw_data(),
-                         lse.raw_data());
-}
-
-void AttentionBackwardTilesCuda(const AttentionProblem& p,
-                                const TokenLayout& ql, const Tensor& q,
-                                const TokenLayout& kl, const Tensor& k,
-                                const Tensor& v, const Tensor& grad_out,
-                                const Tensor& lse, const Tensor& delta,
-                                const Tensor& grad_lse, const Tensor& dq_acc,
-                                const Tensor& dk_acc, const Tensor& dv_acc) {
-  const Device device = q.device();
-  const DType acc = CudaAccumulatorDType(q.dtype());
-  CheckBuffer(p, q, q.dtype(), device, ql, false, "q");
-  CheckBuffer(p, k, q.dtype(), device, kl, false, "k");
-  CheckBuffer(p, v, q.dtype(), device, kl, false, "v");
-  CheckBuffer(p, grad_out, q.dtype(), device, ql, false, "grad_out");
-  CheckBuffer(p, lse, acc, device, ql, true, "lse");
-  CheckBuffer(p, delta, acc, device, ql, true, "delta");
-  CheckBuffer(p, grad_lse, acc, device, ql, true, "grad_lse");
-  const DType out_dtype = OutputDType(p, q.dtype(), dq_acc);
-  CheckBuffer(p, dq_acc, out_dtype, device, ql, false, "dq_acc");
-  CheckBuffer(p, dk_acc, out_dtype, device, kl, false, "dk_acc");
-  CheckBuffer(p, dv_acc, out_dtype, device, kl, false, "dv_acc");
-  if (ql.rows == 0 || kl.rows == 0) return;
-  const CudaWorkList& queries =
-      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kQueryItems, device);
-  const CudaWorkList& keys =
-      p.cuda_plans->Get(p, ql, kl, CudaWorkKind::kKeyItems, device);
-  LaunchAttentionBackward(ArgsOf(p, q, ql, kl, out_dtype), queries, keys,
-                          q.raw_data(), k.raw_data(), v.raw_data(),
-                          grad_out.raw_data(), lse.raw_data(), delta.raw_data(),
-                          grad_lse.raw_data(), dq_acc.raw_data(),
-                          dk_acc.raw_data(), dv_acc.raw_data());
-}
-
-void RowDeltaCuda(const AttentionProblem& p, int64_t rows, const Tensor& out,
-                  const Tensor& grad_out, const Tensor& delta) {
-  const Device device = out.device();
-  TokenLayout layout;
-  layout.rows = rows;
-  CheckBuffer(p, out, out.dtype(), device, layout, false, "out");
-  CheckBuffer(p, grad_out, out.dtype(), device, layout, false, "grad_out");
-  CheckBuffer(p, delta, CudaAccumulatorDType(out.dtype()), device, layout, true,
-              "delta");
-  LaunchRowDelta(out.dtype(), device.index, p.batch, rows, p.heads, p.head_dim,
-                 out.raw_data(), grad_out.raw_data(), delta.raw_data());
-}
 
 }  // namespace lc

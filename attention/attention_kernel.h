@@ -1,7 +1,7 @@
-// The drivers that run the partial-attention primitive over every tile of a
-// call, for one rank's query tokens against one chunk of key tokens. Tokens
-// live in local buffers [batch, rows, heads, head_dim] that hold given spans
-// of global positions (the whole sequence for single-rank attention; a
+// The CPU drivers that run the partial-attention primitive over every tile
+// of a call, for one rank's query tokens against one chunk of key tokens.
+// Tokens live in local buffers [batch, rows, heads, head_dim] that hold given
+// spans of global positions (the whole sequence for single-rank attention; a
 // rank's chunks in ring attention), or, for keys, in packed per-head buffers
 // of only the rows a ring step uses, so every path shares one kernel.
 // Internal to attention/.
@@ -14,6 +14,7 @@
 
 #include "attention/attention.h"
 #include "attention/tile_plan.h"
+#include "distributed/ring_exchange.h"
 #include "distributed/sequence_parallel.h"
 
 namespace lc {
@@ -74,47 +75,75 @@ TokenLayout TokenLayoutOf(const std::vector<PositionSpan>& spans);
 // check is O(spans), sorting them only when the two lists of spans differ.
 bool SameKeys(const TokenLayout& earlier, const TokenLayout& later);
 
-class CudaPlanCache;  // attention_cuda_plan.h
+class CudaWorkLists;  // attention_cuda_plan.h
 
-// Validated geometry and options of one call, shared by forward and
-// backward.
+// NOTE [ Problem and call ]
+// An attention plan (attention_plan.h) keeps one AttentionProblem: the
+// validated shapes, pattern and options of every call it serves, and what
+// the drivers build from them once (the CUDA work lists of the layouts the
+// plan prepared). Each call adds an AttentionCall: the dropout stream drawn
+// for it and the key padding mask. The drivers take both; nothing of a call
+// is stored in the problem, so one problem serves calls on any thread.
 struct AttentionProblem {
   int64_t batch = 0, n = 0, heads = 0, head_dim = 0;  // n: whole sequence
+  int64_t rows = 0;               // tokens of each input buffer (n on one rank)
+  DType dtype = DType::kFloat32;  // of the caller's q, k, v
+  Device device = Device::Cpu();
   double scale = 1;
-  AttentionPattern pattern;
+  AttentionPattern pattern;  // segment lengths and rates below 2n
   int64_t max_patterns = 1;  // patterns of the head with the most
   TilePlanOptions plan;
   double dropout = 0;
-  uint64_t dropout_seed = 0, dropout_offset = 0;
-  // Contiguous uint8 [batch, n] on the device of q, or undefined.
-  Tensor key_padding;
-  // CUDA problems: the kernels' work lists, shared by every call of the
-  // problem (forward, backward, ring steps). Null on the CPU.
-  std::shared_ptr<CudaPlanCache> cuda_plans;
+  // CUDA problems: the kernels' work lists, built when the plan prepares a
+  // pair of layouts. Null on the CPU.
+  std::shared_ptr<CudaWorkLists> cuda_work_lists;
 };
 
-// Checks q, k, v (one local buffer's [batch, rows, heads, head_dim] on one
-// device: float32 or float64 on the CPU, where the caller converts bfloat16;
-// float32, float64 or bfloat16 on CUDA, head_dim <= 256), the pattern (for n
-// tokens) and the options, and draws the dropout offset. The key padding
-// mask may live on any device; the problem keeps a copy on q's device.
-// Throws lc::Error naming the bad value.
-std::shared_ptr<const AttentionProblem> MakeAttentionProblem(
-    const Tensor& q, const Tensor& k, const Tensor& v, int64_t n,
-    const AttentionPattern& pattern, const AttentionOptions& options);
+// One call's state.
+struct AttentionCall {
+  uint64_t dropout_seed = 0, dropout_offset = 0;  // dropout > 0 only
+  // Contiguous uint8 [batch, n] on the problem's device, or undefined.
+  Tensor key_padding;
+};
 
+// Checks the inputs a plan is made for (one local buffer's [batch, rows,
+// heads, head_dim] of float32, float64 or bfloat16 on the CPU or a CUDA
+// device, head_dim <= 256 on CUDA), the pattern (for n tokens) and the
+// options. Throws lc::Error naming the bad value.
+std::shared_ptr<AttentionProblem> MakeAttentionProblem(
+    const TensorSpec& inputs, int64_t n, const AttentionPattern& pattern,
+    const AttentionOptions& options);
+
+// Checks that q, k, v are defined inputs of `expected` (a plan's inputs;
+// `op` names the caller in the error).
+void CheckAttentionInputs(const char* op, const TensorSpec& expected,
+                          const Tensor& q, const Tensor& k, const Tensor& v);
+
+// Checks the call options against p (a generator when p has dropout, the
+// padding mask's shape and dtype) and draws the dropout offset.
+AttentionCall MakeAttentionCall(const char* op, const AttentionProblem& p,
+                                const AttentionCallOptions& call);
+
+// Checks a key padding mask (when defined) of a call over n tokens: uint8
+// [batch, n]. Throws lc::Error naming it.
+void CheckKeyPaddingMask(const char* op, const Tensor& mask, int64_t batch,
+                         int64_t n);
+
+// The CPU tile drivers (float32 or float64; attention_driver.h runs them).
 // Merges the attention of q's tokens (a shared layout) over k's (either
 // form) into out ([batch, q rows, heads, head_dim]) and lse ([batch, heads,
 // q rows]).
 template <typename T>
-void AttentionForwardTiles(const AttentionProblem& p, const TokenLayout& ql,
-                           const T* q, const TokenLayout& kl, const T* k,
-                           const T* v, T* out, T* lse);
+void AttentionForwardTiles(const AttentionProblem& p, const AttentionCall& call,
+                           const TokenLayout& ql, const T* q,
+                           const TokenLayout& kl, const T* k, const T* v,
+                           T* out, T* lse);
 
 // Adds the gradients of the pairs between q's tokens and k's into dq (like
 // q) and dk, dv (like k). delta ([batch, heads, q rows]) is RowDelta's.
 template <typename T>
-void AttentionBackwardTiles(const AttentionProblem& p, const TokenLayout& ql,
+void AttentionBackwardTiles(const AttentionProblem& p,
+                            const AttentionCall& call, const TokenLayout& ql,
                             const T* q, const TokenLayout& kl, const T* k,
                             const T* v, const T* grad_out, const T* lse,
                             const T* delta, const T* grad_lse, T* dq, T* dk,
@@ -125,41 +154,6 @@ void AttentionBackwardTiles(const AttentionProblem& p, const TokenLayout& ql,
 template <typename T>
 void RowDelta(const AttentionProblem& p, int64_t rows, const T* out,
               const T* grad_out, T* delta);
-
-// The CUDA drivers: the same contracts on contiguous CUDA tensors of the
-// problem's device. q, k, v (and grad_out) are of the inputs' dtype
-// (bfloat16, float32 or float64), buffers of their layouts (q's shared:
-// [batch, rows, heads, head_dim]; k's shared: [batch, rows, heads,
-// head_dim], or packed: [batch, rows, head_dim]); out_acc, lse, delta, grad_lse
-// and the gradients are in the accumulator dtype (float64 for float64 inputs,
-// float32 otherwise). Work is queued on the current stream of the device;
-// results are merged or added into the accumulators (so several calls compose:
-// ring steps, patterns), in an order fixed by the plan (bit-identical results
-// for equal inputs). For bfloat16 inputs with one pattern per head, out_acc
-// (and dq, dk, dv together) may instead be bfloat16: the kernels then write
-// each row once (rows without pairs keep their values), for a call that is the
-// only one contributing to those buffers (lse stays float32 and is written
-// too).
-void AttentionForwardTilesCuda(const AttentionProblem& p, const TokenLayout& ql,
-                               const Tensor& q, const TokenLayout& kl,
-                               const Tensor& k, const Tensor& v,
-                               const Tensor& out_acc, const Tensor& lse);
-
-void AttentionBackwardTilesCuda(const AttentionProblem& p,
-                                const TokenLayout& ql, const Tensor& q,
-                                const TokenLayout& kl, const Tensor& k,
-                                const Tensor& v, const Tensor& grad_out,
-                                const Tensor& lse, const Tensor& delta,
-                                const Tensor& grad_lse, const Tensor& dq_acc,
-                                const Tensor& dk_acc, const Tensor& dv_acc);
-
-// delta ([batch, heads, rows], accumulator dtype) = RowDelta of out and
-// grad_out (the inputs' dtype).
-void RowDeltaCuda(const AttentionProblem& p, int64_t rows, const Tensor& out,
-                  const Tensor& grad_out, const Tensor& delta);
-
-// The accumulator dtype of the CUDA drivers for inputs of `dtype`.
-DType CudaAccumulatorDType(DType dtype);
 
 }  // namespace lc
 

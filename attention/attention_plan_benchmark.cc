@@ -1,8 +1,8 @@
-// Benchmark of the host-side planning every attention call does once per
-// shape: building the pattern (for block-sparse types, its block mask) and the
-// CUDA kernels' work lists (query items for forward and dQ, key items for dK
-// and dV; ForEachTile underneath, as on the CPU). It runs on the CPU, no GPU
-// needed. Prints one row per attention type and length:
+// Benchmark of the host-side planning an attention plan does once, when it
+// is made (attention_plan.h): building the pattern (for block-sparse types, its
+// block mask) and the CUDA kernels' work lists (query items for forward and dQ,
+// key items for dK and dV; ForEachTile underneath, as on the CPU). It runs on
+// the CPU, no GPU needed. Prints one row per attention type and length:
 //
 //   bazel run -c opt //attention:attention_plan_benchmark -- \
 //       --lengths=65536,262144,1048576
@@ -43,10 +43,10 @@ void PlanOnce(const AttentionConfig& config, int64_t n, int64_t heads) {
   const AttentionPattern pattern =
       BuildAttentionPattern(config, heads, n).value();
   const double pattern_ms = MsSince(start);
-  // MakeAttentionProblem reads only the shapes: [1, n, heads, 64].
-  const Tensor q = Empty({1, n, heads, 64}, DType::kFloat32);
-  const std::shared_ptr<const AttentionProblem> p = MakeAttentionProblem(
-      q, q, q, n, pattern, MakeAttentionOptions(config, false));
+  // The problem of inputs [1, n, heads, 64] (no tensor is allocated).
+  const std::shared_ptr<const AttentionProblem> p =
+      MakeAttentionProblem(TensorSpec{{1, n, heads, 64}, DType::kFloat32}, n,
+                           pattern, MakeAttentionOptions(config, false));
   const TokenLayout all = TokenLayoutOf({PositionSpan{0, n}});
   start = Clock::now();
   const CudaWorkListHost queries =

@@ -126,12 +126,39 @@ Tensor MultiheadDilatedAttention::Forward(const Tensor& x,
     q = ApplyRotary(q, positions, options_.rope_base);
     k = ApplyRotary(k, positions, options_.rope_base);
   }
-  AttentionResult r =
-      RunAttention(options_.attention, q, k, v.reshape(heads_shape),
-                   is_training(), key_padding_mask, sp);
+  AttentionCallOptions call;
+  call.generator = &DefaultGenerator();
+  call.key_padding_mask = key_padding_mask;
+  const AttentionResult r =
+      PlanFor(SpecOf(q), sp)->Run(q, k, v.reshape(heads_shape), call);
   Tensor out = r.out.reshape({b, n, e});
   if (sub_norm_ != nullptr) out = sub_norm_->Forward(out);
   return out_proj_->Forward(out);
+}
+
+std::shared_ptr<const AttentionPlan> MultiheadDilatedAttention::PlanFor(
+    const TensorSpec& inputs, const SequenceParallelContext* sp) const {
+  PlanKey key;
+  key.inputs = inputs;
+  key.training = is_training();
+  if (sp != nullptr) {
+    key.comm = sp->comm;
+    key.n = sp->n;
+    key.stats = sp->stats;
+  }
+  const auto same = [](const PlanKey& a, const PlanKey& b) {
+    return a.inputs.shape == b.inputs.shape &&
+           a.inputs.dtype == b.inputs.dtype &&
+           a.inputs.device == b.inputs.device && a.training == b.training &&
+           a.comm == b.comm && a.n == b.n && a.stats == b.stats;
+  };
+  std::lock_guard<std::mutex> lock(plan_mu_);
+  if (plan_ == nullptr || !same(*plan_key_, key)) {
+    plan_ = nullptr;  // the old plan's memory goes before the new one's
+    plan_ = MakeAttentionPlan(options_.attention, inputs, key.training, sp);
+    plan_key_ = key;
+  }
+  return plan_;
 }
 
 absl::StatusOr<std::shared_ptr<MultiheadDilatedAttention>>

@@ -9,6 +9,8 @@
 #define LONGCTX_ATTENTION_MULTIHEAD_ATTENTION_H_
 
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -62,7 +64,29 @@ class MultiheadDilatedAttention : public Module {
   const MultiheadAttentionOptions& options() const { return options_; }
 
  private:
+  // The attention plan for q of `inputs` ([batch, n_local, heads,
+  // head_dim]): the one the last call made when nothing it depends on
+  // changed, else a new one.
+  std::shared_ptr<const AttentionPlan> PlanFor(
+      const TensorSpec& inputs, const SequenceParallelContext* sp) const;
+
   MultiheadAttentionOptions options_;
+  // NOTE [ A layer's attention plan ]: the plan is made on the first call
+  // and kept for every later call with the same inputs' shape, dtype and
+  // device, training mode and sequence-parallel context, so the steady
+  // state of training plans nothing (attention_plan.h). Each call passes
+  // its own state: the thread's DefaultGenerator() for dropout and the key
+  // padding mask.
+  struct PlanKey {
+    TensorSpec inputs;
+    bool training = false;
+    const Communicator* comm = nullptr;
+    int64_t n = 0;
+    RingStats* stats = nullptr;
+  };
+  mutable std::mutex plan_mu_;
+  mutable std::optional<PlanKey> plan_key_;
+  mutable std::shared_ptr<const AttentionPlan> plan_;
   std::shared_ptr<nn::Linear> qkv_proj_;  // fused only
   std::shared_ptr<nn::Linear> q_proj_, k_proj_, v_proj_;
   std::shared_ptr<nn::LayerNorm> sub_norm_;  // sub_layer_norm only

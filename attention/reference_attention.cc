@@ -126,7 +126,8 @@ Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
 AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
                                    const Tensor& v,
                                    const AttentionPattern& pattern,
-                                   const AttentionOptions& options) {
+                                   const AttentionOptions& options,
+                                   const AttentionCallOptions& call) {
   for (const Tensor* t : {&q, &k, &v}) {
     LC_REQUIRE(t->defined() && IsFloating(t->dtype()),
                "ReferenceAttention: q, k and v must be defined floating "
@@ -147,17 +148,17 @@ AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
   const double scale = options.scale.value_or(1.0 / std::sqrt(double(dim)));
 
   const Tensor counts =
-      PairCounts(pattern, options.causal, options.key_padding_mask, batch, n);
+      PairCounts(pattern, options.causal, call.key_padding_mask, batch, n);
   Tensor keep = counts;
   if (options.dropout != 0) {
     LC_REQUIRE(options.dropout > 0 && options.dropout < 1,
                "ReferenceAttention: dropout ", options.dropout,
                " (expected in [0, 1))");
-    Generator& gen =
-        options.generator != nullptr ? *options.generator : DefaultGenerator();
-    const uint64_t seed = gen.seed();
-    const uint64_t offset = gen.NextOffset();
-    keep = DropoutKeepWeights(pattern, options.causal, options.key_padding_mask,
+    LC_REQUIRE(call.generator != nullptr, "ReferenceAttention: dropout ",
+               options.dropout, " without a generator");
+    const uint64_t seed = call.generator->seed();
+    const uint64_t offset = call.generator->NextOffset();
+    keep = DropoutKeepWeights(pattern, options.causal, call.key_padding_mask,
                               batch, n, options.dropout, seed, offset);
   }
 

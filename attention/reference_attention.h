@@ -46,16 +46,17 @@ Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
 //   out[b, t, h] = sum_u K[t, u] exp(s(t, u) - lse) v[u]   (0 if no key).
 // Returns float64 out [batch, n, heads, head_dim] and lse [batch, heads, n].
 // Forward only: the result is not differentiable (no autograd history).
-// With options.dropout > 0 it draws from options.generator (the thread's
-// DefaultGenerator() when null) exactly as Attention does - one NextOffset()
-// per call - so to compare the two, give each its own copy of one
-// generator state. Tile sizes and tile order are ignored. Throws lc::Error
+// The key padding mask is call.key_padding_mask. With options.dropout > 0
+// it draws from call.generator (required) exactly as Attention does - one
+// NextOffset() per call - so to compare the two, give each its own copy of
+// one generator state. Tile sizes and tile order are ignored. Throws lc::Error
 // for undefined, non-floating or mismatched q, k, v, a pattern for another
 // number of heads, and as DropoutKeepWeights.
 AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
                                    const Tensor& v,
                                    const AttentionPattern& pattern,
-                                   const AttentionOptions& options = {});
+                                   const AttentionOptions& options = {},
+                                   const AttentionCallOptions& call = {});
 
 }  // namespace lc
 

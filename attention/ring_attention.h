@@ -11,11 +11,10 @@
 // and a chunk travels cut down to the keys (per head and pattern) that the
 // ranks still ahead on its trip attend, when that is less data than the
 // whole chunk (1 row in r for a dilation rate r). Results equal
-// single-rank Attention on the same tokens. Each rank plans only its own
-// steps, from questions about runs of ranks rather than rank by rank: O(k)
-// memory per rank and O(k log k) passes over a chunk's tiles, so the plan
-// never grows past the ring's own k steps (a plan of every rank's use of
-// every chunk was O(k^2) per rank).
+// single-rank Attention on the same tokens. The plan of a shape - each
+// rank's steps, layouts and row maps (ring_plan.h), the work lists, and the
+// ranks' agreement on the problem - is made once (MakeRingAttentionPlan) and
+// serves every call.
 //
 // On CUDA tensors (with a communicator that carries them: k thread ranks on
 // one GPU or several, or NCCL) each step runs the CUDA tile drivers on the
@@ -30,8 +29,10 @@
 #define LONGCTX_ATTENTION_RING_ATTENTION_H_
 
 #include <cstdint>
+#include <memory>
 
 #include "attention/attention.h"
+#include "attention/attention_plan.h"
 #include "distributed/communicator.h"
 #include "distributed/sequence_parallel.h"
 
@@ -50,32 +51,47 @@ struct RingOptions {
   RingStats* stats = nullptr;  // when set, forward and backward add to it
 };
 
-// q, k, v [batch, n_local, heads, head_dim] on one device (the CPU or a
-// CUDA device, as the communicator allows): this rank's tokens,
-// RankSpans(n, comm.size(), comm.rank(), layout) in order. `pattern` and
-// options.key_padding_mask ([batch, n], the same on every rank) describe the
-// whole n-token sequence: positions stay global. Returns this rank's rows of
-// out [batch, n_local, heads, head_dim] and lse [batch, heads, n_local].
-// Differentiable in q, k, v; backward communicates, so every rank of the
-// group must run it, and `comm` must outlive it. Throws lc::Error for bad
-// inputs (before any communication), for ranks that disagree on the call
-// (InvalidArgument on every rank, naming the field: batch, heads, head_dim,
-// dtype, n, layout, causal, pattern, block mask, scale, dropout and its
-// offset, key padding mask; found by one all-gather at the start) and for
-// communication failures (timeouts, aborted groups). A bad input on one rank
-// aborts the group with its error, so every rank fails at once.
+// The plan of ring attention over this rank's tokens, inputs ([batch,
+// n_local, heads, head_dim] on one device: the CPU or a CUDA device, as the
+// communicator allows), RankSpans(n, comm.size(), comm.rank(), layout) in
+// order. `pattern` describes the whole n-token sequence: positions stay
+// global. Collective: every rank of the group makes its plan together, and
+// their agreement on the problem is checked then (InvalidArgument on every
+// rank, naming the field: batch, heads, head_dim, dtype, n, layout, causal,
+// pattern, block mask, scale, dropout; found by one all-gather). `comm` (and
+// ring.stats) must outlive the plan and every backward of its calls.
 //
-// Attention dropout draws rank 0's stream: every rank takes its generator's
-// next offset, as a one-rank call does (the offsets must agree), but the
-// seed of rank 0's generator (options.generator, or its thread's default
-// one), so that ranks whose generators are seeded apart (a trainer's, for
-// the dropout of their own tokens) still drop the same pairs, exactly those
-// one rank with rank 0's generator drops.
+// Each call (AttentionPlan::Run) returns this rank's rows of out [batch,
+// n_local, heads, head_dim] and lse [batch, heads, n_local], differentiable
+// in q, k, v; backward communicates, so every rank of the group must run
+// it. The call's key padding mask is the whole sequence's [batch, n], the
+// same on every rank. A call with dropout or a key padding mask first
+// checks that the ranks drew the same dropout offset and pass the same mask
+// (one all-gather; ranks must agree on whether a mask is passed at all, or
+// wait until the communicator's timeout); other calls communicate only in
+// the ring. Attention dropout draws rank 0's stream: every rank takes its
+// generator's next offset, as a one-rank call does, but the seed of rank 0's
+// generator, so that ranks whose generators are seeded apart (a trainer's,
+// for the dropout of their own tokens) still drop the same pairs, exactly
+// those one rank with rank 0's generator drops.
+//
+// Throws lc::Error for bad inputs, for ranks that disagree and for
+// communication failures (timeouts, aborted groups). An error on one rank
+// (a bad input, found before any communication) aborts the group with it,
+// so every rank fails at once.
+std::shared_ptr<const AttentionPlan> MakeRingAttentionPlan(
+    Communicator& comm, const TensorSpec& inputs, int64_t n,
+    const AttentionPattern& pattern, const AttentionOptions& options = {},
+    const RingOptions& ring = {});
+
+// One call of a plan made for q: MakeRingAttentionPlan(comm, SpecOf(q), n,
+// pattern, options, ring)->Run(q, k, v, call).
 AttentionResult RingAttention(Communicator& comm, const Tensor& q,
                               const Tensor& k, const Tensor& v, int64_t n,
                               const AttentionPattern& pattern,
                               const AttentionOptions& options = {},
-                              const RingOptions& ring = {});
+                              const RingOptions& ring = {},
+                              const AttentionCallOptions& call = {});
 
 }  // namespace lc
 

@@ -31,7 +31,7 @@ std::vector<TileRows> Split(int64_t position, int64_t step, int64_t count,
 // The selected positions of a segment [seg_begin, seg_end) under pattern
 // (r, o) that fall in `range`, as (first position, count).
 void SelectedRun(int64_t seg_begin, int64_t seg_end, const DilatedPattern& p,
-                 PositionRange range, int64_t* first, int64_t* count) {
+                 PositionSpan range, int64_t* first, int64_t* count) {
   *count = 0;
   const int64_t start = seg_begin + p.offset;
   const int64_t lo = std::max(start, range.begin);
@@ -73,7 +73,7 @@ void HilbertCell(int64_t side, int64_t d, int64_t* x, int64_t* y) {
 }
 
 void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
-                 PositionRange queries, PositionRange keys,
+                 PositionSpan queries, PositionSpan keys,
                  const TilePlanOptions& options,
                  const std::function<void(const Tile&)>& fn) {
   const int64_t block_size =

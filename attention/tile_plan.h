@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention/pattern.h"
+#include "core/position_span.h"
 
 namespace lc {
 
@@ -36,12 +37,6 @@ struct Tile {
   int pattern = 0;  // index into the head's patterns
 };
 
-// Global positions [begin, end).
-struct PositionRange {
-  int64_t begin = 0;
-  int64_t end = 0;
-};
-
 struct TilePlanOptions {
   bool causal = false;
   const BlockMask* block_mask = nullptr;  // tiles then hold one block each
@@ -53,7 +48,7 @@ struct TilePlanOptions {
 // Calls fn for each tile of one head with patterns `patterns` over a
 // sequence of n tokens, queries in `queries` and keys in `keys`.
 void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
-                 PositionRange queries, PositionRange keys,
+                 PositionSpan queries, PositionSpan keys,
                  const TilePlanOptions& options,
                  const std::function<void(const Tile&)>& fn);
 

@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/position_span.h"
 #include "core/tensor.h"
 #include "distributed/communicator.h"
 
@@ -29,13 +30,6 @@ enum class SequenceLayout { kContiguous, kZigzag };
 // "contiguous" or "zigzag"; InvalidArgument naming the text otherwise.
 absl::StatusOr<SequenceLayout> ParseSequenceLayout(const std::string& text);
 std::string SequenceLayoutName(SequenceLayout layout);
-
-// Token positions [begin, end) of the sequence.
-struct PositionSpan {
-  int64_t begin = 0;
-  int64_t end = 0;
-  int64_t size() const { return end - begin; }
-};
 
 // The spans rank `rank` of `k` holds of an n-token sequence, in the order
 // the rank stores them: one span (contiguous) or two (zigzag: chunk rank,

@@ -135,29 +135,30 @@ TEST(AttentionErrorsTest, AttentionRejectsBadOptions) {
   const Tensor q = Zeros({2, 16, 3, 4});
   const AttentionPattern pattern = DenseHeads(3, 16);
   AttentionOptions options;
+  AttentionCallOptions call;
   options.dropout = 1.0;
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"dropout 1", "expected in [0, 1)"});
   options.dropout = -0.1;
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"dropout -0.1", "expected in [0, 1)"});
   options.dropout = std::numeric_limits<double>::quiet_NaN();
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"dropout nan", "expected in [0, 1)"});
   options.dropout = 0;
-  options.key_padding_mask = Zeros({2, 15}, DType::kUInt8);
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  call.key_padding_mask = Zeros({2, 15}, DType::kUInt8);
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"key_padding_mask is uint8 [2, 15]", "expected uint8 [2, 16]"});
-  options.key_padding_mask = Zeros({2, 16}, DType::kFloat32);
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  call.key_padding_mask = Zeros({2, 16}, DType::kFloat32);
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"key_padding_mask is float32 [2, 16]", "expected uint8"});
-  options.key_padding_mask = Tensor();
+  call.key_padding_mask = Tensor();
   options.scale = std::numeric_limits<double>::infinity();
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"scale inf", "expected a finite number"});
   options.scale.reset();
   options.query_tile = 0;
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"tile sizes 0 x 256", "expected >= 1"});
 }
 
@@ -192,16 +193,17 @@ TEST(AttentionErrorsTest, DropoutRefusesCountersThatWouldRepeat) {
   Generator gen(1);
   gen.set_offset(uint64_t{1} << 32);
   AttentionOptions options;
+  AttentionCallOptions call;
   options.dropout = 0.1;
-  options.generator = &gen;
-  ExpectError([&] { Attention(q, q, q, pattern, options); },
+  call.generator = &gen;
+  ExpectError([&] { Attention(q, q, q, pattern, options, call); },
               {"Attention: dropout at generator offset 4294967296",
                "expected < 4294967296"});
   gen.set_offset(uint64_t{1} << 32);
-  ExpectError([&] { ReferenceAttention(q, q, q, pattern, options); },
+  ExpectError([&] { ReferenceAttention(q, q, q, pattern, options, call); },
               {"ReferenceAttention: dropout at generator offset 4294967296"});
   gen.set_offset((uint64_t{1} << 32) - 1);
-  EXPECT_TRUE(Attention(q, q, q, pattern, options).out.defined());
+  EXPECT_TRUE(Attention(q, q, q, pattern, options, call).out.defined());
   ExpectError(
       [] {
         CheckAttentionDropoutDraws("Attention", (int64_t{1} << 32) + 1, 1, 0);

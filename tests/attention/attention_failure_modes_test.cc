@@ -82,7 +82,7 @@ TEST(AttentionFailureModesTest, SeparateSoftmaxesSummed) {
       Qkv in = RandomQkv(c, DType::kFloat64, gen);
       in.v = Ones(in.v.shape(), DType::kFloat64);
       const AttentionResult r =
-          Attention(in.q, in.k, in.v, c.pattern, c.options);
+          Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
       const std::vector<bool> has_key =
           RowsWithKeys(testing::WeightsFor(c, gen).counts);
       const std::vector<double> out = r.out.ToVector();
@@ -140,9 +140,9 @@ TEST(AttentionFailureModesTest, CausalDoesNotLeakFutureBlocks) {
       for (bool causal : {true, false}) {
         c.options.causal = causal;
         const AttentionResult a =
-            Attention(in.q, in.k, in.v, c.pattern, c.options);
-        const AttentionResult b =
-            Attention(future.q, future.k, future.v, c.pattern, c.options);
+            Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
+        const AttentionResult b = Attention(future.q, future.k, future.v,
+                                            c.pattern, c.options, c.call);
         const bool same_out =
             BitwiseEqual(a.out.slice(1, 0, t + 1), b.out.slice(1, 0, t + 1));
         const bool same_lse =
@@ -181,7 +181,8 @@ TEST(AttentionFailureModesTest, MaskedKeysGetExactlyZeroWeight) {
     }
     in.v = FromVector(values, in.v.shape(), dtype);
     for (Tensor* t : {&in.q, &in.k, &in.v}) t->set_requires_grad(true);
-    const AttentionResult r = Attention(in.q, in.k, in.v, c.pattern, c.options);
+    const AttentionResult r =
+        Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
     const std::vector<double> out = r.out.slice(1, 0, past).ToVector();
     for (size_t i = 0; i < out.size(); ++i) {
       ASSERT_EQ(out[i], 0) << "query " << i / c.head_dim
@@ -233,15 +234,15 @@ TEST(AttentionFailureModesTest, PaddingKeysGetNoWeight) {
     }
     const Tensor grad_out = Randn(in.q.shape(), gen);
     auto run = [&](const Qkv& x, const Tensor& padding) {
-      AttentionOptions options = c.options;
-      options.key_padding_mask = padding;
+      AttentionCallOptions call = c.call;
+      call.key_padding_mask = padding;
       Tensors leaves;
       for (const Tensor* t : {&x.q, &x.k, &x.v}) {
         leaves.push_back(t->detach());
         leaves.back().set_requires_grad(true);
       }
-      AttentionResult r =
-          Attention(leaves[0], leaves[1], leaves[2], c.pattern, options);
+      AttentionResult r = Attention(leaves[0], leaves[1], leaves[2], c.pattern,
+                                    c.options, call);
       r.out.backward(grad_out);
       return Tensors{r.out, r.lse, leaves[0].grad(), leaves[1].grad(),
                      leaves[2].grad()};
@@ -279,7 +280,7 @@ TEST(AttentionFailureModesTest, NoSilentZerosPastSegmentSum) {
       SCOPED_TRACE(c.name + (causal ? " causal" : ""));
       const Qkv in = RandomQkv(c, DType::kFloat64, gen);
       const AttentionResult r =
-          Attention(in.q, in.k, in.v, c.pattern, c.options);
+          Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
       const std::vector<double> lse = r.lse.ToVector();
       const std::vector<double> out = r.out.ToVector();
       const std::vector<std::vector<testing::SpecPattern>> patterns =
@@ -339,7 +340,7 @@ TEST(AttentionFailureModesTest, DropoutAppliedOnce) {
   {
     Generator dropout_gen(gen.NextOffset());
     c.options.dropout = p;
-    c.options.generator = &dropout_gen;
+    c.call.generator = &dropout_gen;
     const testing::OracleWeights weights = testing::WeightsFor(c, dropout_gen);
     const std::vector<double> kv = weights.keep.ToVector(),
                               cv = weights.counts.ToVector();
@@ -360,17 +361,18 @@ TEST(AttentionFailureModesTest, DropoutAppliedOnce) {
   // Many seeds: the mean approaches the no-dropout output.
   const Qkv in = RandomQkv(c, DType::kFloat64, gen);
   c.options.dropout = 0;
-  c.options.generator = nullptr;
+  c.call.generator = nullptr;
   const std::vector<double> expected =
-      Attention(in.q, in.k, in.v, c.pattern, c.options).out.ToVector();
+      Attention(in.q, in.k, in.v, c.pattern, c.options, c.call).out.ToVector();
   const int seeds = 400;
   std::vector<double> sum(expected.size(), 0), sum_sq(expected.size(), 0);
   c.options.dropout = p;
   for (int s = 0; s < seeds; ++s) {
     Generator dropout_gen(1000 + s);
-    c.options.generator = &dropout_gen;
+    c.call.generator = &dropout_gen;
     const std::vector<double> out =
-        Attention(in.q, in.k, in.v, c.pattern, c.options).out.ToVector();
+        Attention(in.q, in.k, in.v, c.pattern, c.options, c.call)
+            .out.ToVector();
     for (size_t i = 0; i < out.size(); ++i) {
       sum[i] += out[i];
       sum_sq[i] += out[i] * out[i];
@@ -430,7 +432,8 @@ TEST(AttentionFailureModesTest, UnequalHeadGroups) {
   ExpectAttentionMatchesOracle(c, in);
   // Head 4 alone: its rows equal ReferenceAttention's with only its pattern,
   // and it selects t with (t mod 24) mod 4 == 2 only.
-  const AttentionResult r = Attention(in.q, in.k, in.v, c.pattern, c.options);
+  const AttentionResult r =
+      Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
   AttentionPattern head4;
   head4.head_patterns = {c.pattern.head_patterns[4]};
   const Qkv in4 = {in.q.slice(2, 4, 5), in.k.slice(2, 4, 5),

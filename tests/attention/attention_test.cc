@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/attention_cuda_plan.h"
 #include "attention/attention_kernel.h"
+#include "attention/attention_plan.h"
 #include "attention/partial_attention.h"
 #include "attention/reference_attention.h"
 #include "attention/tile_plan.h"
@@ -182,11 +183,11 @@ TEST(AttentionTest, Float32MatchesFloat64Reference) {
       SCOPED_TRACE(c.name + (causal ? " causal" : ""));
       const Qkv in = RandomQkv(c, DType::kFloat32, gen);
       const AttentionResult got =
-          Attention(in.q, in.k, in.v, c.pattern, c.options);
+          Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
       ASSERT_EQ(got.out.dtype(), DType::kFloat32);
       ASSERT_EQ(got.lse.dtype(), DType::kFloat32);
       const AttentionResult want =
-          ReferenceAttention(in.q, in.k, in.v, c.pattern, c.options);
+          ReferenceAttention(in.q, in.k, in.v, c.pattern, c.options, c.call);
       const Tolerance tol = DefaultTolerance(DType::kFloat32);
       ExpectAllClose(got.out, want.out, tol, "float32 out");
       ExpectLseClose(got.lse, want.lse, tol, "float32 lse");
@@ -206,7 +207,8 @@ TEST(AttentionTest, BFloat16MatchesTorch) {
   c.options.query_tile = 5;
   c.options.key_tile = 7;
   const Qkv in = RandomQkv(c, DType::kBFloat16, gen);
-  const AttentionResult r = Attention(in.q, in.k, in.v, c.pattern, c.options);
+  const AttentionResult r =
+      Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
   EXPECT_EQ(r.out.dtype(), DType::kBFloat16);
   EXPECT_EQ(r.lse.dtype(), DType::kFloat32);
   ExpectAttentionMatchesOracle(c, in);
@@ -266,7 +268,7 @@ TEST(AttentionTest, KeyPaddingMaskMatchesTorch) {
   cases.push_back(Case("global_local", 39, 2, BlockSparseSpec(global)));
   for (AttentionCase c : cases) {
     c.batch = 3;
-    c.options.key_padding_mask = PaddingMask(c.batch, c.n, gen);
+    c.call.key_padding_mask = PaddingMask(c.batch, c.n, gen);
     for (bool causal : {false, true}) {
       c.options.causal = causal;
       c.options.query_tile = 5;
@@ -282,12 +284,13 @@ TEST(AttentionTest, AllPaddingRowGivesZeroOutNegInfLseAndNoNaN) {
   Generator gen = TestGenerator();
   AttentionCase c = Case("all_heads", 24, 2,
                          DilatedSpec({8, 12}, {1, 2}, HeadLayout::kAllHeads));
-  c.options.key_padding_mask = PaddingMask(c.batch, c.n, gen);  // batch 1
+  c.call.key_padding_mask = PaddingMask(c.batch, c.n, gen);  // batch 1
   for (DType dtype : {DType::kFloat64, DType::kFloat32}) {
     SCOPED_TRACE(DTypeName(dtype));
     Qkv in = RandomQkv(c, dtype, gen);
     for (Tensor* t : {&in.q, &in.k, &in.v}) t->set_requires_grad(true);
-    const AttentionResult r = Attention(in.q, in.k, in.v, c.pattern, c.options);
+    const AttentionResult r =
+        Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
     Backward({r.out, r.lse}, {Randn(r.out.shape(), gen, dtype),
                               Randn(r.lse.shape(), gen, dtype)});
     const Tensor out1 = r.out.slice(0, 1, 2), lse1 = r.lse.slice(0, 1, 2);
@@ -323,7 +326,7 @@ TEST(AttentionTest, DropoutMatchesTorchWithKeepWeights) {
     Generator dropout_gen(gen.NextOffset() * 7919 + 11);
     dropout_gen.set_offset(5);
     c.options.dropout = 0.3;
-    c.options.generator = &dropout_gen;
+    c.call.generator = &dropout_gen;
     for (bool causal : {false, true}) {
       c.options.causal = causal;
       c.options.query_tile = 5;
@@ -336,17 +339,23 @@ TEST(AttentionTest, DropoutMatchesTorchWithKeepWeights) {
   }
 }
 
-// With no generator in the options, dropout draws from DefaultGenerator().
-TEST(AttentionTest, DropoutUsesDefaultGeneratorWhenNoneGiven) {
+// Dropout's stream is always named: a call without a generator is refused
+// (no thread-default stream is drawn from behind the caller's back), and
+// the generator's offset advances by one per call.
+TEST(AttentionTest, DropoutNeedsAGeneratorAndDrawsOneOffsetPerCall) {
   Generator gen = TestGenerator();
   AttentionCase c = Case("dense", 30, 2, DenseSpec());
   c.options.dropout = 0.25;
-  const Generator saved = DefaultGenerator();
-  DefaultGenerator() = Generator(gen.NextOffset() + 1234);
-  const uint64_t offset = DefaultGenerator().offset();
-  ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
-  EXPECT_EQ(DefaultGenerator().offset(), offset + 1);
-  DefaultGenerator() = saved;  // later tests on this thread see no change
+  const Qkv in = RandomQkv(c, DType::kFloat64, gen);
+  const uint64_t default_offset = DefaultGenerator().offset();
+  testing::ExpectError(
+      [&] { Attention(in.q, in.k, in.v, c.pattern, c.options); },
+      {"Attention: dropout 0.25 without a generator"});
+  EXPECT_EQ(DefaultGenerator().offset(), default_offset);
+  Generator dropout_gen(1234);
+  c.call.generator = &dropout_gen;
+  ExpectAttentionMatchesOracle(c, in);
+  EXPECT_EQ(dropout_gen.offset(), 1u);
 }
 
 // The same generator state gives bit-identical out, lse and gradients; a
@@ -363,15 +372,15 @@ TEST(AttentionTest, DropoutIsDeterministicForAGeneratorState) {
   auto run = [&](uint64_t offset) {
     Generator dropout_gen(99);
     dropout_gen.set_offset(offset);
-    AttentionOptions options = c.options;
-    options.generator = &dropout_gen;
+    AttentionCallOptions call = c.call;
+    call.generator = &dropout_gen;
     Tensors leaves;
     for (const Tensor* t : {&in.q, &in.k, &in.v}) {
       leaves.push_back(t->detach());
       leaves.back().set_requires_grad(true);
     }
     AttentionResult r =
-        Attention(leaves[0], leaves[1], leaves[2], c.pattern, options);
+        Attention(leaves[0], leaves[1], leaves[2], c.pattern, c.options, call);
     r.out.backward(grad_out);
     return Tensors{r.out, r.lse, leaves[0].grad(), leaves[1].grad(),
                    leaves[2].grad()};
@@ -412,7 +421,7 @@ TEST(AttentionTest, CudaWorkListItemsHaveTilesAndCoverEveryPairOnce) {
     const Tensor q = Zeros({1, n, c.heads, 4});
     for (bool causal : {false, true}) {
       c.options.causal = causal;
-      const auto p = MakeAttentionProblem(q, q, q, n, c.pattern, c.options);
+      const auto p = MakeAttentionProblem(SpecOf(q), n, c.pattern, c.options);
       const std::vector<double> counts =
           PairCounts(c.pattern, causal, Tensor(), 1, n).ToVector();
       for (const auto& [ql, kl] :
@@ -582,9 +591,9 @@ TEST(AttentionTest, BlockMaskPlansVisitExactlyTheOnBlocksInRowMajorOrder) {
           DilatedPattern{512, 1, 0}}) {
       for (bool causal : {false, true}) {
         for (const auto& [queries, keys] :
-             {std::make_pair(PositionRange{0, n}, PositionRange{0, n}),
-              std::make_pair(PositionRange{700, 1500},
-                             PositionRange{100, 2300})}) {
+             {std::make_pair(PositionSpan{0, n}, PositionSpan{0, n}),
+              std::make_pair(PositionSpan{700, 1500},
+                             PositionSpan{100, 2300})}) {
           SCOPED_TRACE(absl::StrCat("density ", density, " w ",
                                     pattern.segment_length, " r ",
                                     pattern.dilation_rate, " causal ", causal,
@@ -1029,7 +1038,7 @@ TEST(AttentionTest, Float32WithScoresNear500MatchesFloat64) {
     return t;
   };
   const Tensor q = scaled(sd), k = scaled(sd), v = scaled(1);
-  const AttentionResult r = Attention(q, k, v, c.pattern, c.options);
+  const AttentionResult r = Attention(q, k, v, c.pattern, c.options, c.call);
   double largest_score = 0;
   for (double l : r.lse.ToVector()) {
     ASSERT_TRUE(std::isfinite(l))
@@ -1236,7 +1245,7 @@ TEST(AttentionTest, InfInQOrKGivesTheOraclesNaNRows) {
         c.options.key_tile = 7;
         const Qkv in = InputsWithInf(c, dtype, /*u=*/5, /*t=*/2, gen);
         const AttentionResult r =
-            Attention(in.q, in.k, in.v, c.pattern, c.options);
+            Attention(in.q, in.k, in.v, c.pattern, c.options, c.call);
         const testing::OracleWeights w = testing::WeightsFor(c, gen);
         testing::OracleAttrs attrs;
         attrs.numbers["scale"] = 1 / std::sqrt(static_cast<double>(c.head_dim));

@@ -138,10 +138,9 @@ OracleWeights WeightsFor(const AttentionCase& c, const Generator& gen) {
     block_size = c.spec.block_sparse->block_size;
     blocks = (n + block_size - 1) / block_size;
   }
-  const std::vector<double> padding =
-      c.options.key_padding_mask.defined()
-          ? c.options.key_padding_mask.ToVector()
-          : std::vector<double>();
+  const std::vector<double> padding = c.call.key_padding_mask.defined()
+                                          ? c.call.key_padding_mask.ToVector()
+                                          : std::vector<double>();
   size_t max_patterns = 1;
   for (const auto& head : patterns) {
     max_patterns = std::max(max_patterns, head.size());
@@ -229,8 +228,8 @@ void ExpectLseClose(const Tensor& actual, const Tensor& expected, Tolerance tol,
                  ReplaceEmptyLse(expected.detach(), 0), tol, what);
 }
 
-Generator DropoutGeneratorState(const AttentionOptions& options) {
-  return options.generator != nullptr ? *options.generator : DefaultGenerator();
+Generator DropoutGeneratorState(const AttentionCallOptions& call) {
+  return call.generator != nullptr ? *call.generator : Generator();
 }
 
 void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
@@ -241,12 +240,16 @@ void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
                DTypeName(inputs.q.dtype()));
   const Tolerance t =
       tol != nullptr ? *tol : DefaultTolerance(inputs.q.dtype());
-  const Generator before = DropoutGeneratorState(c.options);
+  // Dropout draws from c.call's generator, or from one of the test's own.
+  Generator own = DropoutGeneratorState(c.call);
+  AttentionCallOptions call = c.call;
+  if (call.generator == nullptr) call.generator = &own;
+  const Generator before = *call.generator;
   const OracleWeights w = WeightsFor(c, before);
   AttentionResult raw;
   const OpFn fn = [&](const Tensors& in) -> Tensors {
     // in[3], in[4] (counts, keep) are oracle-only inputs: no gradient.
-    raw = Attention(in[0], in[1], in[2], c.pattern, c.options);
+    raw = Attention(in[0], in[1], in[2], c.pattern, c.options, call);
     return {raw.out, ReplaceEmptyLse(raw.lse, 0)};
   };
   OracleAttrs attrs;
@@ -272,10 +275,10 @@ void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
 
   // ReferenceAttention, drawing its dropout from the same generator state.
   Generator reference_gen = before;
-  AttentionOptions reference_options = c.options;
-  reference_options.generator = &reference_gen;
+  AttentionCallOptions reference_call = call;
+  reference_call.generator = &reference_gen;
   const AttentionResult reference = ReferenceAttention(
-      inputs.q, inputs.k, inputs.v, c.pattern, reference_options);
+      inputs.q, inputs.k, inputs.v, c.pattern, c.options, reference_call);
   ExpectAllClose(raw.out, reference.out, t, "out vs ReferenceAttention");
   ExpectLseClose(raw.lse, reference.lse, t, "lse vs ReferenceAttention");
 }

@@ -49,6 +49,7 @@ struct AttentionCase {
   PatternSpec spec;
   AttentionPattern pattern;  // built from spec by the code under test
   AttentionOptions options;
+  AttentionCallOptions call;
 };
 
 // A case whose pattern is built from `spec` by the code under test
@@ -109,8 +110,9 @@ Tensor ReplaceEmptyLse(const Tensor& lse, double value);
 void ExpectLseClose(const Tensor& actual, const Tensor& expected, Tolerance tol,
                     const std::string& what);
 
-// The generator state Attention will draw its dropout from under `options`.
-Generator DropoutGeneratorState(const AttentionOptions& options);
+// The generator state Attention will draw its dropout from under `call`
+// (a copy of call.generator's; a fresh one when it has none).
+Generator DropoutGeneratorState(const AttentionCallOptions& call);
 
 // lc::Attention on `inputs` against the torch oracle (out, lse, and the
 // gradients of q, k, v for random output gradients) within `tol`
@@ -118,7 +120,7 @@ Generator DropoutGeneratorState(const AttentionOptions& options);
 // coming from WeightsFor (c.spec, not c.pattern); then the -inf rows of lse
 // against the all-zero rows of those counts, and out and lse against
 // ReferenceAttention.
-// Dropout draws use (a copy of) the generator of c.options.
+// Dropout draws use (a copy of) the generator of c.call.
 void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
                                   const Tolerance* tol = nullptr);
 

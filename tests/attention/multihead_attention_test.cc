@@ -293,8 +293,9 @@ Tensor ManualForward(const MultiheadDilatedAttention& mha, const Tensor& x,
   AttentionOptions options;
   options.causal = o.attention.causal;
   options.scale = o.attention.scale;
-  options.key_padding_mask = key_padding_mask;
-  Tensor out = Attention(q, k, v, PatternOf(o.attention, h, n), options)
+  AttentionCallOptions call;
+  call.key_padding_mask = key_padding_mask;
+  Tensor out = Attention(q, k, v, PatternOf(o.attention, h, n), options, call)
                    .out.reshape({b, n, e});
   if (o.sub_layer_norm) {
     out = LayerNorm(out, param("sub_norm.weight"), param("sub_norm.bias"));

@@ -112,18 +112,19 @@ TEST(ReferenceAttentionTest, MatchesTorch) {
   ASSERT_TRUE(mask.ok());
   pattern.block_mask = std::make_shared<BlockMask>(*mask);
   AttentionOptions options;
+  AttentionCallOptions call;
   options.causal = true;
   std::vector<double> bits = Rand({batch, n}, gen).ToVector();
   for (double& b : bits) b = b < 0.2;
-  options.key_padding_mask = FromVector(bits, {batch, n}, DType::kUInt8);
+  call.key_padding_mask = FromVector(bits, {batch, n}, DType::kUInt8);
   const Shape shape = {batch, n, heads, dim};
   const Tensor q = Randn(shape, gen, DType::kFloat64),
                k = Randn(shape, gen, DType::kFloat64),
                v = Randn(shape, gen, DType::kFloat64);
-  const AttentionResult r = ReferenceAttention(q, k, v, pattern, options);
+  const AttentionResult r = ReferenceAttention(q, k, v, pattern, options, call);
   EXPECT_FALSE(r.out.requires_grad());
   const Tensor counts =
-      PairCounts(pattern, true, options.key_padding_mask, batch, n);
+      PairCounts(pattern, true, call.key_padding_mask, batch, n);
   OracleAttrs attrs;
   attrs.numbers["scale"] = 1 / std::sqrt(5.0);
   const testing::OracleResult want =

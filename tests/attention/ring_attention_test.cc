@@ -48,6 +48,7 @@ struct RingCase {
   int64_t batch = 2, n = 37, heads = 3, head_dim = 4;
   AttentionPattern pattern;
   AttentionOptions options;
+  AttentionCallOptions call;  // its generator is set from dropout_state
   Generator dropout_state{0};
   bool seeds_apart = false;
 };
@@ -74,10 +75,10 @@ Results SingleRank(const RingCase& c, const Inputs& in, bool backward = true) {
   Tensors leaves = {in.q.detach(), in.k.detach(), in.v.detach()};
   for (Tensor& t : leaves) t.set_requires_grad(backward);
   Generator gen = c.dropout_state;
-  AttentionOptions options = c.options;
-  options.generator = &gen;
+  AttentionCallOptions call = c.call;
+  call.generator = &gen;
   AttentionResult r =
-      Attention(leaves[0], leaves[1], leaves[2], c.pattern, options);
+      Attention(leaves[0], leaves[1], leaves[2], c.pattern, c.options, call);
   if (backward) Backward({r.out, r.lse}, {in.grad_out, in.grad_lse});
   return {r.out.detach(), r.lse.detach(), leaves[0].grad(), leaves[1].grad(),
           leaves[2].grad()};
@@ -114,13 +115,13 @@ RingRun RunRing(const RingCase& c, const Inputs& in, int k,
       gen = Generator(c.dropout_state.seed() + r);
       gen.set_offset(c.dropout_state.offset());
     }
-    AttentionOptions options = c.options;
-    options.generator = &gen;
+    AttentionCallOptions call = c.call;
+    call.generator = &gen;
     RingOptions ring;
     ring.layout = layout;
     ring.stats = &run.stats[r];
     AttentionResult res = RingAttention(comm, local[0], local[1], local[2], c.n,
-                                        c.pattern, options, ring);
+                                        c.pattern, c.options, ring, call);
     if (backward) {
       Backward({res.out, res.lse},
                {SplitSequence(in.grad_out, k, r, layout),
@@ -418,7 +419,7 @@ TEST(RingAttentionTest, KeyPaddingMaskAndDropout) {
         for (double dropout : {0.0, 0.25}) {
           RingCase c = MakeCase(spec, n, causal);
           c.name = absl::StrCat(name, " padding, dropout ", dropout);
-          c.options.key_padding_mask = mask;
+          c.call.key_padding_mask = mask;
           c.options.dropout = dropout;
           c.dropout_state = Generator(0xd15ea5e);
           c.dropout_state.set_offset(3);
@@ -429,7 +430,7 @@ TEST(RingAttentionTest, KeyPaddingMaskAndDropout) {
   }
   // float32, a slice.
   RingCase c = MakeCase(Patterns()[0], n, true);
-  c.options.key_padding_mask = mask;
+  c.call.key_padding_mask = mask;
   c.options.dropout = 0.25;
   c.dropout_state = Generator(99);
   ExpectRingMatchesSingleRank(c, DType::kFloat32, {3, 8});

@@ -477,10 +477,10 @@ TEST(RingBadInputTest, ClearErrors) {
       [&] { RingAttention(comm, x, other, x, n, dense, {}, zigzag); },
       {"[2, 19, 3, 5]", "must have the same shape"});
   // The padding mask covers the whole sequence, not the rank's tokens.
-  AttentionOptions padded;
+  AttentionCallOptions padded;
   padded.key_padding_mask = Zeros({kBatch, local}, DType::kUInt8);
   testing::ExpectError(
-      [&] { RingAttention(comm, x, x, x, n, dense, padded, zigzag); },
+      [&] { RingAttention(comm, x, x, x, n, dense, {}, zigzag, padded); },
       {"key_padding_mask", "[2, 19]", "expected uint8 [2, 37]"});
   // A block mask for another sequence length.
   BlockSparseOptions sparse;

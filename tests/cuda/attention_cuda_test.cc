@@ -22,7 +22,9 @@
 #include "absl/strings/str_cat.h"
 #include "attention/attention.h"
 #include "attention/attention_cuda_plan.h"
+#include "attention/attention_driver.h"
 #include "attention/attention_kernel.h"
+#include "attention/attention_plan.h"
 #include "attention/pattern.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
@@ -44,6 +46,7 @@ struct Case {
   int64_t batch = 2, n = 0, heads = 0;
   AttentionPattern pattern;
   AttentionOptions options;
+  AttentionCallOptions call;
 };
 
 BlockSparseOptions Sparse(SparsePattern pattern, int64_t block_size) {
@@ -184,13 +187,13 @@ Results RunAttention(const Case& c, const Inputs& in, DType dtype,
                      bool through_lse = true) {
   const DType stat = dtype == DType::kFloat64 ? dtype : DType::kFloat32;
   Generator gen(dropout_seed);
-  AttentionOptions options = c.options;
-  options.generator = &gen;
+  AttentionCallOptions call = c.call;
+  call.generator = &gen;
   auto leaf = [&](const Tensor& t) {
     return t.to(dtype).to(device).detach().set_requires_grad(true);
   };
   const Tensor q = leaf(in.q), k = leaf(in.k), v = leaf(in.v);
-  AttentionResult r = Attention(q, k, v, c.pattern, options);
+  AttentionResult r = Attention(q, k, v, c.pattern, c.options, call);
   EXPECT_EQ(r.out.dtype(), dtype) << c.name;
   EXPECT_EQ(r.lse.dtype(), stat) << c.name;
   EXPECT_EQ(r.out.device(), device) << c.name;
@@ -302,7 +305,7 @@ TEST_F(CudaTest, AttentionKeyPaddingMatchesCpuWithMaskOnEitherDevice) {
       for (size_t i = 0; i < u.size(); ++i) {
         bits[i] = i >= static_cast<size_t>(c.n) || u[i] < 0.3;
       }
-      c.options.key_padding_mask =
+      c.call.key_padding_mask =
           FromVector(bits, {c.batch, c.n}, DType::kUInt8, mask_device);
       for (bool causal : {false, true}) {
         c.options.causal = causal;
@@ -355,7 +358,7 @@ TEST_F(CudaTest, AttentionTakesNonContiguousInputs) {
   const Tensor k = strided(in.k).detach().set_requires_grad(true);
   const Tensor v = strided(in.v).detach().set_requires_grad(true);
   ASSERT_FALSE(q.is_contiguous());
-  AttentionResult r = Attention(q, k, v, c.pattern, c.options);
+  AttentionResult r = Attention(q, k, v, c.pattern, c.options, c.call);
   Backward({r.out, r.lse}, {in.grad_out.to(DType::kBFloat16).to(kGpu),
                             in.grad_lse.to(DType::kFloat32).to(kGpu)});
   ExpectCudaClose(r.out, want.out, kBf16Tolerance, "strided out");
@@ -462,7 +465,7 @@ TEST_F(CudaTest, AttentionMemoryIsLinearInN) {
 // them: for each pattern of the head, only the positions it selects, one
 // strided span per segment, rows counting from the head's first row.
 TokenLayout PackedKeys(const AttentionPattern& pattern, int64_t n,
-                       PositionRange range) {
+                       PositionSpan range) {
   const int64_t heads = pattern.head_patterns.size();
   TokenLayout layout;
   layout.head_spans.resize(heads);
@@ -528,30 +531,28 @@ TEST_F(CudaTest, CudaDriversMatchCpuDriversOnRingLayouts) {
       options.causal = true;
       // The problem takes its geometry from q (k and v of the whole call
       // have q's shape).
-      const auto cpu = MakeAttentionProblem(q, q, q, n, pattern, options);
+      const auto cpu = MakeAttentionProblem(SpecOf(q), n, pattern, options);
       const Tensor qd = q.to(dtype).to(kGpu), kd = k.to(dtype).to(kGpu),
                    vd = v.to(dtype).to(kGpu), gd = g.to(dtype).to(kGpu);
-      const auto gpu = MakeAttentionProblem(qd, qd, qd, n, pattern, options);
+      const auto gpu = MakeAttentionProblem(SpecOf(qd), n, pattern, options);
+      const AttentionDriver& cpu_driver = CpuAttentionDriver();
+      const AttentionDriver& gpu_driver = CudaAttentionDriver();
+      gpu_driver.Prepare(*gpu, ql, *kl);
+      const AttentionCall call;
 
       // CPU: forward, then backward with the final lse.
       Tensor out = Zeros(q_shape, DType::kFloat64);
       Tensor lse =
           Full({batch, heads, ql.rows},
                -std::numeric_limits<double>::infinity(), DType::kFloat64);
-      AttentionForwardTiles<double>(*cpu, ql, q.data<double>(), *kl,
-                                    k.data<double>(), v.data<double>(),
-                                    out.data<double>(), lse.data<double>());
+      cpu_driver.Forward(*cpu, call, ql, q, *kl, k, v, out, lse);
       Tensor delta = Empty({batch, heads, ql.rows}, DType::kFloat64);
-      RowDelta<double>(*cpu, ql.rows, out.data<double>(), g.data<double>(),
-                       delta.data<double>());
+      cpu_driver.RowDelta(*cpu, out, g, delta);
       Tensor dq = Zeros(q_shape, DType::kFloat64);
       Tensor dk = Zeros(k_shape, DType::kFloat64);
       Tensor dv = Zeros(k_shape, DType::kFloat64);
-      AttentionBackwardTiles<double>(
-          *cpu, ql, q.data<double>(), *kl, k.data<double>(), v.data<double>(),
-          g.data<double>(), lse.data<double>(), delta.data<double>(),
-          g_lse.data<double>(), dq.data<double>(), dk.data<double>(),
-          dv.data<double>());
+      cpu_driver.Backward(*cpu, call, ql, q, *kl, k, v, g, lse, delta, g_lse,
+                          dq, dk, dv);
       double norm = 0;
       for (double x : dk.ToVector()) norm += x * x;
       ASSERT_GT(norm, 0) << what << "(the layouts must meet)";
@@ -561,17 +562,17 @@ TEST_F(CudaTest, CudaDriversMatchCpuDriversOnRingLayouts) {
       Tensor out_d = Zeros(q_shape, acc, kGpu);
       Tensor lse_d = Full({batch, heads, ql.rows},
                           -std::numeric_limits<double>::infinity(), acc, kGpu);
-      AttentionForwardTilesCuda(*gpu, ql, qd, *kl, kd, vd, out_d, lse_d);
+      gpu_driver.Forward(*gpu, call, ql, qd, *kl, kd, vd, out_d, lse_d);
       ExpectCudaClose(out_d, out, rtol, what + "out");
       ExpectCudaClose(lse_d, lse, rtol, what + "lse");
       Tensor delta_d = Empty({batch, heads, ql.rows}, acc, kGpu);
-      RowDeltaCuda(*gpu, ql.rows, out.to(dtype).to(kGpu), gd, delta_d);
+      gpu_driver.RowDelta(*gpu, out.to(dtype).to(kGpu), gd, delta_d);
       Tensor dq_d = Zeros(q_shape, acc, kGpu);
       Tensor dk_d = Zeros(k_shape, acc, kGpu);
       Tensor dv_d = Zeros(k_shape, acc, kGpu);
-      AttentionBackwardTilesCuda(*gpu, ql, qd, *kl, kd, vd, gd,
-                                 lse.to(acc).to(kGpu), delta_d,
-                                 g_lse.to(acc).to(kGpu), dq_d, dk_d, dv_d);
+      gpu_driver.Backward(*gpu, call, ql, qd, *kl, kd, vd, gd,
+                          lse.to(acc).to(kGpu), delta_d, g_lse.to(acc).to(kGpu),
+                          dq_d, dk_d, dv_d);
       ExpectCudaClose(dq_d, dq, rtol, what + "dq");
       ExpectCudaClose(dk_d, dk, rtol, what + "dk");
       ExpectCudaClose(dv_d, dv, rtol, what + "dv");
@@ -617,8 +618,9 @@ TEST_F(CudaTest, AttentionKernelsTakeRowsThatAreNotAllAligned) {
   Backward({want.lse}, {grad_lse.to(Device::Cpu()).to(DType::kFloat64)});
 
   const Tensor qd = columns(qw), kd = columns(kw), vd = columns(vw);
-  const auto p = MakeAttentionProblem(qd, kd, vd, n, pattern, options);
+  const auto p = MakeAttentionProblem(SpecOf(qd), n, pattern, options);
   const TokenLayout all = TokenLayoutOf({PositionSpan{0, n}});
+  p->cuda_work_lists->Prepare(*p, all, all);
   CudaAttentionArgs args;
   args.dtype = DType::kBFloat16;
   args.out_dtype = DType::kFloat32;
@@ -634,9 +636,9 @@ TEST_F(CudaTest, AttentionKernelsTakeRowsThatAreNotAllAligned) {
   args.scale = p->scale;
   args.causal = true;
   const CudaWorkList& queries =
-      p->cuda_plans->Get(*p, all, all, CudaWorkKind::kQueryItems, kGpu);
+      p->cuda_work_lists->Get(all, all, CudaWorkKind::kQueryItems);
   const CudaWorkList& keys =
-      p->cuda_plans->Get(*p, all, all, CudaWorkKind::kKeyItems, kGpu);
+      p->cuda_work_lists->Get(all, all, CudaWorkKind::kKeyItems);
   const Tensor out = Zeros(wide, DType::kFloat32, kGpu);
   const Tensor lse =
       Full({batch, heads, n}, -std::numeric_limits<double>::infinity(),
@@ -690,8 +692,9 @@ TEST_F(CudaTest, AttentionBadInputOnCudaIsAClearError) {
   ExpectError([&] { Attention(gpu, half, gpu, pattern); },
               {"dtypes float32, bfloat16", "expected one dtype"});
   AttentionOptions options;
-  options.key_padding_mask = Zeros({1, 15}, DType::kUInt8, kGpu);
-  ExpectError([&] { Attention(gpu, gpu, gpu, pattern, options); },
+  AttentionCallOptions call;
+  call.key_padding_mask = Zeros({1, 15}, DType::kUInt8, kGpu);
+  ExpectError([&] { Attention(gpu, gpu, gpu, pattern, options, call); },
               {"key_padding_mask", "expected uint8 [1, 16]"});
 }
 
@@ -755,7 +758,7 @@ TEST_F(CudaTest, AttentionOnCudnnWithDeterministicRunsOurBackward) {
     ExpectMatchesCpu(c, 64, DType::kBFloat16, 901, kBf16Tolerance, false);
     c.options.backend = AttentionBackend::kCudnn;
     const Tensor q = in.q.to(DType::kBFloat16).to(kGpu);
-    ExpectError([&] { Attention(q, q, q, c.pattern, c.options); },
+    ExpectError([&] { Attention(q, q, q, c.pattern, c.options, c.call); },
                 {"backend kCudnn with deterministic"});
   }
 }

@@ -477,10 +477,10 @@ Results SingleRank(const RingCase& c, const Inputs& in) {
   Tensors leaves = {in.q.detach(), in.k.detach(), in.v.detach()};
   for (Tensor& t : leaves) t.set_requires_grad(true);
   Generator gen(c.dropout_seed);
-  AttentionOptions options = c.options;
-  options.generator = &gen;
+  AttentionCallOptions call;
+  call.generator = &gen;
   AttentionResult r =
-      Attention(leaves[0], leaves[1], leaves[2], c.pattern, options);
+      Attention(leaves[0], leaves[1], leaves[2], c.pattern, c.options, call);
   Backward({r.out, r.lse}, {in.grad_out, in.grad_lse});
   return {r.out.detach(), r.lse.detach(), leaves[0].grad(), leaves[1].grad(),
           leaves[2].grad()};
@@ -514,13 +514,14 @@ RingRun RunRing(const RingCase& c, const Inputs& in, int k,
           local.push_back(x);
         }
         Generator gen(c.dropout_seed);
-        AttentionOptions options = c.options;
-        options.generator = &gen;
+        AttentionCallOptions call;
+        call.generator = &gen;
         RingOptions ring;
         ring.layout = layout;
         ring.stats = &run.total[r];
-        AttentionResult res = RingAttention(comm, local[0], local[1], local[2],
-                                            c.n, c.pattern, options, ring);
+        AttentionResult res =
+            RingAttention(comm, local[0], local[1], local[2], c.n, c.pattern,
+                          c.options, ring, call);
         run.forward[r] = run.total[r];
         Backward({res.out, res.lse},
                  {SplitSequence(in.grad_out, k, r, layout),
