@@ -5,7 +5,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -21,31 +20,31 @@
 #include "core/cuda.h"
 #include "core/memory.h"
 #include "core/status.h"
+#include "distributed/communicator_util.h"
 
 namespace lc {
 namespace {
 
-int64_t ByteSize(const Tensor& t) { return t.numel() * DTypeSize(t.dtype()); }
-
-// "[2, 3] float32 (24 bytes)".
-std::string DescribeTensor(const Tensor& t) {
-  return absl::StrCat(ShapeToString(t.shape()), " ", DTypeName(t.dtype()), " (",
-                      ByteSize(t), " bytes)");
-}
+using distributed_internal::ByteSize;
+using distributed_internal::CallRank;
+using distributed_internal::CheckContiguous;
+using distributed_internal::CheckDefined;
+using distributed_internal::CollectiveKind;
+using distributed_internal::CollectiveLabel;
+using distributed_internal::DescribeTensor;
+using distributed_internal::DescribeTransfer;
+using distributed_internal::DifferentCollectives;
+using distributed_internal::DifferentRoots;
+using distributed_internal::DifferentTensors;
+using distributed_internal::PerRank;
+using distributed_internal::SendRecvMismatch;
 
 // OK, or InvalidArgument naming `what` when the tensor is undefined or
 // strided (a tensor without elements has no layout to get wrong).
 absl::Status CheckTensorArgument(const std::string& what, const Tensor& t) {
-  if (!t.defined()) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " is undefined"));
-  }
-  if (t.numel() > 0 && !t.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " ", DescribeTensor(t), " has strides ",
-        ShapeToString(t.strides()),
-        " (expected a contiguous tensor; call contiguous() first)"));
-  }
-  return absl::OkStatus();
+  LC_RETURN_IF_ERROR(CheckDefined(what, t));
+  if (t.numel() == 0) return absl::OkStatus();
+  return CheckContiguous(what, t);
 }
 
 // ---- Point-to-point ----
@@ -78,13 +77,8 @@ struct Transfer {
 
   int src() const { return is_send ? rank : peer; }
   int dst() const { return is_send ? peer : rank; }
-  // "Send from rank 0 to rank 1 (tag 3)" or "Recv on rank 1 from rank 0
-  // (tag 3)".
   std::string Describe() const {
-    return is_send ? absl::StrCat("Send from rank ", rank, " to rank ", peer,
-                                  " (tag ", tag, ")")
-                   : absl::StrCat("Recv on rank ", rank, " from rank ", peer,
-                                  " (tag ", tag, ")");
+    return DescribeTransfer(is_send, rank, peer, tag);
   }
 };
 
@@ -96,22 +90,6 @@ struct Channel {
 };
 
 // ---- Collectives ----
-
-enum class CollectiveKind { kAllReduceSum, kAllGather, kBroadcast, kBarrier };
-
-const char* CollectiveName(CollectiveKind kind) {
-  switch (kind) {
-    case CollectiveKind::kAllReduceSum:
-      return "AllReduceSum";
-    case CollectiveKind::kAllGather:
-      return "AllGather";
-    case CollectiveKind::kBroadcast:
-      return "Broadcast";
-    case CollectiveKind::kBarrier:
-      return "Barrier";
-  }
-  return "unknown collective";
-}
 
 // What one rank brings to a collective.
 struct Contribution {
@@ -450,10 +428,7 @@ absl::StatusOr<std::unique_ptr<Work>> ThreadGroup::Post(
       std::string mismatch;
       if (send.tensor.shape() != recv.tensor.shape() ||
           send.tensor.dtype() != recv.tensor.dtype()) {
-        mismatch = absl::StrCat("the sent tensor ", DescribeTensor(send.tensor),
-                                " does not match the receive tensor ",
-                                DescribeTensor(recv.tensor),
-                                " (expected the same shape and dtype)");
+        mismatch = SendRecvMismatch(send.tensor, recv.tensor);
       } else if (send.tensor.device().is_cuda() !=
                  recv.tensor.device().is_cuda()) {
         mismatch = absl::StrCat(
@@ -603,12 +578,13 @@ void ThreadGroup::Abort(const absl::Status& reason) {
 absl::StatusOr<CollectiveResult> ThreadGroup::Rendezvous(
     int rank, Contribution contribution) {
   const auto deadline = std::chrono::steady_clock::now() + timeout_;
-  const char* op = CollectiveName(contribution.kind);
+  const CollectiveKind kind = contribution.kind;
   std::unique_lock<std::mutex> lock(mu_);
   const int64_t generation = next_generation_[rank]++;
   const auto error = [&](absl::StatusCode code, absl::string_view message) {
-    return absl::Status(code, absl::StrCat(op, " (collective #", generation,
-                                           ") on rank ", rank, ": ", message));
+    return absl::Status(
+        code,
+        absl::StrCat(CollectiveLabel(kind, generation, rank), ": ", message));
   };
   if (aborted_) {
     return error(absl::StatusCode::kAborted,
@@ -657,21 +633,11 @@ void ThreadGroup::Finish(Round& round) {
   round.finished = true;
   round.settled.notify_all();
   const std::vector<Contribution>& c = round.contributions;
-  const auto per_rank = [&](const auto& describe) {
-    std::vector<std::string> parts;
-    for (int r = 0; r < size_; ++r) {
-      parts.push_back(absl::StrCat("rank ", r, " ", describe(c[r])));
-    }
-    return absl::StrJoin(parts, ", ");
-  };
   const CollectiveKind kind = c[0].kind;
   if (std::any_of(c.begin(), c.end(),
                   [&](const Contribution& x) { return x.kind != kind; })) {
-    round.status = absl::InvalidArgumentError(absl::StrCat(
-        "the ranks called different collectives: ",
-        per_rank([](const Contribution& x) { return CollectiveName(x.kind); }),
-        " (expected every rank to call the same collectives in the same "
-        "order)"));
+    round.status = absl::InvalidArgumentError(
+        DifferentCollectives(c, [](const Contribution& x) { return x.kind; }));
     return;
   }
   std::vector<std::string> local_errors;
@@ -690,11 +656,8 @@ void ThreadGroup::Finish(Round& round) {
   if (kind == CollectiveKind::kBroadcast &&
       std::any_of(c.begin(), c.end(),
                   [&](const Contribution& x) { return x.root != c[0].root; })) {
-    round.status = absl::InvalidArgumentError(absl::StrCat(
-        "the ranks name different roots: ", per_rank([](const Contribution& x) {
-          return absl::StrCat("root ", x.root);
-        }),
-        " (expected one root)"));
+    round.status = absl::InvalidArgumentError(
+        DifferentRoots(c, [](const Contribution& x) { return x.root; }));
     return;
   }
   const Tensor& first = c[0].input;
@@ -702,10 +665,8 @@ void ThreadGroup::Finish(Round& round) {
         return x.input.shape() != first.shape() ||
                x.input.dtype() != first.dtype();
       })) {
-    round.status = absl::InvalidArgumentError(absl::StrCat(
-        "the tensors differ across ranks: ",
-        per_rank([](const Contribution& x) { return DescribeTensor(x.input); }),
-        " (expected one shape and dtype on every rank)"));
+    round.status = absl::InvalidArgumentError(DifferentTensors(
+        c, [](const Contribution& x) { return DescribeTensor(x.input); }));
     return;
   }
   const bool cuda = first.device().is_cuda();
@@ -714,7 +675,8 @@ void ThreadGroup::Finish(Round& round) {
       })) {
     round.status = absl::InvalidArgumentError(absl::StrCat(
         "the tensors lie on different kinds of devices: ",
-        per_rank(
+        PerRank(
+            c,
             [](const Contribution& x) { return x.input.device().ToString(); }),
         " (expected every rank's tensor on the CPU or every rank's on a CUDA "
         "device)"));
@@ -749,23 +711,9 @@ void ThreadGroup::Finish(Round& round) {
 void ThreadGroup::CountCollective(const Round& round) {
   const Contribution& first = round.contributions[0];
   const int64_t bytes = ByteSize(first.input);
-  const int64_t peers = size_ - 1;
   for (int r = 0; r < size_; ++r) {
-    CommStats& s = stats_[r];
-    if (first.kind == CollectiveKind::kBroadcast) {
-      if (r == first.root) {
-        s.bytes_sent += peers * bytes;
-        s.messages_sent += peers;
-      } else {
-        s.bytes_received += bytes;
-        s.messages_received += 1;
-      }
-    } else {
-      s.bytes_sent += peers * bytes;
-      s.messages_sent += peers;
-      s.bytes_received += peers * bytes;
-      s.messages_received += peers;
-    }
+    distributed_internal::CountCollective(first.kind, bytes, size_, r,
+                                          first.root, stats_[r]);
   }
 }
 
@@ -904,20 +852,6 @@ class ThreadCommunicator : public Communicator {
   std::shared_ptr<ThreadGroup> group_;
   int rank_;
 };
-
-// The status of fn on one rank, with exceptions turned into errors.
-absl::Status CallRank(const std::function<absl::Status(Communicator&)>& fn,
-                      Communicator& communicator) {
-  try {
-    return fn(communicator);
-  } catch (const Error& e) {
-    return e.status();
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("uncaught exception: ", e.what()));
-  } catch (...) {
-    return absl::InternalError("uncaught exception of a non-std type");
-  }
-}
 
 }  // namespace
 
