@@ -465,29 +465,28 @@ Tensor TransformerLM::Loss(const Tensor& tokens, const Tensor& targets,
              tokens.defined() ? ShapeToString(tokens.shape()) : "undefined",
              ")");
   CheckIndexTensor("TransformerLM::Loss", "targets", targets, config_.device);
-  const Tensor host_targets = targets.to(Device::Cpu());
-  int64_t local_count = 0;
-  for (double t : host_targets.ToVector()) {
-    if (t == -100) continue;
-    LC_REQUIRE(t >= 0 && t < config_.vocab_size, "TransformerLM::Loss: target ",
-               static_cast<int64_t>(t),
-               " (expected 0 <= target < vocab_size = ", config_.vocab_size,
-               " or -100 to ignore)");
-    ++local_count;
+  LC_REQUIRE(global_count >= 0, "TransformerLM::Loss: global_count ",
+             global_count,
+             " (expected the count of non-ignored targets over all ranks)");
+  // Checked here, before the forward pass, to name vocab_size (CrossEntropy
+  // checks again, in its own words). Targets on the host are read there; on
+  // config.device the check waits for it.
+  if (const std::optional<IndexAt> bad = FindInvalidIndex(
+          targets, config_.vocab_size, /*ignore_index=*/-100)) {
+    ThrowInvalidArgument("TransformerLM::Loss: target ", bad->value,
+                         " (expected 0 <= target < vocab_size = ",
+                         config_.vocab_size, " or -100 to ignore)");
   }
-  LC_REQUIRE(global_count >= local_count, "TransformerLM::Loss: global_count ",
-             global_count, " is less than this rank's ", local_count,
-             " non-ignored targets (expected the count over all ranks)");
   Tensor logits = Forward(tokens, sp);
   if (logits.dtype() == DType::kBFloat16) logits = logits.to(DType::kFloat32);
   const int64_t rows = logits.size(0) * logits.size(1);
-  const Tensor mean =
+  // The sum over this rank's targets (left where they are, as tokens are),
+  // divided once by the count over all ranks: the caller counted them once
+  // per step, so they are not counted again here.
+  const Tensor sum =
       CrossEntropy(logits.reshape({rows, config_.vocab_size}),
-                   targets.reshape({rows}), -100);  // host targets: as tokens
-  // mean = sum / local_count (0 when every target is ignored).
-  const double weight =
-      global_count > 0 ? static_cast<double>(local_count) / global_count : 0;
-  return MulScalar(mean, weight);
+                   targets.reshape({rows}), -100, LossReduction::kSum);
+  return MulScalar(sum, global_count > 0 ? 1.0 / global_count : 0.0);
 }
 
 }  // namespace lc

@@ -119,15 +119,15 @@ class TransformerLM : public Module {
 
   // Next-token loss of this rank's tokens: the sum of cross-entropy over
   // `targets` (int64 [batch, n_local], -100 = ignore) divided by
-  // `global_count` (the number of non-ignored targets over all ranks), so
-  // that summing the per-rank losses and all-reducing gradients gives exactly
-  // the single-rank mean and gradient. Targets may be on the CPU or on
-  // config.device (then copied to the host to be counted). The logits enter
-  // the cross-entropy in float32 when config.dtype is bfloat16. A scalar on
-  // config.device, float64 for a float64 model and float32 otherwise (0 when
-  // global_count is 0). Throws lc::Error for targets of another shape, a
-  // target outside [0, vocab_size) other than -100, or global_count below
-  // this rank's own count.
+  // `global_count` (the number of non-ignored targets over all ranks, which
+  // the caller counts: Loss does not count them), so that summing the
+  // per-rank losses and all-reducing gradients gives exactly the single-rank
+  // mean and gradient. Targets may be on the CPU or on config.device (then
+  // range-checked there, a wait). The logits enter the cross-entropy in
+  // float32 when config.dtype is bfloat16. A scalar on config.device,
+  // float64 for a float64 model and float32 otherwise (0 when global_count is
+  // 0). Throws lc::Error for targets of another shape, a target outside
+  // [0, vocab_size) other than -100, or a negative global_count.
   Tensor Loss(const Tensor& tokens, const Tensor& targets, int64_t global_count,
               const SequenceParallelContext* sp = nullptr) const;
 

@@ -35,7 +35,8 @@ double CrossEntropyForwardKernel(const T* logits, const int64_t* target,
   return total;
 }
 
-// The gradient of the mean loss, scaled by `scale` = g / count:
+// The gradient of the summed loss scaled by `scale` (g for the sum, g / count
+// for the mean):
 //   dlogits[i, c] = scale * (exp(logits[i, c] - lse[i]) - [c == target[i]])
 // for rows with target != ignore_index, 0 for ignored rows.
 template <typename T>
@@ -60,7 +61,8 @@ void CrossEntropyBackwardKernel(const T* logits, const int64_t* target,
 
 // CrossEntropy on CUDA for validated logits [rows, classes] and targets.
 Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
-                        int64_t ignore_index) {
+                        int64_t ignore_index, LossReduction reduction) {
+  const bool mean = reduction == LossReduction::kMean;
   const Device device = logits.device();
   const Tensor x = logits.detach().contiguous();
   const Tensor target = targets.to(device).contiguous();
@@ -69,16 +71,17 @@ Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
   const Tensor lse = Empty({x.size(0)}, ComputeDType(x.dtype()), device);
   const Tensor count = Empty({1}, DType::kInt64, device);
   Tensor loss = Empty({}, x.dtype(), device);
-  internal::CrossEntropyForwardCuda(x, target, ignore_index, lse, count, loss);
+  internal::CrossEntropyForwardCuda(x, target, ignore_index, mean, lse, count,
+                                    loss);
   if (NeedsGrad({logits})) {
-    RecordOp(
-        "CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
-        [x, target, lse, count, ignore_index](const Tensors& g) -> Tensors {
-          Tensor dx = Empty(x.shape(), x.dtype(), x.device());
-          internal::CrossEntropyBackwardCuda(x, target, ignore_index, lse,
-                                             count, g[0], dx);
-          return {dx};
-        });
+    RecordOp("CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
+             [x, target, lse, count, ignore_index,
+              mean](const Tensors& g) -> Tensors {
+               Tensor dx = Empty(x.shape(), x.dtype(), x.device());
+               internal::CrossEntropyBackwardCuda(x, target, ignore_index, mean,
+                                                  lse, count, g[0], dx);
+               return {dx};
+             });
   }
   return loss;
 }
@@ -86,7 +89,7 @@ Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
 }  // namespace
 
 Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
-                    int64_t ignore_index) {
+                    int64_t ignore_index, LossReduction reduction) {
   CheckFloatingInputs("CrossEntropy", {logits});
   LC_REQUIRE(logits.dim() == 2, "CrossEntropy: logits have shape ",
              ShapeToString(logits.shape()), " (expected 2-D [N, C])");
@@ -105,20 +108,23 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
              bad->position, " is out of range (expected 0 <= target < ",
              classes, " or ignore_index = ", ignore_index, ")");
   if (logits.device().is_cuda()) {
-    return CrossEntropyCuda(logits, targets, ignore_index);
+    return CrossEntropyCuda(logits, targets, ignore_index, reduction);
   }
   if (logits.dtype() == DType::kBFloat16) {
     return ComputeInFloat32(
         [&](const Tensor& logits32) {
-          return CrossEntropy(logits32, targets, ignore_index);
+          return CrossEntropy(logits32, targets, ignore_index, reduction);
         },
         logits);
   }
 
   const Tensor target = targets.contiguous();
   const int64_t* target_data = target.data<int64_t>();
+  const bool mean = reduction == LossReduction::kMean;
+  // Only the mean needs the count of scored rows.
   const int64_t count =
-      rows - std::count(target_data, target_data + rows, ignore_index);
+      mean ? rows - std::count(target_data, target_data + rows, ignore_index)
+           : 0;
   const Tensor x = logits.detach().contiguous();
   // Saved in float64: the backward's exp(logit - lse) would otherwise carry
   // float32 rounding of lse times its magnitude.
@@ -129,14 +135,17 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
         CrossEntropyForwardKernel(x.data<scalar_t>(), target_data, rows,
                                   classes, ignore_index, lse.data<double>());
   });
-  Tensor loss = Full({}, count > 0 ? total / count : 0.0, x.dtype());
+  // Ignored rows add 0 to `total`: with every row ignored the sum is 0.
+  double value = total;
+  if (mean) value = count > 0 ? total / count : 0.0;
+  Tensor loss = Full({}, value, x.dtype());
   if (NeedsGrad({logits})) {
     RecordOp("CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
-             [x, target, lse, rows, classes, ignore_index,
+             [x, target, lse, rows, classes, ignore_index, mean,
               count](const Tensors& g) -> Tensors {
                Tensor dx = Zeros(x.shape(), x.dtype());
-               if (count == 0) return {dx};
-               const double scale = g[0].item() / count;
+               if (mean && count == 0) return {dx};
+               const double scale = mean ? g[0].item() / count : g[0].item();
                LC_DISPATCH_FLOATING(x.dtype(), "CrossEntropy", [&] {
                  CrossEntropyBackwardKernel(
                      x.data<scalar_t>(), target.data<int64_t>(),

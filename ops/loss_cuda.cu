@@ -16,7 +16,7 @@ using cuda::Load;
 using cuda::Store;
 
 constexpr int kThreads = 256;
-constexpr int kMeanThreads = 1024;
+constexpr int kReduceThreads = 1024;
 
 // One block per row i of dense logits [rows, classes], in A (float64 for
 // float64, float32 otherwise):
@@ -51,15 +51,16 @@ __global__ void CrossEntropyRowKernel(const T* logits, const int64_t* target,
   }
 }
 
-// One block of kMeanThreads threads:
+// One block of kReduceThreads threads:
 //   count[0] = the number of i < rows with target[i] != ignore_index,
-//   loss[0] = (sum_i row_loss[i]) / count[0], 0 when count[0] = 0,
-// thread t adding i = t, t + kMeanThreads, ... in order, then BlockSum.
+//   loss[0] = sum_i row_loss[i], divided by count[0] when `mean` (0 when
+//             count[0] = 0),
+// thread t adding i = t, t + kReduceThreads, ... in order, then BlockSum.
 template <typename T, typename A = compute_t<T>>
-__global__ void __launch_bounds__(kMeanThreads)
-    CrossEntropyMeanKernel(const A* row_loss, const int64_t* target,
-                           int64_t rows, int64_t ignore_index, T* loss,
-                           int64_t* count) {
+__global__ void __launch_bounds__(kReduceThreads)
+    CrossEntropyReduceKernel(const A* row_loss, const int64_t* target,
+                             int64_t rows, int64_t ignore_index, bool mean,
+                             T* loss, int64_t* count) {
   __shared__ A shared[32];
   __shared__ long long shared_count[32];
   A sum = 0;
@@ -72,22 +73,24 @@ __global__ void __launch_bounds__(kMeanThreads)
   n = cuda::BlockSum(n, shared_count);
   if (threadIdx.x == 0) {
     count[0] = n;
-    Store(loss, n > 0 ? sum / static_cast<A>(n) : A(0));
+    // Ignored rows' row_loss is 0: with every row ignored the sum is 0.
+    Store(loss, mean ? (n > 0 ? sum / static_cast<A>(n) : A(0)) : sum);
   }
 }
 
-// dlogits[i, c] = g / count * (exp(logits[i, c] - lse[i]) - [c == target[i]])
-// for rows with target[i] != ignore_index, 0 for the others and when count
-// is 0; logits, dlogits dense [rows, classes], lse [rows] in A, g a scalar
-// and count int64 [1].
+// dlogits[i, c] = s * (exp(logits[i, c] - lse[i]) - [c == target[i]])
+// for rows with target[i] != ignore_index, 0 for the others, where s = g /
+// count when `mean` (0 when count is 0) and s = g otherwise; logits, dlogits
+// dense [rows, classes], lse [rows] in A, g a scalar and count int64 [1].
 template <typename T, typename A = compute_t<T>>
 __global__ void CrossEntropyBackwardKernel(const T* logits,
                                            const int64_t* target, const A* lse,
                                            const int64_t* count, const T* g,
                                            int64_t rows, int64_t classes,
-                                           int64_t ignore_index, T* dlogits) {
+                                           int64_t ignore_index, bool mean,
+                                           T* dlogits) {
   const int64_t n = count[0];
-  const A scale = n > 0 ? Load(g) / static_cast<A>(n) : A(0);
+  const A scale = mean ? (n > 0 ? Load(g) / static_cast<A>(n) : A(0)) : Load(g);
   const int64_t total = rows * classes;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        j < total; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -105,7 +108,7 @@ __global__ void CrossEntropyBackwardKernel(const T* logits,
 }  // namespace
 
 void CrossEntropyForwardCuda(const Tensor& logits, const Tensor& targets,
-                             int64_t ignore_index, const Tensor& lse,
+                             int64_t ignore_index, bool mean, const Tensor& lse,
                              const Tensor& count, const Tensor& loss) {
   const int64_t rows = logits.size(0);
   const int64_t classes = logits.size(1);
@@ -123,18 +126,18 @@ void CrossEntropyForwardCuda(const Tensor& logits, const Tensor& targets,
               static_cast<A*>(row_loss.raw_data()));
       LC_CUDA_CHECK_LAUNCH("CrossEntropyRowKernel");
     }
-    CrossEntropyMeanKernel<scalar_t><<<1, kMeanThreads, 0, stream>>>(
+    CrossEntropyReduceKernel<scalar_t><<<1, kReduceThreads, 0, stream>>>(
         static_cast<const A*>(row_loss.raw_data()), target, rows, ignore_index,
-        static_cast<scalar_t*>(loss.raw_data()),
+        mean, static_cast<scalar_t*>(loss.raw_data()),
         static_cast<int64_t*>(count.raw_data()));
-    LC_CUDA_CHECK_LAUNCH("CrossEntropyMeanKernel");
+    LC_CUDA_CHECK_LAUNCH("CrossEntropyReduceKernel");
   });
 }
 
 void CrossEntropyBackwardCuda(const Tensor& logits, const Tensor& targets,
-                              int64_t ignore_index, const Tensor& lse,
-                              const Tensor& count, const Tensor& g,
-                              const Tensor& dlogits) {
+                              int64_t ignore_index, bool mean,
+                              const Tensor& lse, const Tensor& count,
+                              const Tensor& g, const Tensor& dlogits) {
   const int64_t rows = logits.size(0);
   const int64_t classes = logits.size(1);
   if (rows == 0) return;
@@ -148,7 +151,7 @@ void CrossEntropyBackwardCuda(const Tensor& logits, const Tensor& targets,
             static_cast<const A*>(lse.raw_data()),
             static_cast<const int64_t*>(count.raw_data()),
             static_cast<const scalar_t*>(g.raw_data()), rows, classes,
-            ignore_index, static_cast<scalar_t*>(dlogits.raw_data()));
+            ignore_index, mean, static_cast<scalar_t*>(dlogits.raw_data()));
     LC_CUDA_CHECK_LAUNCH("CrossEntropyBackwardKernel");
   });
 }

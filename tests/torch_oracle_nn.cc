@@ -1,11 +1,14 @@
 // Oracle ops for the matmul, norm, embedding, loss, rope, shape-op and layer
 // suites. Attributes: "transpose_a"/"transpose_b" (0 or 1), "eps", "dim",
-// "ignore_index" and "base" as numbers, split sizes as the list "sizes";
+// "ignore_index" and "base" as numbers, cross_entropy's "reduction" ("mean",
+// the default, or "sum") as a string, split sizes as the list "sizes";
 // dropout's "p", "seed" and "offset" as numbers.
 // Optional tensor inputs (norm weight and bias, linear bias) may be
 // undefined.
+#include <string>
 #include <vector>
 
+#include "core/check.h"
 #include "core/random.h"
 #include "tests/torch_oracle_registry.h"
 
@@ -53,10 +56,15 @@ LC_REGISTER_TORCH_OP(embedding, [](const TorchTensors& in, const OracleAttrs&) {
 LC_REGISTER_TORCH_OP(cross_entropy, [](const TorchTensors& in,
                                        const OracleAttrs& attrs) {
   namespace F = torch::nn::functional;
-  return TorchTensors{F::cross_entropy(
-      in[0], in[1],
-      F::CrossEntropyFuncOptions().ignore_index(
-          static_cast<int64_t>(attrs.number("ignore_index"))))};
+  F::CrossEntropyFuncOptions options;
+  options.ignore_index(static_cast<int64_t>(attrs.number("ignore_index")));
+  if (attrs.has("reduction")) {
+    const std::string& reduction = attrs.string("reduction");
+    LC_CHECK(reduction == "mean" || reduction == "sum")
+        << "cross_entropy: reduction " << reduction;
+    if (reduction == "sum") options.reduction(torch::kSum);
+  }
+  return TorchTensors{F::cross_entropy(in[0], in[1], options)};
 });
 
 // HF LLaMA's rotary embedding: cat(freqs, freqs) angles and rotate_half.

@@ -463,14 +463,12 @@ absl::StatusOr<EvalResult> Evaluate(const TrainOptions& options,
         logits = logits.to(DType::kFloat32);
       }
       const int64_t rows = logits.size(0) * logits.size(1);
-      const int64_t scored = CountScored(targets);
-      const double mean =
-          CrossEntropy(logits.reshape({rows, logits.size(2)}),
-                       targets.to(logits.device()).reshape({rows}), -100)
-              .item();
+      sums[0] += CrossEntropy(logits.reshape({rows, logits.size(2)}),
+                              targets.to(logits.device()).reshape({rows}), -100,
+                              LossReduction::kSum)
+                     .item();
+      sums[1] += CountScored(targets);
       logits = logits.to(Device::Cpu());  // read below element by element
-      sums[0] += mean * scored;
-      sums[1] += scored;
       for (const Answer& answer : batch.answers) {
         const int64_t i = local[answer.position];
         if (i < 0) continue;
@@ -570,6 +568,8 @@ absl::StatusOr<StepRecord> TrainStep(const TrainOptions& options,
     tokens = SplitSequence(batch.tokens, k, rank, layout);
     targets = SplitSequence(batch.targets, k, rank, layout);
   }));
+  // The step's one count of the scored targets, summed over the ranks: it
+  // normalizes every rank's summed loss (Loss does not count them again).
   const Tensor count = FromVector({static_cast<double>(CountScored(targets))},
                                   {1}, DType::kInt64);
   LC_RETURN_IF_ERROR(comm.AllReduceSum(count));

@@ -1,5 +1,6 @@
 // GPU checks of Embedding (ops/embedding.h), IndexSelect, Concat and Split
-// (ops/shape_ops.h), CrossEntropy (ops/loss.h) and ApplyRotary (ops/rope.h):
+// (ops/shape_ops.h), CrossEntropy (ops/loss.h; mean and sum) and ApplyRotary
+// (ops/rope.h):
 // each op on CUDA in float64, float32 and bfloat16 against the same op on the
 // CPU in float64 on the same values, forward and backward (through a random
 // upstream gradient), for odd sizes, strided inputs, and index tensors on the
@@ -230,6 +231,40 @@ TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyMatchesCpu) {
   }
 }
 
+// reduction kSum: the same rows summed in a fixed order without the
+// division, forward and backward, against the CPU in float64.
+TEST_F(EmbeddingLossRopeCudaTest, CrossEntropySumMatchesCpu) {
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {1, 7}, {33, 256}, {1000, 33}, {2500, 17}};
+  for (const auto& [rows, classes] : shapes) {
+    for (DType dtype : kFloatingDTypes) {
+      for (bool on_device : {false, true}) {
+        const std::string name = "CrossEntropy sum [" + std::to_string(rows) +
+                                 ", " + std::to_string(classes) + "] " +
+                                 DTypeName(dtype) + Where(on_device);
+        // About one row in five ignored (-100), more than one row summed.
+        std::vector<double> targets =
+            RandomIndices({rows}, 0, classes, SeedOfCase(name + " targets"))
+                .ToVector();
+        const std::vector<double> ignore =
+            RandomIndices({rows}, 0, 5, SeedOfCase(name + " ignore"))
+                .ToVector();
+        for (size_t i = 0; i < targets.size(); ++i) {
+          if (ignore[i] == 0 && rows > 1) targets[i] = -100;
+        }
+        const Tensor target = FromVector(targets, {rows}, DType::kInt64);
+        ExpectLeavesMatchCpu(
+            name,
+            [&](const std::vector<Tensor>& in) {
+              return CrossEntropy(in[0], IndicesFor(target, in[0], on_device),
+                                  -100, LossReduction::kSum);
+            },
+            {{rows, classes}}, dtype, CudaRelativeTolerance(dtype));
+      }
+    }
+  }
+}
+
 TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyWithOtherIgnoreIndex) {
   const Tensor target = FromVector({3, 1, 3, 0}, {4}, DType::kInt64);
   for (DType dtype : kFloatingDTypes) {
@@ -255,20 +290,35 @@ TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyOfOnlyIgnoredRowsIsZero) {
   EXPECT_EQ(logits.grad().ToVector(), std::vector<double>(12, 0.0));
 }
 
+TEST_F(EmbeddingLossRopeCudaTest, CrossEntropySumOfOnlyIgnoredRowsIsZero) {
+  const Tensor logits =
+      RandomNormal({3, 4}, DType::kFloat32, Device::Cuda(0), 22)
+          .set_requires_grad(true);
+  const Tensor target =
+      FromVector({-100, -100, -100}, {3}, DType::kInt64, Device::Cuda(0));
+  const Tensor loss = CrossEntropy(logits, target, -100, LossReduction::kSum);
+  EXPECT_EQ(loss.item(), 0.0);
+  loss.backward();
+  EXPECT_EQ(logits.grad().ToVector(), std::vector<double>(12, 0.0));
+}
+
 TEST_F(EmbeddingLossRopeCudaTest, CrossEntropyIsBitIdenticalAcrossRuns) {
   const Tensor logits =
       RandomNormal({4096, 1000}, DType::kFloat32, Device::Cuda(0), 31);
   const Tensor target = RandomIndices({4096}, 0, 1000, 32).to(Device::Cuda(0));
-  std::vector<double> losses, grads[2];
-  for (std::vector<double>& grad : grads) {
-    const Tensor x = logits.detach().set_requires_grad(true);
-    const Tensor loss = CrossEntropy(x, target);
-    losses.push_back(loss.item());
-    loss.backward();
-    grad = x.grad().ToVector();
+  for (LossReduction reduction : {LossReduction::kMean, LossReduction::kSum}) {
+    SCOPED_TRACE(reduction == LossReduction::kMean ? "mean" : "sum");
+    std::vector<double> losses, grads[2];
+    for (std::vector<double>& grad : grads) {
+      const Tensor x = logits.detach().set_requires_grad(true);
+      const Tensor loss = CrossEntropy(x, target, -100, reduction);
+      losses.push_back(loss.item());
+      loss.backward();
+      grad = x.grad().ToVector();
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    EXPECT_EQ(grads[0], grads[1]);
   }
-  EXPECT_EQ(losses[0], losses[1]);
-  EXPECT_EQ(grads[0], grads[1]);
 }
 
 TEST_F(EmbeddingLossRopeCudaTest, OutOfRangeTargetIsAnError) {
