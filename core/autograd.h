@@ -20,7 +20,7 @@
 // and throws lc::Error naming the op, the saved tensor and both versions if
 // one changed, so no gradient is half accumulated. Writes an op makes into
 // outputs it is still building happen before it records them, and
-// recomputation (Checkpoint, which saves its inputs the same way) rebuilds
+// recomputation (Recompute, which saves its inputs the same way) rebuilds
 // its graph in backward with fresh versions. The counter is a plain integer:
 // a tensor is never written by several threads at once (ranks running as
 // threads own their tensors), and a bump is one increment.

@@ -13,8 +13,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
-#include "core/checkpoint.h"
 #include "core/cuda.h"
+#include "core/recompute.h"
 #include "core/status.h"
 #include "distributed/sequence_parallel.h"
 #include "ops/activation.h"
@@ -440,7 +440,7 @@ Tensor TransformerLM::Forward(const Tensor& tokens,
   Tensor x = embed_->Forward(tokens).to(config_.dtype);
   for (const auto& block : run_blocks_) {
     if (config_.recompute && GradEnabled()) {
-      x = Checkpoint(
+      x = Recompute(
           [block, positions, sp_copy](const Tensors& in) -> Tensors {
             return {block->Forward(in[0], positions,
                                    sp_copy ? &*sp_copy : nullptr)};

@@ -58,7 +58,7 @@ struct TransformerConfig {
   // Residual/MLP dropout (attention dropout is attention.dropout).
   double dropout = 0;
   double rope_base = 10000;
-  bool recompute = false;  // lc::Checkpoint around each block
+  bool recompute = false;  // lc::Recompute around each block
   // Type, pattern, causal (must be true for an LM), ranks, layout.
   AttentionConfig attention;
   // The compute dtype (activations, GEMMs, attention, logits): float32 or

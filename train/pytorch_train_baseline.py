@@ -26,7 +26,7 @@ Modes (python3 train/pytorch_train_baseline.py MODE --help):
                  python3 train/pytorch_train_baseline.py bench \\
                      --json=$OUT/torch_train.json
   max_context  for each of --lengths in turn, one training step of a fresh
-               model, without and with checkpointing, until the first that
+               model, without and with recomputation, until the first that
                runs out of memory (torch.cuda.OutOfMemoryError); reports the
                longest n that trained. About 1-2 minutes on an H200.
                  python3 train/pytorch_train_baseline.py max_context \\
@@ -184,7 +184,7 @@ def train_step(model, optimizer, tokens, targets, config, recompute):
     optimizer.zero_grad(set_to_none=True)
     backend = (backend_context(config.sdpa_backend) if config.sdpa_backend
                else contextlib.nullcontext())
-    with backend:  # also over backward, where checkpointed blocks rerun
+    with backend:  # also over backward, where recomputed blocks rerun
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             logits = model(tokens, recompute)
             loss = F.cross_entropy(logits.flatten(0, 1).float(),
@@ -349,7 +349,8 @@ def main():
                         help="only this SDPA backend (default: SDPA's choice)")
     parser.add_argument("--recompute", type=bool_list, default=[False, True],
                         help="off, on or off,on: without and/or with "
-                             "checkpointing around every block")
+                             "recomputation (torch.utils.checkpoint) "
+                             "around every block")
     parser.add_argument("--n", type=int, default=65536, help="bench: tokens")
     parser.add_argument("--warmup", type=int, default=2, help="bench")
     parser.add_argument("--repeats", type=int, default=5, help="bench")

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/autograd.h"
-#include "core/checkpoint.h"
+#include "core/recompute.h"
 #include "gtest/gtest.h"
 #include "tests/op_test_util.h"
 
@@ -178,26 +178,26 @@ TEST(VersionCounterTest, RetainedGraphIsRefusedOnceAnInputIsWritten) {
   EXPECT_EQ(a.grad().ToVector(), (std::vector<double>{3, 4}));
 }
 
-TEST(VersionCounterTest, CheckpointRecomputesAndRefusesAWrittenInput) {
+TEST(VersionCounterTest, RecomputeRebuildsVersionsAndRefusesAWrittenInput) {
   const Tensor w = Leaf({2, 3});
   auto block = [&](const Tensors& in) -> Tensors {
     return {Product(Product(in[0], w), in[0])};
   };
   // Recomputation in backward records fresh versions: gradients as without.
   const Tensor x = Leaf({1, 2});
-  Checkpoint(block, {x})[0].backward(Vector({1, 1}));
+  Recompute(block, {x})[0].backward(Vector({1, 1}));
   EXPECT_EQ(x.grad().ToVector(), (std::vector<double>{4, 12}));  // 2 w x
   EXPECT_EQ(w.grad().ToVector(), (std::vector<double>{1, 4}));   // x^2
 
   const Tensor z = Leaf({1, 2});
   const Tensor input = Product(z, Vector({1, 1}));
-  const Tensor out = Checkpoint(block, {input})[0];
+  const Tensor out = Recompute(block, {input})[0];
   input.detach().set({0}, 5);
   ExpectError(
       [&] {
         out.backward(Vector({1, 1}));
       },
-      {"backward of Checkpoint: input 0 [2] saved at version 0, now "
+      {"backward of Recompute: input 0 [2] saved at version 0, now "
        "version 1"});
 }
 

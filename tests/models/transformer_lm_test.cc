@@ -231,7 +231,7 @@ TEST(TransformerLMTest, RanksGiveTheOneRankLossAndGradients) {
   }
 }
 
-// Recomputation on ranks: the checkpointed blocks rerun ring attention (and
+// Recomputation on ranks: the recomputed blocks rerun ring attention (and
 // its communication) inside the backward pass.
 TEST(TransformerLMTest, RecomputeOnRanksGivesTheOneRankGradients) {
   TransformerConfig config = SmallConfig();

@@ -1,4 +1,4 @@
-#include "core/checkpoint.h"
+#include "core/recompute.h"
 
 #include <cmath>
 #include <memory>
@@ -39,21 +39,21 @@ Tensor NoisySin(const Tensor& x) {
   return y;
 }
 
-// Eight NoisySin layers: without checkpointing, each saves its input.
+// Eight NoisySin layers: without recomputation, each saves its input.
 Tensors Block(const Tensors& in) {
   Tensor h = in[0];
   for (int i = 0; i < 8; ++i) h = NoisySin(h);
   return {h};
 }
 
-TEST(CheckpointTest, SameGradientsAsWithoutAndLessPeakMemory) {
+TEST(RecomputeTest, SameGradientsAsWithoutAndLessPeakMemory) {
   const int64_t n = 1 << 15;  // 256 KiB per float64 activation
   Generator gen = testing::TestGenerator();
   Tensor x0 = Randn({n}, gen, DType::kFloat64);
   Tensor g = Randn({n}, gen, DType::kFloat64);
 
-  // Four blocks in a row, each checkpointed or not.
-  auto run = [&](bool checkpoint, Tensor* grad, Tensor* out) {
+  // Four blocks in a row, each recomputed or not.
+  auto run = [&](bool recompute, Tensor* grad, Tensor* out) {
     DefaultGenerator() = Generator(1234);
     Tensor x = x0.detach();
     x.set_requires_grad(true);
@@ -62,7 +62,7 @@ TEST(CheckpointTest, SameGradientsAsWithoutAndLessPeakMemory) {
       MemoryScope scope(tracker);
       Tensor y = x;
       for (int b = 0; b < 4; ++b) {
-        y = checkpoint ? Checkpoint(Block, {y})[0] : Block({y})[0];
+        y = recompute ? Recompute(Block, {y})[0] : Block({y})[0];
       }
       *out = y.detach();
       y.backward(g);
@@ -70,31 +70,31 @@ TEST(CheckpointTest, SameGradientsAsWithoutAndLessPeakMemory) {
     *grad = x.grad();
     return tracker->stats().peak_bytes;
   };
-  Tensor grad_plain, grad_ckpt, out_plain, out_ckpt;
+  Tensor grad_plain, grad_recompute, out_plain, out_recompute;
   const int64_t peak_plain = run(false, &grad_plain, &out_plain);
-  const int64_t peak_ckpt = run(true, &grad_ckpt, &out_ckpt);
+  const int64_t peak_recompute = run(true, &grad_recompute, &out_recompute);
   // Same function, same noise (the generator is replayed): bit-identical.
-  EXPECT_EQ(out_ckpt.ToVector(), out_plain.ToVector());
-  EXPECT_EQ(grad_ckpt.ToVector(), grad_plain.ToVector());
-  // Without checkpointing all 32 activations are alive before backward; with
+  EXPECT_EQ(out_recompute.ToVector(), out_plain.ToVector());
+  EXPECT_EQ(grad_recompute.ToVector(), grad_plain.ToVector());
+  // Without recomputation all 32 activations are alive before backward; with
   // it, the 4 block outputs, plus one block's 8 while it is recomputed.
-  EXPECT_LT(peak_ckpt, peak_plain / 2);
+  EXPECT_LT(peak_recompute, peak_plain / 2);
   RecordProperty("peak_plain_bytes", std::to_string(peak_plain));
-  RecordProperty("peak_checkpoint_bytes", std::to_string(peak_ckpt));
+  RecordProperty("peak_recompute_bytes", std::to_string(peak_recompute));
 
-  // The checkpointed forward holds no activations besides its output.
+  // The recomputed block's forward holds no activations besides its output.
   DefaultGenerator() = Generator(1234);
   auto tracker = std::make_shared<MemoryTracker>();
   Tensor x = x0.detach();
   x.set_requires_grad(true);
   MemoryScope scope(tracker);
-  Tensor y = Checkpoint(Block, {x})[0];
+  Tensor y = Recompute(Block, {x})[0];
   EXPECT_LE(tracker->stats().current_bytes, n * 8);
 }
 
 // A parameter captured by fn (not among its inputs) gets its gradient
-// through the recomputation, equal to the gradient without checkpointing.
-TEST(CheckpointTest, GradientsReachParametersUsedInside) {
+// through the recomputation, equal to the gradient without recomputation.
+TEST(RecomputeTest, GradientsReachParametersUsedInside) {
   Generator gen = testing::TestGenerator();
   Tensor w = Randn({5}, gen, DType::kFloat64);
   w.set_requires_grad(true);
@@ -107,20 +107,20 @@ TEST(CheckpointTest, GradientsReachParametersUsedInside) {
   const std::vector<double> want = w.grad().ToVector();
   w.set_grad(Tensor());
   DefaultGenerator() = Generator(31);
-  Tensors out = Checkpoint(fn, {x});
+  Tensors out = Recompute(fn, {x});
   ASSERT_TRUE(out[0].requires_grad());
   Backward({out[0]}, {Ones({5}, DType::kFloat64)});
   ASSERT_TRUE(w.grad().defined());
   EXPECT_EQ(w.grad().ToVector(), want);
 }
 
-TEST(CheckpointTest, GradientsMatchFiniteDifferences) {
+TEST(RecomputeTest, GradientsMatchFiniteDifferences) {
   Generator gen = testing::TestGenerator();
   Tensor x = Randn({6}, gen, DType::kFloat64);
   testing::ExpectGradientsMatchFiniteDifferences(
       [](const Tensors& in) -> Tensors {
         DefaultGenerator() = Generator(99);
-        return Checkpoint(Block, in);
+        return Recompute(Block, in);
       },
       {x}, 1e-6, 1e-7);
 }

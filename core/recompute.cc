@@ -1,4 +1,4 @@
-#include "core/checkpoint.h"
+#include "core/recompute.h"
 
 #include "core/random.h"
 
@@ -7,10 +7,10 @@ namespace {
 
 // Saves fn and its inputs; Apply reruns fn with grad mode on and
 // backpropagates through the fresh graph.
-class CheckpointNode : public Node {
+class RecomputeNode : public Node {
  public:
-  CheckpointNode(CheckpointFn fn, const Tensors& inputs, Generator generator)
-      : Node("Checkpoint"), fn_(std::move(fn)), generator_(generator) {
+  RecomputeNode(RecomputeFn fn, const Tensors& inputs, Generator generator)
+      : Node("Recompute"), fn_(std::move(fn)), generator_(generator) {
     for (const Tensor& t : inputs) {
       inputs_.push_back(t.detach());
       input_requires_grad_.push_back(t.requires_grad());
@@ -51,7 +51,7 @@ class CheckpointNode : public Node {
   }
 
  private:
-  CheckpointFn fn_;
+  RecomputeFn fn_;
   Tensors inputs_;  // detached: the saved values, without history
   std::vector<bool> input_requires_grad_;
   Generator generator_;
@@ -59,7 +59,7 @@ class CheckpointNode : public Node {
 
 }  // namespace
 
-Tensors Checkpoint(CheckpointFn fn, const Tensors& inputs) {
+Tensors Recompute(RecomputeFn fn, const Tensors& inputs) {
   const Generator generator = DefaultGenerator();
   Tensors detached;
   for (const Tensor& t : inputs) detached.push_back(t.detach());
@@ -70,8 +70,7 @@ Tensors Checkpoint(CheckpointFn fn, const Tensors& inputs) {
   }
   if (!GradEnabled()) return outputs;
   // Recorded even when no input requires grad: fn may use parameters that do.
-  auto node =
-      std::make_shared<CheckpointNode>(std::move(fn), inputs, generator);
+  auto node = std::make_shared<RecomputeNode>(std::move(fn), inputs, generator);
   std::vector<Tensor*> output_ptrs;
   for (Tensor& t : outputs) output_ptrs.push_back(&t);
   SetHistory(node, inputs, output_ptrs);
