@@ -1,13 +1,7 @@
 #include "train/trainer.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <chrono>
 #include <cmath>
-#include <fstream>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -17,42 +11,37 @@
 #endif
 
 #include "absl/status/status.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
-#include "core/files.h"
 #include "core/memory.h"
 #include "core/random.h"
 #include "core/status.h"
 #include "distributed/sequence_parallel.h"
 #include "distributed/thread_communicator.h"
-#include "ops/loss.h"
 #include "train/checkpoint.h"
+#include "train/evaluation.h"
+#include "train/metrics_log.h"
+#include "train/training_state.h"
 
 namespace lc {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using train_internal::Clock;
+using train_internal::CollectState;
+using train_internal::CountScored;
+using train_internal::Evaluate;
+using train_internal::PrepareCheckpoints;
+using train_internal::Printable;
+using train_internal::RankState;
+using train_internal::Reporter;
+using train_internal::RestoreState;
+using train_internal::Seconds;
 
-// The dropout generators' offset. Each rank draws from its own generator
-// (DropoutSeed), but every rank runs the same model code, so every rank
-// advances its generator by the same number of offsets (one per Dropout call)
-// each step and all offsets stay equal: rank 0's restores every rank's stream
-// (TrainerTest checks a 2-rank resume with dropout bit for bit).
-constexpr char kDropoutOffsetKey[] = "rng.dropout.offset";
-constexpr char kDataPositionKey[] = "data.position";
-constexpr int kMaxBuckets = 4;
 constexpr int kKeepCheckpoints = 2;
-
-double Seconds(Clock::time_point since) {
-  return std::chrono::duration<double>(Clock::now() - since).count();
-}
 
 // The seed of rank `rank`'s dropout generator (distinct per rank, and apart
 // from the initialization stream Generator(seed)).
@@ -60,460 +49,10 @@ uint64_t DropoutSeed(uint64_t seed, int rank) {
   return (seed ^ 0xD1B54A32D192ED03ull) + 0x9E3779B97F4A7C15ull * (rank + 1);
 }
 
-std::string FormatDuration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) return "?";
-  const int64_t s = static_cast<int64_t>(std::lround(seconds));
-  if (s < 60) return absl::StrCat(s, "s");
-  if (s < 3600) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
-  return absl::StrFormat("%dh%02dm", s / 3600, (s / 60) % 60);
-}
-
-std::string FormatBytes(int64_t bytes) {
-  if (bytes >= (int64_t{1} << 30)) {
-    return absl::StrFormat("%.2f GiB", bytes / double(int64_t{1} << 30));
-  }
-  return absl::StrFormat("%.0f MiB", bytes / double(1 << 20));
-}
-
-std::string FormatRate(double tokens_per_s) {
-  if (tokens_per_s >= 1e6) return absl::StrFormat("%.2fM", tokens_per_s / 1e6);
-  if (tokens_per_s >= 1e3) return absl::StrFormat("%.1fk", tokens_per_s / 1e3);
-  return absl::StrFormat("%.0f", tokens_per_s);
-}
-
-// `x` without the sign of a NaN: printf writes "-nan" for one with its sign
-// bit set (as inf - inf makes), which reads like a negative value.
-double Printable(double x) {
-  return std::isnan(x) ? std::numeric_limits<double>::quiet_NaN() : x;
-}
-
-// A JSON number, or null for one that is not finite: strict JSON parsers
-// refuse NaN and Infinity.
-std::string JsonNumber(double x) {
-  if (!std::isfinite(x)) return "null";
-  return absl::StrFormat("%.9g", x);
-}
-
-std::vector<DistanceBucket> MakeBuckets(int64_t min_distance,
-                                        int64_t max_distance) {
-  std::vector<DistanceBucket> buckets;
-  const int64_t span = max_distance - min_distance + 1;
-  if (span < 1) return buckets;
-  const int64_t count = std::min<int64_t>(kMaxBuckets, span);
-  for (int64_t k = 0; k < count; ++k) {
-    DistanceBucket bucket;
-    bucket.min_distance = min_distance + span * k / count;
-    bucket.max_distance = min_distance + span * (k + 1) / count - 1;
-    buckets.push_back(bucket);
-  }
-  return buckets;
-}
-
-// Where each global position of the sequence sits among this rank's tokens
-// (-1 when another rank holds it).
-std::vector<int64_t> LocalIndex(int64_t n, int k, int rank,
-                                SequenceLayout layout) {
-  std::vector<int64_t> local(n, -1);
-  int64_t next = 0;
-  for (const PositionSpan& span : RankSpans(n, k, rank, layout)) {
-    for (int64_t t = span.begin; t < span.end; ++t) local[t] = next++;
-  }
-  return local;
-}
-
-int64_t CountScored(const Tensor& targets) {
-  const Tensor dense = targets.contiguous();
-  const int64_t* data = dense.data<int64_t>();
-  int64_t count = 0;
-  for (int64_t i = 0; i < dense.numel(); ++i) count += data[i] != -100;
-  return count;
-}
-
 absl::StatusOr<double> AllReduceScalar(Communicator& comm, double value) {
   const Tensor t = FromVector({value}, {1}, DType::kFloat64);
   LC_RETURN_IF_ERROR(comm.AllReduceSum(t));
   return t.at({0});
-}
-
-// The step of a metrics record (its "step" member); none when it has none.
-std::optional<int64_t> RecordStep(absl::string_view record) {
-  constexpr absl::string_view kMember = "\"step\": ";
-  const size_t at = record.find(kMember);
-  if (at == absl::string_view::npos) return std::nullopt;
-  absl::string_view value = record.substr(at + kMember.size());
-  value = value.substr(0, value.find_first_of(",}"));
-  int64_t step = 0;
-  if (!absl::SimpleAtoi(value, &step)) return std::nullopt;
-  return step;
-}
-
-// Rank 0's output: progress lines and metrics records. A metrics write that
-// fails is an error (a full disk must not leave an empty file and exit 0).
-class Reporter {
- public:
-  Reporter(const TrainOptions& options, int64_t tokens_per_step)
-      : options_(options), tokens_per_step_(tokens_per_step) {}
-
-  absl::Status Open() {
-    if (options_.metrics_path.empty()) return absl::OkStatus();
-    metrics_.open(options_.metrics_path, std::ios::app);
-    if (!metrics_) {
-      return absl::PermissionDeniedError(
-          absl::StrCat("cannot open the metrics file ", options_.metrics_path,
-                       " for appending"));
-    }
-    return absl::OkStatus();
-  }
-
-  void Line(const std::string& text) {
-    if (options_.progress == nullptr) return;
-    EndInPlace();
-    *options_.progress << text << "\n" << std::flush;
-  }
-
-  // Starts the clock; a run resumed at first_step > 0 also drops the metrics
-  // of later steps (see TrainOptions::metrics_path) and records the resume.
-  absl::Status Start(int64_t first_step, int64_t last_step) {
-    start_ = interval_start_ = Clock::now();
-    first_step_ = first_step;
-    last_step_ = last_step;
-    if (first_step == 0 || !metrics_.is_open()) return absl::OkStatus();
-    LC_ASSIGN_OR_RETURN(const int64_t dropped, DropRecordsAfter(first_step));
-    if (dropped > 0) {
-      Line(absl::StrCat("metrics: dropped ", dropped,
-                        " record(s) of steps after ", first_step, " from ",
-                        options_.metrics_path,
-                        " (the interrupted run's; they are redone now)"));
-    }
-    return Write(absl::StrFormat(
-        "{\"kind\": \"resume\", \"step\": %d, \"dropped_records\": %d}",
-        first_step, dropped));
-  }
-
-  // `skipped`: the steps of this run skipped so far (StepRecord::skipped).
-  absl::Status Step(const StepRecord& record, int64_t skipped) {
-    if (!record.skipped) {
-      interval_loss_ += record.loss;
-      ++interval_losses_;
-    }
-    ++interval_steps_;
-    const bool log_due =
-        record.step % options_.log_every == 0 || record.step == last_step_;
-    const double elapsed = Seconds(start_);
-    const double interval = Seconds(interval_start_);
-    const double rate =
-        interval > 0
-            ? tokens_per_step_ * static_cast<double>(interval_steps_) / interval
-            : 0;
-    const int64_t done = record.step - first_step_;
-    const double eta = done > 0 ? elapsed / done * (last_step_ - record.step)
-                                : std::numeric_limits<double>::quiet_NaN();
-    const int64_t peak = DeviceMemoryStats(options_.model.device).peak_bytes;
-    std::string text = absl::StrFormat(
-        "step %*d/%d | loss %.4f | lr %.2e | %s tok/s | %s elapsed, ETA %s | "
-        "peak %s",
-        static_cast<int>(absl::StrCat(options_.steps).size()), record.step,
-        options_.steps, Printable(record.loss), record.lr, FormatRate(rate),
-        FormatDuration(elapsed), FormatDuration(eta), FormatBytes(peak));
-    if (skipped > 0) {
-      absl::StrAppend(&text, " | skipped ", skipped, " non-finite step",
-                      skipped > 1 ? "s" : "");
-    }
-    if (options_.progress != nullptr) {
-      if (options_.progress_in_place) {
-        // Pad so that a shorter line fully covers the previous one.
-        *options_.progress << "\r" << text
-                           << std::string(std::max<int64_t>(
-                                              0, last_width_ - text.size()),
-                                          ' ')
-                           << std::flush;
-        last_width_ = static_cast<int64_t>(text.size());
-        in_place_open_ = true;
-      } else if (log_due) {
-        *options_.progress << text << "\n" << std::flush;
-      }
-    }
-    if (!log_due) return absl::OkStatus();
-    // The mean loss of the interval's steps that made an update (null when
-    // every one was skipped).
-    const double loss = interval_losses_ > 0
-                            ? interval_loss_ / interval_losses_
-                            : std::numeric_limits<double>::quiet_NaN();
-    std::string record_text = absl::StrFormat(
-        "{\"kind\": \"train\", \"step\": %d, \"loss\": %s, \"lr\": %s, "
-        "\"grad_norm\": %s, \"tokens_per_s\": %s, \"elapsed_s\": %s, "
-        "\"peak_bytes\": %d",
-        record.step, JsonNumber(loss), JsonNumber(record.lr),
-        JsonNumber(record.grad_norm), JsonNumber(rate), JsonNumber(elapsed),
-        peak);
-    if (options_.skip_nonfinite_steps > 0) {
-      absl::StrAppend(&record_text, ", \"skipped_steps\": ", skipped);
-    }
-    interval_start_ = Clock::now();
-    interval_loss_ = 0;
-    interval_losses_ = 0;
-    interval_steps_ = 0;
-    return Write(record_text + "}");
-  }
-
-  absl::Status Eval(const EvalResult& eval, bool synthetic) {
-    std::string text;
-    if (synthetic) {
-      std::vector<std::string> buckets;
-      for (const DistanceBucket& b : eval.buckets) {
-        buckets.push_back(absl::StrFormat("%d-%d: %.1f%%", b.min_distance,
-                                          b.max_distance, 100 * b.accuracy));
-      }
-      text = absl::StrFormat(
-          "eval step %d: accuracy %.1f%% (chance %.1f%%) on %d answers, "
-          "loss %.4f | by distance %s",
-          eval.step, 100 * eval.accuracy, 100 * eval.chance, eval.answers,
-          Printable(eval.loss), absl::StrJoin(buckets, ", "));
-    } else {
-      text = absl::StrFormat(
-          "eval step %d: loss %.4f nats/byte (%.3f bits/byte) on evaluation "
-          "windows",
-          eval.step, Printable(eval.loss),
-          Printable(eval.loss) / std::log(2.0));
-    }
-    Line(text);
-    std::vector<std::string> buckets;
-    for (const DistanceBucket& b : eval.buckets) {
-      buckets.push_back(absl::StrFormat(
-          "{\"min\": %d, \"max\": %d, \"answers\": %d, \"accuracy\": %s}",
-          b.min_distance, b.max_distance, b.answers, JsonNumber(b.accuracy)));
-    }
-    return Write(
-        absl::StrFormat("{\"kind\": \"eval\", \"step\": %d, \"loss\": %s, "
-                        "\"accuracy\": %s, \"chance\": %s, \"answers\": %d, "
-                        "\"accuracy_by_distance\": [%s]}",
-                        eval.step, JsonNumber(eval.loss),
-                        synthetic ? JsonNumber(eval.accuracy) : "null",
-                        synthetic ? JsonNumber(eval.chance) : "null",
-                        eval.answers, absl::StrJoin(buckets, ", ")));
-  }
-
-  void EndInPlace() {
-    if (in_place_open_ && options_.progress != nullptr) {
-      *options_.progress << "\n";
-      in_place_open_ = false;
-      last_width_ = 0;
-    }
-  }
-
- private:
-  // Appends one record (a line) to the metrics file, if there is one.
-  absl::Status Write(const std::string& record) {
-    if (!metrics_.is_open()) return absl::OkStatus();
-    errno = 0;
-    metrics_ << record << "\n" << std::flush;
-    if (!metrics_) {
-      return absl::ErrnoToStatus(errno != 0 ? errno : EIO,
-                                 absl::StrCat("cannot write the metrics file ",
-                                              options_.metrics_path));
-    }
-    return absl::OkStatus();
-  }
-
-  // Rewrites the metrics file without the records of steps after `step`
-  // (and without a torn last line of a killed run) through a temporary file
-  // in its directory, synced and renamed, so that a crash leaves the old
-  // file or the new one; returns how many records were dropped. A metrics
-  // path that is not a regular file (a pipe, /dev/stdout) is left alone.
-  absl::StatusOr<int64_t> DropRecordsAfter(int64_t step) {
-    const std::string& path = options_.metrics_path;
-    struct stat info;
-    if (stat(path.c_str(), &info) != 0 || !S_ISREG(info.st_mode)) return 0;
-    std::string kept;
-    int64_t dropped = 0;
-    {
-      std::ifstream in(path);
-      for (std::string line; std::getline(in, line);) {
-        if (line.empty()) continue;
-        const std::optional<int64_t> line_step = RecordStep(line);
-        if ((line_step && *line_step > step) || line.back() != '}') {
-          ++dropped;
-        } else {
-          absl::StrAppend(&kept, line, "\n");
-        }
-      }
-      if (in.bad()) {
-        return absl::DataLossError(absl::StrCat("cannot read the metrics file ",
-                                                path, " to resume it"));
-      }
-    }
-    if (dropped == 0) return 0;
-    metrics_.close();
-    LC_RETURN_IF_ERROR(WriteFileAtomically("metrics file", path, {kept}));
-    metrics_.open(path, std::ios::app);
-    if (!metrics_) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "cannot open the metrics file ", path, " for appending"));
-    }
-    return dropped;
-  }
-
-  const TrainOptions& options_;
-  int64_t tokens_per_step_;
-  std::ofstream metrics_;
-  Clock::time_point start_, interval_start_;
-  int64_t first_step_ = 0, last_step_ = 0;
-  double interval_loss_ = 0;  // over the interval's updates
-  int64_t interval_losses_ = 0;
-  int64_t interval_steps_ = 0;
-  int64_t last_width_ = 0;
-  bool in_place_open_ = false;
-};
-
-// One rank's training state.
-struct RankState {
-  std::shared_ptr<TransformerLM> model;
-  std::optional<AdamW> optimizer;
-  std::vector<Tensor> params;
-  int64_t step = 0;
-};
-
-// The state a checkpoint holds, on the CPU (views of the live state when the
-// model is there, copies otherwise), without autograd history.
-std::map<std::string, Tensor> CollectState(const RankState& state) {
-  std::map<std::string, Tensor> tensors;
-  for (auto& [name, tensor] : state.model->StateDict()) {
-    tensors[name] = tensor.detach().to(Device::Cpu());
-  }
-  for (auto& [name, tensor] : state.optimizer->StateDict()) {
-    tensors[name] = tensor.detach().to(Device::Cpu());
-  }
-  tensors[kDropoutOffsetKey] = FromVector(
-      {static_cast<double>(DefaultGenerator().offset())}, {}, DType::kInt64);
-  tensors[kDataPositionKey] =
-      FromVector({static_cast<double>(state.step)}, {}, DType::kInt64);
-  return tensors;
-}
-
-absl::StatusOr<int64_t> ScalarInt(const std::map<std::string, Tensor>& tensors,
-                                  const std::string& key,
-                                  const std::string& path) {
-  const auto it = tensors.find(key);
-  if (it == tensors.end() || it->second.dtype() != DType::kInt64 ||
-      it->second.numel() != 1) {
-    return absl::DataLossError(
-        absl::StrCat("checkpoint ", path, " lacks the int64 scalar ", key));
-  }
-  return static_cast<int64_t>(it->second.item());
-}
-
-absl::Status RestoreState(const TrainingCheckpoint& checkpoint,
-                          const std::string& path, RankState& state) {
-  std::map<std::string, Tensor> model_tensors;
-  for (const auto& [name, tensor] : checkpoint.tensors) {
-    if (absl::StartsWith(name, "optimizer.") ||
-        absl::StartsWith(name, "rng.") || absl::StartsWith(name, "data.")) {
-      continue;
-    }
-    model_tensors[name] = tensor;
-  }
-  absl::Status status = state.model->LoadStateDict(model_tensors);
-  if (status.ok()) status = state.optimizer->LoadStateDict(checkpoint.tensors);
-  if (!status.ok()) {
-    return absl::DataLossError(
-        absl::StrCat("checkpoint ", path, ": ", status.message()));
-  }
-  LC_ASSIGN_OR_RETURN(const int64_t offset,
-                      ScalarInt(checkpoint.tensors, kDropoutOffsetKey, path));
-  LC_ASSIGN_OR_RETURN(const int64_t position,
-                      ScalarInt(checkpoint.tensors, kDataPositionKey, path));
-  if (position != checkpoint.step ||
-      state.optimizer->step_count() != checkpoint.step) {
-    return absl::DataLossError(
-        absl::StrCat("checkpoint ", path, " is inconsistent: step ",
-                     checkpoint.step, ", data position ", position,
-                     ", optimizer step ", state.optimizer->step_count()));
-  }
-  DefaultGenerator().set_offset(static_cast<uint64_t>(offset));
-  state.step = checkpoint.step;
-  return absl::OkStatus();
-}
-
-absl::StatusOr<EvalResult> Evaluate(const TrainOptions& options,
-                                    const DataSource& data, RankState& state,
-                                    Communicator& comm) {
-  const int k = comm.size();
-  const int rank = comm.rank();
-  const int64_t n = options.model.context;
-  const SequenceLayout layout = options.model.attention.layout;
-  const SequenceParallelContext sp{&comm, n};
-  const SequenceParallelContext* sp_ptr = k > 1 ? &sp : nullptr;
-  const std::vector<int64_t> local = LocalIndex(n, k, rank, layout);
-  const bool synthetic = options.data.task != TaskType::kText;
-  std::vector<DistanceBucket> buckets =
-      synthetic ? MakeBuckets(options.data.min_distance, data.max_distance())
-                : std::vector<DistanceBucket>();
-  // [loss sum, scored, answers, correct, per bucket: answers, correct]
-  std::vector<double> sums(4 + 2 * buckets.size(), 0.0);
-
-  state.model->Eval();
-  NoGradGuard no_grad;
-  const absl::Status status = StatusFromCall([&] {
-    for (int64_t e = 0; e < options.eval_batches; ++e) {
-      const Batch batch = data.MakeBatch(options.batch, e, DataSplit::kEval);
-      const Tensor tokens = SplitSequence(batch.tokens, k, rank, layout);
-      const Tensor targets = SplitSequence(batch.targets, k, rank, layout);
-      Tensor logits = state.model->Forward(tokens, sp_ptr);
-      if (logits.dtype() == DType::kBFloat16) {
-        logits = logits.to(DType::kFloat32);
-      }
-      const int64_t rows = logits.size(0) * logits.size(1);
-      sums[0] += CrossEntropy(logits.reshape({rows, logits.size(2)}),
-                              targets.to(logits.device()).reshape({rows}), -100,
-                              LossReduction::kSum)
-                     .item();
-      sums[1] += CountScored(targets);
-      logits = logits.to(Device::Cpu());  // read below element by element
-      for (const Answer& answer : batch.answers) {
-        const int64_t i = local[answer.position];
-        if (i < 0) continue;
-        const int64_t target = batch.targets.at({answer.row, answer.position});
-        int64_t best = 0;
-        double best_logit = -std::numeric_limits<double>::infinity();
-        for (int64_t c = 0; c < logits.size(2); ++c) {
-          const double value = logits.at({answer.row, i, c});
-          if (value > best_logit) {
-            best_logit = value;
-            best = c;
-          }
-        }
-        const double correct = best == target ? 1 : 0;
-        sums[2] += 1;
-        sums[3] += correct;
-        for (size_t b = 0; b < buckets.size(); ++b) {
-          if (answer.distance >= buckets[b].min_distance &&
-              answer.distance <= buckets[b].max_distance) {
-            sums[4 + 2 * b] += 1;
-            sums[5 + 2 * b] += correct;
-          }
-        }
-      }
-    }
-  });
-  state.model->Train();
-  LC_RETURN_IF_ERROR(status);
-  const Tensor reduced =
-      FromVector(sums, {static_cast<int64_t>(sums.size())}, DType::kFloat64);
-  LC_RETURN_IF_ERROR(comm.AllReduceSum(reduced));
-  const std::vector<double> total = reduced.ToVector();
-  EvalResult result;
-  result.step = state.step;
-  result.loss = total[1] > 0 ? total[0] / total[1] : 0;
-  result.answers = static_cast<int64_t>(total[2]);
-  result.accuracy = total[2] > 0 ? total[3] / total[2] : 0;
-  result.chance = data.chance_accuracy();
-  for (size_t b = 0; b < buckets.size(); ++b) {
-    buckets[b].answers = static_cast<int64_t>(total[4 + 2 * b]);
-    buckets[b].accuracy =
-        total[4 + 2 * b] > 0 ? total[5 + 2 * b] / total[4 + 2 * b] : 0;
-  }
-  result.buckets = std::move(buckets);
-  return result;
 }
 
 }  // namespace
@@ -762,63 +301,6 @@ absl::Status TrainRank(const RunContext& run, Communicator& comm) {
   return absl::OkStatus();
 }
 
-// Takes the checkpoint directory before the first step (so that one that
-// cannot be written, or that another run holds, stops the run at once) and,
-// when resuming, reads the checkpoint to continue from. Progress lines say
-// what was removed and what a resume on another rank count changes.
-absl::Status PrepareCheckpoints(const RunContext& run, Reporter& reporter,
-                                std::unique_ptr<CheckpointDirectory>* directory,
-                                std::optional<TrainingCheckpoint>* checkpoint) {
-  const TrainOptions& options = run.options;
-  if (options.checkpoint_dir.empty()) return absl::OkStatus();
-  LC_ASSIGN_OR_RETURN(*directory,
-                      CheckpointDirectory::Open(options.checkpoint_dir));
-  for (const std::string& path : (*directory)->removed_temporaries()) {
-    reporter.Line(absl::StrCat("removed ", path,
-                               " (left by an interrupted checkpoint write)"));
-  }
-  if (!options.resume && options.resume_from.empty()) {
-    LC_ASSIGN_OR_RETURN(
-        const std::vector<std::string> deleted,
-        (*directory)->StartNewRun(options.overwrite_checkpoints));
-    if (!deleted.empty()) {
-      reporter.Line(absl::StrCat(
-          "--overwrite_checkpoints: deleted ", deleted.size(),
-          " checkpoint(s) of another run from ", options.checkpoint_dir));
-    }
-    return absl::OkStatus();
-  }
-  LC_ASSIGN_OR_RETURN(
-      *checkpoint,
-      (*directory)->Resume(options.resume_from, run.fingerprint, run.config));
-  const TrainingCheckpoint& c = **checkpoint;
-  if (c.steps != options.steps) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "--steps=", options.steps, " differs from the ", c.steps,
-        " steps of the run that wrote ", c.path,
-        " (they set its learning-rate schedule): resume with --steps=", c.steps,
-        ", or start a new run with --overwrite_checkpoints or "
-        "another --checkpoint_dir"));
-  }
-  const int64_t ranks = options.model.attention.ranks;
-  if (c.ranks != ranks) {
-    // Attention dropout draws one stream on any rank count (the ring takes
-    // rank 0's); residual and MLP dropout draw per rank.
-    const bool dropout = options.model.dropout > 0;
-    auto count = [](int64_t k) {
-      return absl::StrCat(k, k == 1 ? " rank" : " ranks");
-    };
-    reporter.Line(absl::StrCat(
-        "note: ", c.path, " was written on ", count(c.ranks),
-        " and this run has ", count(ranks), ": the losses match those of ",
-        count(c.ranks), " up to float32 rounding, not bit for bit",
-        dropout ? "; the dropout masks differ too (each rank draws those of "
-                  "its own tokens)"
-                : ""));
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 std::pair<int64_t, int64_t> LongestPatternAlignment(
@@ -976,8 +458,8 @@ absl::StatusOr<TrainResult> Train(const TrainOptions& options) {
   // from, read once here (every rank copies it).
   std::unique_ptr<CheckpointDirectory> directory;
   std::optional<TrainingCheckpoint> checkpoint;
-  LC_RETURN_IF_ERROR(
-      PrepareCheckpoints(run, reporter, &directory, &checkpoint));
+  LC_RETURN_IF_ERROR(PrepareCheckpoints(options, run.fingerprint, run.config,
+                                        reporter, &directory, &checkpoint));
   run.directory = directory.get();
   if (checkpoint) run.checkpoint = &*checkpoint;
 

@@ -6,8 +6,10 @@
 // backpropagates; the ranks then sum their parameter gradients, clip by the
 // global norm and take the same AdamW step, so the weights stay identical.
 // The logged loss is the all-reduced sum of the rank losses and equals the
-// one-rank loss up to float32 reassociation. Also: evaluation by distance,
-// progress lines, JSONL metrics and checkpoints with exact resume.
+// one-rank loss up to float32 reassociation. Also: evaluation by distance
+// (train/evaluation.h), progress lines and JSONL metrics
+// (train/metrics_log.h), and checkpoints with exact resume
+// (train/training_state.h; the file format is train/checkpoint.h's).
 //
 // On a CUDA device (model.device) the model, its gradients and the optimizer
 // state live there and the optimizer is the fused multi-tensor AdamW; each
