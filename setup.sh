@@ -36,16 +36,30 @@ done
 
 if ((${#missing[@]} == 0)); then
   echo "setup.sh: all ${#PACKAGES[@]} packages already installed."
-  exit 0
+else
+  SUDO=()
+  if [[ "$(id -u)" -ne 0 ]]; then
+    SUDO=(sudo)
+  fi
+  echo "setup.sh: installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${SUDO[@]}" apt-get update
+  "${SUDO[@]}" apt-get install -y --no-install-recommends "${PACKAGES[@]}"
+  echo "setup.sh: done."
 fi
 
-SUDO=()
-if [[ "$(id -u)" -ne 0 ]]; then
-  SUDO=(sudo)
+# The CPU code's instruction set (see .bazelrc): x86-64-v3 (AVX2, FMA,
+# BMI1/2, F16C, LZCNT, MOVBE) when this machine runs it, else baseline
+# x86-64. Written to the git-ignored .bazelrc.machine on every run.
+machine_rc="$(cd "$(dirname "$0")" && pwd)/.bazelrc.machine"
+probe="$(mktemp -d)"
+printf '%s\n' 'int main(void) {' '  __builtin_cpu_init();' \
+  '  return __builtin_cpu_supports("x86-64-v3") ? 0 : 1;' '}' >"${probe}/v3.c"
+if gcc "${probe}/v3.c" -o "${probe}/v3" 2>/dev/null && "${probe}/v3"; then
+  echo "build --config=x86_64_v3" >"${machine_rc}"
+  echo "setup.sh: this CPU runs x86-64-v3: the build targets it (--config=portable for any x86-64)."
+else
+  : >"${machine_rc}"
+  echo "setup.sh: this CPU lacks x86-64-v3: the build targets baseline x86-64."
 fi
-
-echo "setup.sh: installing: ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update
-"${SUDO[@]}" apt-get install -y --no-install-recommends "${PACKAGES[@]}"
-echo "setup.sh: done."
+rm -rf "${probe}"
