@@ -12,7 +12,7 @@
 #include <memory>
 #include <vector>
 
-#include "attention/attention.h"
+#include "attention/attention_options.h"
 #include "attention/tile_plan.h"
 #include "distributed/ring_exchange.h"
 #include "distributed/sequence_parallel.h"

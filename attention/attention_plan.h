@@ -10,7 +10,7 @@
 
 #include <memory>
 
-#include "attention/attention.h"
+#include "attention/attention_options.h"
 #include "distributed/ring_exchange.h"
 
 namespace lc {

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "attention/attention.h"
+#include "attention/attention_options.h"
 #include "core/tensor.h"
 
 namespace lc {
