@@ -8,12 +8,13 @@
 //    of 128, causal, n = --length;
 //  - ring: ring_dilated as above on 4 thread ranks of the one GPU, n =
 //    --length (each rank holds n / 4 tokens), the slowest rank shown.
-// Each repeat (after --warmup untimed calls) synchronizes the device, then
-// times on the host: the forward call (until it returns), the backward call
-// (out.backward(grad) until it returns) and the whole until the device is
-// done. With no per-call planning and no host waits the two host columns
-// stay small (the kernels are queued, not run) whatever the length; a host
-// wait shows as host time close to the device's. Medians over --repeats.
+// The plan is made once (its time shown: what every call paid before plans
+// were kept). Each repeat (after --warmup untimed calls) synchronizes the
+// device, then times on the host: the forward call (until it returns), the
+// backward call (out.backward(grad) until it returns) and the whole until the
+// device is done. With no per-call planning and no host waits the two host
+// columns stay small (the kernels are queued, not run) whatever the length; a
+// host wait shows as host time close to the device's. Medians over --repeats.
 //
 //   bazel run //attention:attention_host_benchmark -- --length=1048576
 //
@@ -58,6 +59,7 @@ double MsBetween(Clock::time_point a, Clock::time_point b) {
 }
 
 struct Times {
+  double plan = 0;      // ms to make the plan (once per shape)
   double forward = 0;   // host ms until the forward call returned
   double backward = 0;  // host ms until the backward call returned
   double total = 0;     // ms until the device finished both
@@ -71,6 +73,7 @@ Times Median(std::vector<Times> runs) {
     });
     m.*field = runs[runs.size() / 2].*field;
   };
+  pick(&Times::plan);
   pick(&Times::forward);
   pick(&Times::backward);
   pick(&Times::total);
@@ -108,8 +111,11 @@ std::vector<Times> TimeCalls(const AttentionConfig& config, int64_t local,
   };
   const Tensor q = random(1), k = random(2), v = random(3), grad = random(4);
   // As a layer does (multihead_attention.h): one plan for every call.
+  sync();
+  const Clock::time_point planning = Clock::now();
   const std::shared_ptr<const AttentionPlan> plan =
       MakeAttentionPlan(config, SpecOf(q), /*training=*/true, sp);
+  const double plan_ms = MsBetween(planning, Clock::now());
   std::vector<Times> times;
   const int64_t warmup = absl::GetFlag(FLAGS_warmup);
   const int64_t repeats = std::max<int64_t>(1, absl::GetFlag(FLAGS_repeats));
@@ -127,16 +133,17 @@ std::vector<Times> TimeCalls(const AttentionConfig& config, int64_t local,
     SynchronizeCudaStream(device.index);
     const Clock::time_point done = Clock::now();
     if (i >= warmup) {
-      times.push_back({MsBetween(start, forward), MsBetween(forward, backward),
-                       MsBetween(start, done)});
+      times.push_back({plan_ms, MsBetween(start, forward),
+                       MsBetween(forward, backward), MsBetween(start, done)});
     }
   }
   return times;
 }
 
 void PrintRow(const std::string& name, int64_t n, const Times& t) {
-  std::printf("%-28s %9lld %12.3f %12.3f %12.3f\n", name.c_str(),
-              static_cast<long long>(n), t.forward, t.backward, t.total);
+  std::printf("%-28s %9lld %12.3f %12.3f %12.3f %12.3f\n", name.c_str(),
+              static_cast<long long>(n), t.plan, t.forward, t.backward,
+              t.total);
   std::fflush(stdout);
 }
 
@@ -168,6 +175,7 @@ void RunRing(int64_t n, Device device) {
   std::vector<Times> slowest(per_rank[0].size());
   for (const std::vector<Times>& rank : per_rank) {
     for (size_t i = 0; i < slowest.size(); ++i) {
+      slowest[i].plan = std::max(slowest[i].plan, rank[i].plan);
       slowest[i].forward = std::max(slowest[i].forward, rank[i].forward);
       slowest[i].backward = std::max(slowest[i].backward, rank[i].backward);
       slowest[i].total = std::max(slowest[i].total, rank[i].total);
@@ -192,8 +200,8 @@ int Main() {
       "until each call returns, total ms until the device is done "
       "(medians)\n\n",
       static_cast<long long>(kHeads), static_cast<long long>(kHeadDim));
-  std::printf("%-28s %9s %12s %12s %12s\n", "workload", "n", "host fwd ms",
-              "host bwd ms", "total ms");
+  std::printf("%-28s %9s %12s %12s %12s %12s\n", "workload", "n", "plan ms",
+              "host fwd ms", "host bwd ms", "total ms");
   RunSingle(AttentionType::kDilated, n, device);
   RunSingle(AttentionType::kBlockSparse, n, device);
   RunRing(n, device);

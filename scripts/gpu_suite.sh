@@ -37,7 +37,9 @@ TARGETS=(
 )
 
 stage() {
-  bazel build -c opt "${TARGETS[@]}" || exit 1
+  # Portable x86-64: the binaries run on another machine, whatever CPU this
+  # one has (.bazelrc); bazel-bin then points at the portable tree.
+  bazel build -c opt --config=portable "${TARGETS[@]}" || exit 1
   rm -rf "$BIN" && mkdir -p "$BIN"
   for t in "${TARGETS[@]}"; do
     local path="bazel-bin/${t#//}"

@@ -342,6 +342,33 @@ TEST(MultiheadAttentionTest, ForwardEqualsManualProjectionsAndAttention) {
   }
 }
 
+// The module keeps one attention plan while its inputs keep their shape and
+// its mode, and makes a new one when they change: calls alternating between
+// shapes, then in eval mode, each equal the manual forward (a stale plan
+// would refuse the inputs or attend under the wrong length).
+TEST(MultiheadAttentionTest, PlanFollowsTheInputsShapeAndMode) {
+  for (const char* type : {"dilated", "block_sparse"}) {
+    SCOPED_TRACE(type);
+    Generator gen = testing::TestGenerator();
+    MultiheadAttentionOptions options = SmallOptions();
+    options.attention.causal = true;
+    auto mha = CreateMultiheadAttention(type, options, gen);
+    ASSERT_TRUE(mha.ok()) << mha.status();
+    RandomizeParameters(**mha, gen);
+    const Tensor a = Randn({2, 21, 16}, gen, DType::kFloat64);
+    const Tensor b = Randn({1, 40, 16}, gen, DType::kFloat64);
+    for (const Tensor* x : {&a, &a, &b, &a, &b}) {
+      testing::ExpectAllClose((*mha)->Forward(*x), ManualForward(**mha, *x),
+                              testing::DefaultTolerance(DType::kFloat64),
+                              "module vs manual");
+    }
+    (*mha)->Eval();
+    testing::ExpectAllClose((*mha)->Forward(b), ManualForward(**mha, b),
+                            testing::DefaultTolerance(DType::kFloat64),
+                            "eval after train");
+  }
+}
+
 // sub_layer_norm: the output is out_proj(LayerNorm(o)) for the attention
 // output o. With the output projection set to the identity and the norm to
 // weight 1, bias 0, every output row is normalized: mean 0 and (biased)
