@@ -95,6 +95,25 @@ void CheckDriverBuffer(const AttentionProblem& p, const Tensor& t, DType dtype,
                        const TokenLayout& layout, bool per_row,
                        const char* what);
 
+// Rows of head_dim elements per batch entry of a chunk buffer t ([batch,
+// ..., head_dim]), as GatherRows and AddRows view it.
+int64_t ChunkRowsPerBatch(const Tensor& t);
+
+// The buffers of a Forward call (inputs of `input`, out of `output`, lse of
+// `stat`) and of a Backward call (dq, dk, dv of `output`; lse, delta and
+// grad_lse of `stat`), each checked with CheckDriverBuffer.
+void CheckForwardBuffers(const AttentionProblem& p, const TokenLayout& ql,
+                         const TokenLayout& kl, DType input, DType output,
+                         DType stat, const Tensor& q, const Tensor& k,
+                         const Tensor& v, const Tensor& out, const Tensor& lse);
+void CheckBackwardBuffers(const AttentionProblem& p, const TokenLayout& ql,
+                          const TokenLayout& kl, DType input, DType output,
+                          DType stat, const Tensor& q, const Tensor& k,
+                          const Tensor& v, const Tensor& grad_out,
+                          const Tensor& lse, const Tensor& delta,
+                          const Tensor& grad_lse, const Tensor& dq,
+                          const Tensor& dk, const Tensor& dv);
+
 }  // namespace lc
 
 #endif  // LONGCTX_ATTENTION_ATTENTION_DRIVER_H_

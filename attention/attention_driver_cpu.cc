@@ -22,9 +22,6 @@ void DispatchCpu(DType dtype, Fn&& fn) {
   }
 }
 
-// Rows of head_dim elements per batch entry of a chunk buffer t.
-int64_t RowsOf(const Tensor& t) { return t.numel() / (t.size(0) * t.size(-1)); }
-
 class CpuDriver final : public AttentionDriver {
  public:
   DType ComputeDType(DType dtype) const override {
@@ -45,11 +42,7 @@ class CpuDriver final : public AttentionDriver {
                const Tensor& k, const Tensor& v, const Tensor& out,
                const Tensor& lse) const override {
     const DType dtype = ComputeDType(p.dtype);
-    CheckDriverBuffer(p, q, dtype, ql, false, "q");
-    CheckDriverBuffer(p, k, dtype, kl, false, "k");
-    CheckDriverBuffer(p, v, dtype, kl, false, "v");
-    CheckDriverBuffer(p, out, dtype, ql, false, "out");
-    CheckDriverBuffer(p, lse, dtype, ql, true, "lse");
+    CheckForwardBuffers(p, ql, kl, dtype, dtype, dtype, q, k, v, out, lse);
     DispatchCpu(dtype, [&](auto tag) {
       using T = decltype(tag);
       AttentionForwardTiles<T>(p, call, ql, q.data<T>(), kl, k.data<T>(),
@@ -64,16 +57,8 @@ class CpuDriver final : public AttentionDriver {
                 const Tensor& dq, const Tensor& dk,
                 const Tensor& dv) const override {
     const DType dtype = ComputeDType(p.dtype);
-    CheckDriverBuffer(p, q, dtype, ql, false, "q");
-    CheckDriverBuffer(p, k, dtype, kl, false, "k");
-    CheckDriverBuffer(p, v, dtype, kl, false, "v");
-    CheckDriverBuffer(p, grad_out, dtype, ql, false, "grad_out");
-    CheckDriverBuffer(p, lse, dtype, ql, true, "lse");
-    CheckDriverBuffer(p, delta, dtype, ql, true, "delta");
-    CheckDriverBuffer(p, grad_lse, dtype, ql, true, "grad_lse");
-    CheckDriverBuffer(p, dq, dtype, ql, false, "dq");
-    CheckDriverBuffer(p, dk, dtype, kl, false, "dk");
-    CheckDriverBuffer(p, dv, dtype, kl, false, "dv");
+    CheckBackwardBuffers(p, ql, kl, dtype, dtype, dtype, q, k, v, grad_out, lse,
+                         delta, grad_lse, dq, dk, dv);
     DispatchCpu(dtype, [&](auto tag) {
       using T = decltype(tag);
       AttentionBackwardTiles<T>(p, call, ql, q.data<T>(), kl, k.data<T>(),
@@ -101,7 +86,8 @@ class CpuDriver final : public AttentionDriver {
   void GatherRows(const Tensor& x, const Tensor& map,
                   const Tensor& out) const override {
     const int64_t batch = x.size(0), dim = x.size(-1);
-    const int64_t from_rows = RowsOf(x), to_rows = RowsOf(out);
+    const int64_t from_rows = ChunkRowsPerBatch(x),
+                  to_rows = ChunkRowsPerBatch(out);
     LC_CHECK_EQ(map.numel(), to_rows);
     const int64_t row_bytes = dim * DTypeSize(x.dtype());
     const auto* src = static_cast<const uint8_t*>(x.raw_data());
@@ -118,7 +104,8 @@ class CpuDriver final : public AttentionDriver {
   void AddRows(const Tensor& src, const Tensor& map,
                const Tensor& dst) const override {
     const int64_t batch = src.size(0), dim = src.size(-1);
-    const int64_t src_rows = RowsOf(src), dst_rows = RowsOf(dst);
+    const int64_t src_rows = ChunkRowsPerBatch(src),
+                  dst_rows = ChunkRowsPerBatch(dst);
     LC_CHECK_EQ(map.numel(), src_rows);
     const int64_t* index = map.data<int64_t>();
     DispatchCpu(src.dtype(), [&](auto tag) {

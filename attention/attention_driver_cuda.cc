@@ -13,9 +13,6 @@
 namespace lc {
 namespace {
 
-// Rows of head_dim elements per batch entry of a chunk buffer t.
-int64_t RowsOf(const Tensor& t) { return t.numel() / (t.size(0) * t.size(-1)); }
-
 class CudaDriver final : public AttentionDriver {
  public:
   DType ComputeDType(DType dtype) const override { return dtype; }
@@ -39,11 +36,8 @@ class CudaDriver final : public AttentionDriver {
                const Tensor& k, const Tensor& v, const Tensor& out,
                const Tensor& lse) const override {
     const DType out_dtype = OutputDType(p, out);
-    CheckDriverBuffer(p, q, p.dtype, ql, false, "q");
-    CheckDriverBuffer(p, k, p.dtype, kl, false, "k");
-    CheckDriverBuffer(p, v, p.dtype, kl, false, "v");
-    CheckDriverBuffer(p, out, out_dtype, ql, false, "out");
-    CheckDriverBuffer(p, lse, AccumulatorDType(p.dtype), ql, true, "lse");
+    CheckForwardBuffers(p, ql, kl, p.dtype, out_dtype,
+                        AccumulatorDType(p.dtype), q, k, v, out, lse);
     if (ql.rows == 0 || kl.rows == 0) return;
     const CudaWorkList& queries =
         p.cuda_work_lists->Get(ql, kl, CudaWorkKind::kQueryItems);
@@ -58,18 +52,10 @@ class CudaDriver final : public AttentionDriver {
                 const Tensor& lse, const Tensor& delta, const Tensor& grad_lse,
                 const Tensor& dq, const Tensor& dk,
                 const Tensor& dv) const override {
-    const DType acc = AccumulatorDType(p.dtype);
-    CheckDriverBuffer(p, q, p.dtype, ql, false, "q");
-    CheckDriverBuffer(p, k, p.dtype, kl, false, "k");
-    CheckDriverBuffer(p, v, p.dtype, kl, false, "v");
-    CheckDriverBuffer(p, grad_out, p.dtype, ql, false, "grad_out");
-    CheckDriverBuffer(p, lse, acc, ql, true, "lse");
-    CheckDriverBuffer(p, delta, acc, ql, true, "delta");
-    CheckDriverBuffer(p, grad_lse, acc, ql, true, "grad_lse");
     const DType out_dtype = OutputDType(p, dq);
-    CheckDriverBuffer(p, dq, out_dtype, ql, false, "dq");
-    CheckDriverBuffer(p, dk, out_dtype, kl, false, "dk");
-    CheckDriverBuffer(p, dv, out_dtype, kl, false, "dv");
+    CheckBackwardBuffers(p, ql, kl, p.dtype, out_dtype,
+                         AccumulatorDType(p.dtype), q, k, v, grad_out, lse,
+                         delta, grad_lse, dq, dk, dv);
     if (ql.rows == 0 || kl.rows == 0) return;
     const CudaWorkList& queries =
         p.cuda_work_lists->Get(ql, kl, CudaWorkKind::kQueryItems);
@@ -97,7 +83,8 @@ class CudaDriver final : public AttentionDriver {
 
   void GatherRows(const Tensor& x, const Tensor& map,
                   const Tensor& out) const override {
-    internal::GatherRowsCuda(x, map, x.size(0), RowsOf(x), x.size(-1), out);
+    internal::GatherRowsCuda(x, map, x.size(0), ChunkRowsPerBatch(x),
+                             x.size(-1), out);
   }
 
   // The rows scattered into a buffer like dst (each of src's rows goes to a
@@ -105,8 +92,8 @@ class CudaDriver final : public AttentionDriver {
   void AddRows(const Tensor& src, const Tensor& map,
                const Tensor& dst) const override {
     const Tensor spread = Empty(dst.shape(), dst.dtype(), dst.device());
-    internal::IndexAddRowsCuda(src, map, src.size(0), RowsOf(dst), src.size(-1),
-                               spread);
+    internal::IndexAddRowsCuda(src, map, src.size(0), ChunkRowsPerBatch(dst),
+                               src.size(-1), spread);
     AddInPlace(dst, spread);
   }
 
