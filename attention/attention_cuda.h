@@ -115,6 +115,15 @@ void LaunchAttentionBackward(const CudaAttentionArgs& args,
                              const void* grad_lse, void* dq_acc, void* dk_acc,
                              void* dv_acc);
 
+// The tensor-core kernels bfloat16 attention (head_dim 64 or 128) runs on:
+// kAuto takes Hopper's wgmma kernels on compute capability 9.0 devices and
+// the mma.sync kernels elsewhere; kMmaSync takes the mma.sync kernels
+// everywhere (how the tests check that path on a Hopper GPU). Process-wide;
+// set it between calls, not during one.
+enum class CudaTensorCoreKernels { kAuto, kMmaSync };
+void SetCudaTensorCoreKernels(CudaTensorCoreKernels kernels);
+CudaTensorCoreKernels GetCudaTensorCoreKernels();
+
 // delta[b, h, t] = sum_c out[b, t, h, c] * grad_out[b, t, h, c] for out and
 // grad_out of `dtype` ([batch, rows, heads, head_dim], contiguous) and delta
 // in the accumulator dtype.

@@ -39,6 +39,7 @@
 #include "absl/strings/str_cat.h"
 #include "attention/attention.h"
 #include "attention/attention_config.h"
+#include "attention/attention_cuda.h"
 #include "attention/pattern.h"
 #include "attention/ring_attention.h"
 #include "core/autograd.h"
@@ -65,6 +66,9 @@ ABSL_FLAG(std::vector<std::string>, backends,
           std::vector<std::string>({"own", "cudnn"}),
           "Backends of the dilated and dense runs: own (our kernels), cudnn "
           "(cuDNN's fused attention) or auto.");
+ABSL_FLAG(std::string, tensor_core_kernels, "auto",
+          "Tensor-core kernels of the own backend: auto (wgmma on Hopper) or "
+          "mma_sync (the kernels of earlier GPUs).");
 ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
 ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
 ABSL_FLAG(int, device, 0, "CUDA device index.");
@@ -280,6 +284,13 @@ void RunRing(int64_t n, int64_t heads, int64_t head_dim, Device device) {
 }
 
 int Main() {
+  const std::string kernels = absl::GetFlag(FLAGS_tensor_core_kernels);
+  if (kernels != "auto" && kernels != "mma_sync") {
+    Fail(absl::StrCat("--tensor_core_kernels is \"", kernels,
+                      "\" (expected auto or mma_sync)"));
+  }
+  SetCudaTensorCoreKernels(kernels == "auto" ? CudaTensorCoreKernels::kAuto
+                                             : CudaTensorCoreKernels::kMmaSync);
   if (CudaDeviceCount() == 0) {
     std::printf(
         "attention_cuda_benchmark: no CUDA device; nothing to measure.\n");

@@ -4,8 +4,9 @@
 // key items for dK and dV; ForEachTile underneath, as on the CPU). It runs on
 // the CPU, no GPU needed. Prints one row per attention type and length:
 //
-//   bazel run -c opt //attention:attention_plan_benchmark -- \
+//   bazel run -c opt //attention:attention_plan_benchmark --
 //       --lengths=65536,262144,1048576
+// (one command line).
 
 #include <chrono>
 #include <cstdint>

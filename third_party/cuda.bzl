@@ -9,7 +9,7 @@ Usage (in a BUILD file):
         srcs = ["attention.cu"],         # .cu files (compiled by nvcc)
         hdrs = ["attention_cuda.h"],     # host-visible headers (also seen by nvcc)
         deps = ["//core:dtype", "@absl//:absl"],
-        copts = ["-gencode=arch=compute_90a,code=sm_90a"],  # extra nvcc flags
+        copts = ["-lineinfo"],           # extra nvcc flags
     )
 
     cc_test(name = "...", srcs = [...], deps = [":attention_cuda", ...])
@@ -20,7 +20,8 @@ How it works:
         -std=c++17 -O3 -Xcompiler -fPIC
         -gencode=arch=compute_90,code=sm_90
         -gencode=arch=compute_90,code=compute_90
-    plus `copts`. Include path: the workspace root (-I.), the genfiles/bin
+    (or the target's `gencode`) plus `copts`. Include path: the workspace
+    root (-I.), the genfiles/bin
     dirs, and the include dirs/defines of `deps` (e.g. @absl, @eigen), so .cu
     files may `#include "core/dtype.h"`. nvcc sees exactly the headers in
     `hdrs`, `cu_hdrs` and the transitive headers of `deps` (Bazel sandbox);
@@ -46,6 +47,10 @@ _NVCC_BASE_FLAGS = [
     "-O3",
     "-Xcompiler",
     "-fPIC",
+]
+
+# The targets a .cu file is built for unless its cuda_library names others.
+_DEFAULT_GENCODE = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ]
@@ -75,6 +80,7 @@ def _cu_objects_impl(ctx):
         obj = ctx.actions.declare_file(prefix + ".o")
         args = ctx.actions.args()
         args.add_all(_NVCC_BASE_FLAGS)
+        args.add_all(ctx.attr.gencode or _DEFAULT_GENCODE)
         args.add_all(ctx.attr.copts)
         args.add_all(include_flags)
         args.add_all(define_flags)
@@ -100,11 +106,12 @@ _cu_objects = rule(
         "hdrs": attr.label_list(allow_files = True),
         "deps": attr.label_list(providers = [CcInfo]),
         "copts": attr.string_list(),
+        "gencode": attr.string_list(),
     },
     output_to_genfiles = True,
 )
 
-def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], cu_hdrs = [], **kwargs):
+def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], cu_hdrs = [], gencode = [], **kwargs):
     """A cc_library whose .cu `srcs` are compiled by nvcc.
 
     Args:
@@ -113,9 +120,12 @@ def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], cu_hdrs = [], **k
       hdrs: public headers (exported by the cc_library, visible to nvcc).
       deps: cc_library deps (headers/includes/defines passed to nvcc and
         linked in); @cuda//:cudart is added automatically.
-      copts: extra nvcc flags (e.g. "-gencode=arch=compute_90a,code=sm_90a",
+      copts: extra nvcc flags (e.g.
         "-lineinfo", "--use_fast_math"); NOT passed to the host C++ compiler.
       cu_hdrs: private headers only the .cu files include.
+      gencode: the -gencode flags, replacing the default sm_90 machine code
+        plus compute_90 PTX (e.g. ["-gencode=arch=compute_90a,code=sm_90a"]
+        for wgmma and setmaxnreg, which exist only on the sm_90a target).
       **kwargs: passed to the cc_library (visibility, testonly, tags,
         alwayslink (default True), ...).
     """
@@ -127,6 +137,7 @@ def cuda_library(name, srcs, hdrs = [], deps = [], copts = [], cu_hdrs = [], **k
         hdrs = hdrs + cu_hdrs,
         deps = all_deps,
         copts = copts,
+        gencode = gencode,
         testonly = kwargs.get("testonly", False),
         visibility = ["//visibility:private"],
         tags = kwargs.get("tags", []),

@@ -1260,7 +1260,9 @@ TEST(AttentionTest, InfInQOrKGivesTheOraclesNaNRows) {
         ExpectSameNonFinite(r.lse, want.outputs[1], tol, "lse", &nans,
                             &neg_infs);
         EXPECT_EQ(nans, 0) << "a +inf score gives lse +inf, not NaN";
-        if (c.name != "dense") EXPECT_GT(neg_infs, 0) << "no empty row";
+        if (c.name != "dense") {
+          EXPECT_GT(neg_infs, 0) << "no empty row";
+        }
       }
     }
   }

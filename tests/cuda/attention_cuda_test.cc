@@ -252,15 +252,36 @@ TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInFloat64) {
   }
 }
 
+// Sets the tensor-core kernels for one scope (kAuto again after it).
+class ScopedTensorCoreKernels {
+ public:
+  explicit ScopedTensorCoreKernels(CudaTensorCoreKernels kernels) {
+    SetCudaTensorCoreKernels(kernels);
+  }
+  ~ScopedTensorCoreKernels() {
+    SetCudaTensorCoreKernels(CudaTensorCoreKernels::kAuto);
+  }
+};
+
+// Both tensor-core families: kAuto (on a Hopper GPU the wgmma kernels) and
+// the mma.sync kernels of earlier GPUs, forced.
+constexpr CudaTensorCoreKernels kTensorCoreFamilies[] = {
+    CudaTensorCoreKernels::kAuto, CudaTensorCoreKernels::kMmaSync};
+
 TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores) {
   uint64_t seed = 200;
-  for (int64_t head_dim : {64, 128}) {
-    for (bool causal : {false, true}) {
-      for (Case c : PatternCases()) {
-        c.options.causal = causal;
-        c.options.backend = AttentionBackend::kOwn;
-        ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed += 10,
-                         kBf16Tolerance);
+  for (CudaTensorCoreKernels kernels : kTensorCoreFamilies) {
+    ScopedTensorCoreKernels scoped(kernels);
+    for (int64_t head_dim : {64, 128}) {
+      for (bool causal : {false, true}) {
+        for (Case c : PatternCases()) {
+          c.options.causal = causal;
+          c.options.backend = AttentionBackend::kOwn;
+          c.name +=
+              kernels == CudaTensorCoreKernels::kMmaSync ? " (mma.sync)" : "";
+          ExpectMatchesCpu(c, head_dim, DType::kBFloat16, seed += 10,
+                           kBf16Tolerance);
+        }
       }
     }
   }
@@ -311,7 +332,10 @@ TEST_F(CudaTest, AttentionKeyPaddingMatchesCpuWithMaskOnEitherDevice) {
         c.options.causal = causal;
         ExpectMatchesCpu(c, 40, DType::kFloat64, seed += 10,
                          CudaRelativeTolerance(DType::kFloat64));
-        ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
+        for (CudaTensorCoreKernels kernels : kTensorCoreFamilies) {
+          ScopedTensorCoreKernels scoped(kernels);
+          ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
+        }
       }
     }
   }
@@ -331,8 +355,11 @@ TEST_F(CudaTest, AttentionDropoutMatchesCpuMask) {
       c.options.causal = causal;
       ExpectMatchesCpu(c, 40, DType::kFloat64, seed += 10,
                        CudaRelativeTolerance(DType::kFloat64));
-      ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
-      ExpectMatchesCpu(c, 128, DType::kBFloat16, seed += 10, kBf16Tolerance);
+      for (CudaTensorCoreKernels kernels : kTensorCoreFamilies) {
+        ScopedTensorCoreKernels scoped(kernels);
+        ExpectMatchesCpu(c, 64, DType::kBFloat16, seed += 10, kBf16Tolerance);
+        ExpectMatchesCpu(c, 128, DType::kBFloat16, seed += 10, kBf16Tolerance);
+      }
     }
   }
 }
