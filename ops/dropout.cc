@@ -2,8 +2,8 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/dropout_cuda.h"
-#include "ops/elementwise_kernel.h"
 
 namespace lc {
 namespace {
@@ -47,7 +47,7 @@ Tensor Dropout(const Tensor& x, double p, bool training, Generator* gen) {
   CheckFloatingInputs("Dropout", {x});
   CheckProbability("Dropout", p);
   if (!training || p == 0) return x;
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Dropout(x32, p, training, gen); }, x);
   }

@@ -2,6 +2,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/elementwise_functors.h"
 #include "ops/elementwise_kernel.h"
 #include "ops/reduce.h"
@@ -19,7 +20,7 @@ Tensor BinaryOp(const char* op, const Tensor& a, const Tensor& b,
                 bool save_inputs, const Forward& forward, const GradA& grad_a,
                 const GradB& grad_b) {
   CheckFloatingInputs(op, {a, b});
-  if (a.dtype() == DType::kBFloat16 && a.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(a)) {
     return ComputeInFloat32(
         [&](const Tensor& a32, const Tensor& b32) {
           return BinaryOp(op, a32, b32, save_inputs, forward, grad_a, grad_b);

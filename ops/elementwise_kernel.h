@@ -1,7 +1,6 @@
-// Templates shared by the element-wise ops of ops/ (internal to ops/): the
-// bfloat16-computes-in-float32 rule of the CPU, an N-ary element-wise map with
-// NumPy broadcasting on the CPU or CUDA, and the driver of differentiable
-// unary element-wise ops.
+// Templates shared by the element-wise ops of ops/ (internal to ops/): an
+// N-ary element-wise map with NumPy broadcasting on the CPU or CUDA, and the
+// driver of differentiable unary element-wise ops.
 #ifndef LONGCTX_OPS_ELEMENTWISE_KERNEL_H_
 #define LONGCTX_OPS_ELEMENTWISE_KERNEL_H_
 
@@ -12,21 +11,10 @@
 #include "core/autograd.h"
 #include "core/tensor.h"
 #include "ops/cpu_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/elementwise_cuda.h"
 
 namespace lc {
-
-// On the CPU bfloat16 is a storage type: an op given bfloat16 inputs returns
-// op(float32 copies of the inputs) converted back to bfloat16 (CUDA kernels
-// compute bfloat16 in float32 registers instead). Differentiable, since
-// Tensor::to is. Typical use at the top of an op with a CUDA kernel:
-//   if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
-//     return ComputeInFloat32(Exp, x);
-//   }
-template <typename Op, typename... Inputs>
-Tensor ComputeInFloat32(const Op& op, const Inputs&... inputs) {
-  return op(inputs.to(DType::kFloat32)...).to(DType::kBFloat16);
-}
 
 namespace internal {
 
@@ -99,7 +87,7 @@ Tensor UnaryOp(const char* op, const Tensor& x,
                SavedForBackward saved_for_backward, const Forward& forward,
                const Backward& backward) {
   CheckFloatingInputs(op, {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) {
           return UnaryOp(op, x32, saved_for_backward, forward, backward);

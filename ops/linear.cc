@@ -3,9 +3,10 @@
 #include <cmath>
 #include <vector>
 
+#include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/elementwise.h"
-#include "ops/elementwise_kernel.h"
 #include "ops/matmul.h"
 
 namespace lc {
@@ -35,7 +36,7 @@ Tensor Linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
              bias.defined() ? ShapeToString(bias.shape()) : "",
              " but weight has shape ", ShapeToString(weight.shape()),
              " (expected [", weight.size(0), "])");
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     // The product and the bias add both in float32, rounded to bfloat16 once
     // (on CUDA the GEMM accumulates in float32 and the product is rounded to
     // bfloat16 before the bias add).

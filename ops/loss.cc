@@ -6,7 +6,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/loss_cuda.h"
 #include "ops/shape_ops.h"
 
@@ -107,15 +107,15 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
   LC_REQUIRE(!bad.has_value(), "CrossEntropy: target ", bad->value, " at row ",
              bad->position, " is out of range (expected 0 <= target < ",
              classes, " or ignore_index = ", ignore_index, ")");
-  if (logits.device().is_cuda()) {
-    return CrossEntropyCuda(logits, targets, ignore_index, reduction);
-  }
-  if (logits.dtype() == DType::kBFloat16) {
+  if (ComputesOnFloat32Copies(logits)) {
     return ComputeInFloat32(
         [&](const Tensor& logits32) {
           return CrossEntropy(logits32, targets, ignore_index, reduction);
         },
         logits);
+  }
+  if (logits.device().is_cuda()) {
+    return CrossEntropyCuda(logits, targets, ignore_index, reduction);
   }
 
   const Tensor target = targets.contiguous();

@@ -9,7 +9,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/matmul_cuda.h"
 #include "ops/reduce.h"
 
@@ -267,7 +267,7 @@ Tensor Matmul(const Tensor& a, const Tensor& b, bool transpose_a,
              " has k = ", k_a, " but b ", ShapeToString(b.shape()),
              (transpose_b ? " (transposed)" : ""), " has k = ", k_b,
              " (expected equal)");
-  if (a.dtype() == DType::kBFloat16 && a.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(a)) {
     return ComputeInFloat32(
         [&](const Tensor& a32, const Tensor& b32) {
           return Matmul(a32, b32, transpose_a, transpose_b);

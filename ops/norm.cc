@@ -5,7 +5,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/norm_cuda.h"
 
 namespace lc {
@@ -121,7 +121,7 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
                ShapeToString(x.shape()), " needs [", dim, "]");
   }
   LC_REQUIRE(eps >= 0, op, ": eps = ", eps, " (expected >= 0)");
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) {
           // weight and bias, when given, are bfloat16 like x.

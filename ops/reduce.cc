@@ -7,6 +7,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/elementwise_functors.h"
 #include "ops/elementwise_kernel.h"
 #include "ops/reduce_cuda.h"
@@ -104,7 +105,7 @@ std::vector<bool> AllDims(const Tensor& x) {
 
 Tensor Sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
   CheckFloatingInputs("Sum", {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Sum(x32, dims, keepdim); }, x);
   }
@@ -114,7 +115,7 @@ Tensor Sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
 
 Tensor Sum(const Tensor& x) {
   CheckFloatingInputs("Sum", {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32([](const Tensor& x32) { return Sum(x32); }, x);
   }
   return SumOverMask("Sum", x, AllDims(x), /*keepdim=*/false, /*scale=*/1);
@@ -122,7 +123,7 @@ Tensor Sum(const Tensor& x) {
 
 Tensor Mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
   CheckFloatingInputs("Mean", {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Mean(x32, dims, keepdim); }, x);
   }
@@ -132,7 +133,7 @@ Tensor Mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim) {
 
 Tensor Mean(const Tensor& x) {
   CheckFloatingInputs("Mean", {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32([](const Tensor& x32) { return Mean(x32); }, x);
   }
   const std::vector<bool> mask = AllDims(x);
@@ -142,7 +143,7 @@ Tensor Mean(const Tensor& x) {
 
 Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
   CheckFloatingInputs("Max", {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return Max(x32, dim, keepdim); }, x);
   }

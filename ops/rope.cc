@@ -5,7 +5,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/rope_cuda.h"
 #include "ops/shape_ops.h"
 
@@ -86,7 +86,7 @@ Tensor ApplyRotary(const Tensor& x, const Tensor& positions, double base) {
       "ApplyRotary: head_dim = ", x.size(3), " of x ", ShapeToString(x.shape()),
       " on ", x.device().ToString(), " (expected at most ",
       internal::kMaxRotaryHeadDimCuda, " on CUDA)");
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return ApplyRotary(x32, positions, base); },
         x);

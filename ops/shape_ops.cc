@@ -4,7 +4,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/shape_ops_cuda.h"
 
 namespace lc {
@@ -176,8 +176,7 @@ Tensor IndexSelect(const Tensor& x, int64_t dim, const Tensor& indices) {
 namespace internal {
 
 Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices) {
-  const bool cuda = x.device().is_cuda();
-  if (x.dtype() == DType::kBFloat16 && !cuda) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return IndexSelectChecked(x32, d, indices); },
         x);
@@ -192,7 +191,7 @@ Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices) {
   Shape out_shape = x.shape();
   out_shape[d] = num_indices;
   Tensor out = Empty(out_shape, x.dtype(), x.device());
-  if (cuda) {
+  if (x.device().is_cuda()) {
     internal::GatherRowsCuda(xc, index, outer, size, inner, out);
   } else {
     GatherRows(static_cast<const char*>(xc.raw_data()), index.data<int64_t>(),

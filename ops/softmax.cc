@@ -6,7 +6,7 @@
 
 #include "core/autograd.h"
 #include "ops/cpu_kernel.h"
-#include "ops/elementwise_kernel.h"
+#include "ops/device_kernel.h"
 #include "ops/softmax_cuda.h"
 
 namespace lc {
@@ -126,7 +126,7 @@ Tensor SoftmaxBackward(const char* op, const Tensor& g, const Tensor& y,
 // Softmax or log-softmax with autograd; bfloat16 computes in float32.
 Tensor SoftmaxOp(const char* op, const Tensor& x, int64_t dim, bool log) {
   CheckFloatingInputs(op, {x});
-  if (x.dtype() == DType::kBFloat16 && x.device().is_cpu()) {
+  if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return SoftmaxOp(op, x32, dim, log); }, x);
   }
