@@ -16,8 +16,8 @@ void CheckProbability(const char* op, double p) {
 // and out of n elements. The forward applies it to x, the backward to the
 // output gradient (the same mask).
 template <typename T>
-void DropoutKernel(const T* in, int64_t n, uint64_t seed, uint64_t offset,
-                   double p, double scale, T* out) {
+void DropoutLoop(const T* in, int64_t n, uint64_t seed, uint64_t offset,
+                 double p, double scale, T* out) {
 #pragma omp parallel for schedule(static) if (n > 16384)
   for (int64_t i = 0; i < n; ++i) {
     const bool keep = UniformAt(seed, offset, static_cast<uint64_t>(i)) >= p;
@@ -25,19 +25,29 @@ void DropoutKernel(const T* in, int64_t n, uint64_t seed, uint64_t offset,
   }
 }
 
-// Applies DropoutKernel (DropoutCuda on CUDA) to a tensor of any strides,
-// indexing it row-major.
+// out[i] = UniformAt(seed, offset, i) >= p ? in[i] / (1 - p) : 0 for every
+// row-major index i of `in` (any strides); out is contiguous, of in's shape,
+// dtype and device.
+using DropoutKernel = void(const Tensor& in, uint64_t seed, uint64_t offset,
+                           double p, const Tensor& out);
+
+// DropoutKernel on the CPU.
+void DropoutCpu(const Tensor& in, uint64_t seed, uint64_t offset, double p,
+                const Tensor& out) {
+  const Tensor dense = in.contiguous();
+  LC_DISPATCH_FLOATING(in.dtype(), "Dropout", [&] {
+    DropoutLoop(dense.data<scalar_t>(), dense.numel(), seed, offset, p,
+                1.0 / (1.0 - p), out.data<scalar_t>());
+  });
+}
+
+constexpr PerDevice<DropoutKernel*> kDropout = {DropoutCpu,
+                                                internal::DropoutCuda};
+
+// Applies the mask to a tensor of any strides, indexing it row-major.
 Tensor ApplyMask(const Tensor& t, uint64_t seed, uint64_t offset, double p) {
   Tensor out = Empty(t.shape(), t.dtype(), t.device());
-  if (t.device().is_cuda()) {
-    internal::DropoutCuda(t, seed, offset, p, out);
-    return out;
-  }
-  const Tensor in = t.contiguous();
-  LC_DISPATCH_FLOATING(t.dtype(), "Dropout", [&] {
-    DropoutKernel(in.data<scalar_t>(), in.numel(), seed, offset, p,
-                  1.0 / (1.0 - p), out.data<scalar_t>());
-  });
+  kDropout.For(t.device())(t, seed, offset, p, out);
   return out;
 }
 

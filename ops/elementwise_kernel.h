@@ -16,17 +16,27 @@
 
 namespace lc {
 
+// out[i] = fn(inputs[0][i], ..., inputs[N-1][i]) for every row-major index i
+// of `shape`, input k read at the offsets of `strides[k]` (its strides as if
+// broadcast to `shape`); `out` is a contiguous tensor of `shape`, inputs and
+// out of one floating dtype on one device; `op` names the op in errors.
+template <size_t N, typename Fn>
+using MapElementsKernel = void(const char* op, const Shape& shape,
+                               const std::array<Shape, N>& strides,
+                               const std::array<Tensor, N>& inputs,
+                               const Tensor& out, const Fn& fn);
+
 namespace internal {
 
 // out[i] = fn(in_0[i], ..., in_{N-1}[i]) over `shape`, in_k read at the
 // offsets of in_strides[k], out at those of out_strides; `dense` means every
 // input is contiguous with exactly `shape`, so offsets equal i.
 template <typename T, typename Fn, size_t... K>
-void MapElementsKernel(std::index_sequence<K...>, const Shape& shape,
-                       const Shape& out_strides,
-                       const std::array<Shape, sizeof...(K)>& in_strides,
-                       const std::array<const T*, sizeof...(K)>& in, T* out,
-                       bool dense, const Fn& fn) {
+void MapElementsLoop(std::index_sequence<K...>, const Shape& shape,
+                     const Shape& out_strides,
+                     const std::array<Shape, sizeof...(K)>& in_strides,
+                     const std::array<const T*, sizeof...(K)>& in, T* out,
+                     bool dense, const Fn& fn) {
   if (dense) {
     const int64_t n = NumElements(shape);
     for (int64_t i = 0; i < n; ++i) out[i] = fn(in[K][i]...);
@@ -36,6 +46,24 @@ void MapElementsKernel(std::index_sequence<K...>, const Shape& shape,
                                   [&](int64_t out_offset, auto... in_offsets) {
                                     out[out_offset] = fn(in[K][in_offsets]...);
                                   });
+}
+
+// MapElementsKernel on the CPU, for float32 and float64.
+template <size_t N, typename Fn>
+void MapElementsCpu(const char* op, const Shape& shape,
+                    const std::array<Shape, N>& strides,
+                    const std::array<Tensor, N>& inputs, const Tensor& out,
+                    const Fn& fn) {
+  bool dense = true;
+  for (size_t k = 0; k < N; ++k) {
+    dense = dense && inputs[k].shape() == shape && inputs[k].is_contiguous();
+  }
+  LC_DISPATCH_FLOATING(out.dtype(), op, [&] {
+    std::array<const scalar_t*, N> in;
+    for (size_t k = 0; k < N; ++k) in[k] = inputs[k].template data<scalar_t>();
+    MapElementsLoop(std::make_index_sequence<N>(), shape, out.strides(),
+                    strides, in, out.template data<scalar_t>(), dense, fn);
+  });
 }
 
 }  // namespace internal
@@ -51,25 +79,15 @@ void MapElementsKernel(std::index_sequence<K...>, const Shape& shape,
 template <size_t N, typename Fn>
 Tensor MapElements(const char* op, const std::array<Tensor, N>& inputs,
                    const Shape& shape, const Fn& fn) {
+  static constexpr PerDevice<MapElementsKernel<N, Fn>*> kMapElements = {
+      internal::MapElementsCpu<N, Fn>, internal::MapElementsCuda<N, Fn>};
   CheckFloatingInputs(op, inputs);
   Tensor out = Empty(shape, inputs[0].dtype(), inputs[0].device());
   std::array<Shape, N> strides;
-  bool dense = true;
   for (size_t k = 0; k < N; ++k) {
     strides[k] = BroadcastStrides(inputs[k], shape);
-    dense = dense && inputs[k].shape() == shape && inputs[k].is_contiguous();
   }
-  if (out.device().is_cuda()) {
-    internal::MapElementsCuda(op, shape, strides, inputs, out, fn);
-    return out;
-  }
-  LC_DISPATCH_FLOATING(out.dtype(), op, [&] {
-    std::array<const scalar_t*, N> in;
-    for (size_t k = 0; k < N; ++k) in[k] = inputs[k].template data<scalar_t>();
-    internal::MapElementsKernel(std::make_index_sequence<N>(), shape,
-                                out.strides(), strides, in,
-                                out.data<scalar_t>(), dense, fn);
-  });
+  kMapElements.For(out.device())(op, shape, strides, inputs, out, fn);
   return out;
 }
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
 #include <vector>
 
 #include "core/autograd.h"
@@ -42,9 +41,40 @@ Shape KeepDimShape(const Shape& shape, const std::vector<bool>& mask) {
   return keep;
 }
 
+// out = scale * (sum of x over the masked dims), out contiguous of the
+// kept dims, x's dtype and device (x of any strides).
+using SumKernel = void(const Tensor& x, const std::vector<bool>& mask,
+                       double scale, const Tensor& out);
+
+// SumKernel on the CPU for float32/float64 x, accumulated in float64 in
+// row-major order of x.
+void SumCpu(const Tensor& x, const std::vector<bool>& mask, double scale,
+            const Tensor& out) {
+  const Shape keep_shape = KeepDimShape(x.shape(), mask);
+  // The accumulator is row-major over keep_shape; reduced dims stride 0.
+  Shape acc_strides = ContiguousStrides(keep_shape);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (mask[d]) acc_strides[d] = 0;
+  }
+  std::vector<double> acc(NumElements(keep_shape), 0.0);
+  LC_DISPATCH_FLOATING(x.dtype(), "Sum", [&] {
+    const scalar_t* in = x.data<scalar_t>();
+    ForEachOffset<2>(x.shape(), {&x.strides(), &acc_strides},
+                     [&](int64_t x_offset, int64_t acc_offset) {
+                       acc[acc_offset] += in[x_offset];
+                     });
+    scalar_t* y = out.data<scalar_t>();
+    for (size_t i = 0; i < acc.size(); ++i) {
+      y[i] = static_cast<scalar_t>(acc[i] * scale);
+    }
+  });
+}
+
+constexpr PerDevice<SumKernel*> kSum = {SumCpu, internal::SumCuda};
+
 // Differentiable y = scale * (sum of x over the masked dims): on the CPU for
-// float32/float64 x, accumulated in float64 in row-major order of x; on CUDA
-// for any floating x, in SumCuda's fixed order. Both deterministic.
+// float32/float64 x, on CUDA for any floating x, in a fixed order on both
+// (deterministic).
 Tensor SumOverMask(const char* op, const Tensor& x,
                    const std::vector<bool>& mask, bool keepdim, double scale) {
   const Shape keep_shape = KeepDimShape(x.shape(), mask);
@@ -53,27 +83,7 @@ Tensor SumOverMask(const char* op, const Tensor& x,
     if (keepdim || !mask[d]) out_shape.push_back(keep_shape[d]);
   }
   Tensor y = Empty(out_shape, x.dtype(), x.device());
-  if (x.device().is_cuda()) {
-    internal::SumCuda(x, mask, scale, y);
-  } else {
-    // The accumulator is row-major over keep_shape; reduced dims stride 0.
-    Shape acc_strides = ContiguousStrides(keep_shape);
-    for (int64_t d = 0; d < x.dim(); ++d) {
-      if (mask[d]) acc_strides[d] = 0;
-    }
-    std::vector<double> acc(NumElements(keep_shape), 0.0);
-    LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
-      const scalar_t* in = x.data<scalar_t>();
-      ForEachOffset<2>(x.shape(), {&x.strides(), &acc_strides},
-                       [&](int64_t x_offset, int64_t acc_offset) {
-                         acc[acc_offset] += in[x_offset];
-                       });
-      scalar_t* out = y.data<scalar_t>();
-      for (size_t i = 0; i < acc.size(); ++i) {
-        out[i] = static_cast<scalar_t>(acc[i] * scale);
-      }
-    });
-  }
+  kSum.For(x.device())(x, mask, scale, y);
   if (NeedsGrad({x})) {
     RecordOp(op, {x}, {&y},
              [op, x_shape = x.shape(), keep_shape,
@@ -85,6 +95,70 @@ Tensor SumOverMask(const char* op, const Tensor& x,
   }
   return y;
 }
+
+// The maximum of x along dim d (size > 0; a scalar is one line of length 1)
+// for every line m, row-major over x's shape with dim d of size 1: out[m]
+// (contiguous, x's dtype) and argmax[m] (contiguous int64), the index along
+// d of the first maximal element, NaN counting as the maximum.
+using MaxKernel = void(const Tensor& x, int64_t d, const Tensor& out,
+                       const Tensor& argmax);
+
+// MaxKernel on the CPU.
+void MaxCpu(const Tensor& x, int64_t d, const Tensor& out,
+            const Tensor& argmax) {
+  const int64_t length = x.dim() == 0 ? 1 : x.size(d);
+  const int64_t x_step = x.dim() == 0 ? 0 : x.stride(d);
+  const Shape& keep_shape = argmax.shape();
+  const Shape line_strides = ContiguousStrides(keep_shape);
+  int64_t* best_index = argmax.data<int64_t>();
+  LC_DISPATCH_FLOATING(x.dtype(), "Max", [&] {
+    const scalar_t* in = x.data<scalar_t>();
+    scalar_t* y = out.data<scalar_t>();
+    ForEachOffset<2>(keep_shape, {&x.strides(), &line_strides},
+                     [&](int64_t x_offset, int64_t line) {
+                       const scalar_t* p = in + x_offset;
+                       int64_t best = 0;
+                       for (int64_t k = 1; k < length; ++k) {
+                         const scalar_t v = p[k * x_step];
+                         const scalar_t m = p[best * x_step];
+                         if (v > m || (std::isnan(v) && !std::isnan(m))) {
+                           best = k;
+                         }
+                       }
+                       y[line] = p[best * x_step];
+                       best_index[line] = best;
+                     });
+  });
+}
+
+// The gradient of the maximum: gx (contiguous, x's shape and dtype) =
+// g_keep[m] at index argmax[m] along d of line m and 0 elsewhere; g_keep has
+// x's shape with dim d of size 1 (any strides).
+using MaxBackwardKernel = void(const Tensor& g_keep, const Tensor& argmax,
+                               int64_t d, const Tensor& gx);
+
+// MaxBackwardKernel on the CPU.
+void MaxBackwardCpu(const Tensor& g_keep, const Tensor& argmax, int64_t d,
+                    const Tensor& gx) {
+  const Shape& keep_shape = g_keep.shape();
+  const Shape line_strides = ContiguousStrides(keep_shape);
+  const int64_t* best_index = argmax.data<int64_t>();
+  const int64_t gx_step = gx.dim() == 0 ? 0 : gx.stride(d);
+  LC_DISPATCH_FLOATING(gx.dtype(), "Max", [&] {
+    const scalar_t* in = g_keep.data<scalar_t>();
+    scalar_t* out = gx.data<scalar_t>();
+    std::fill_n(out, gx.numel(), scalar_t(0));
+    ForEachOffset<3>(
+        keep_shape, {&gx.strides(), &g_keep.strides(), &line_strides},
+        [&](int64_t gx_offset, int64_t g_offset, int64_t line) {
+          out[gx_offset + best_index[line] * gx_step] = in[g_offset];
+        });
+  });
+}
+
+constexpr PerDevice<MaxKernel*> kMax = {MaxCpu, internal::MaxCuda};
+constexpr PerDevice<MaxBackwardKernel*> kMaxBackward = {
+    MaxBackwardCpu, internal::MaxBackwardCuda};
 
 // The number of elements of x that one output of a reduction over `mask`
 // sums.
@@ -154,7 +228,7 @@ Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
   LC_REQUIRE(length > 0, "Max: dim ", dim, " of shape ",
              ShapeToString(x.shape()),
              " has size 0 (expected a non-empty dim to take the maximum of)");
-  // One line per element of keep_shape; `line` is its row-major index.
+  // One line per element of keep_shape.
   Shape keep_shape = x.shape();
   Shape out_shape = x.shape();
   if (rank > 0) {
@@ -166,59 +240,15 @@ Tensor Max(const Tensor& x, int64_t dim, bool keepdim) {
     }
   }
   Tensor y = Empty(out_shape, x.dtype(), x.device());
-  if (x.device().is_cuda()) {
-    const Tensor argmax = Empty(keep_shape, DType::kInt64, x.device());
-    internal::MaxCuda(x, d, y, argmax);
-    if (NeedsGrad({x})) {
-      RecordOp("Max", {x}, {&y},
-               [x_shape = x.shape(), keep_shape, d,
-                argmax](const Tensors& g) -> Tensors {
-                 Tensor gx = Empty(x_shape, g[0].dtype(), g[0].device());
-                 internal::MaxBackwardCuda(g[0].reshape(keep_shape), argmax, d,
-                                           gx);
-                 return {gx};
-               });
-    }
-    return y;
-  }
-  const int64_t x_step = rank == 0 ? 0 : x.stride(d);
-  const Shape line_strides = ContiguousStrides(keep_shape);
-  std::vector<int64_t> argmax(NumElements(keep_shape));
-  LC_DISPATCH_FLOATING(x.dtype(), "Max", [&] {
-    const scalar_t* in = x.data<scalar_t>();
-    scalar_t* out = y.data<scalar_t>();
-    ForEachOffset<2>(keep_shape, {&x.strides(), &line_strides},
-                     [&](int64_t x_offset, int64_t line) {
-                       const scalar_t* p = in + x_offset;
-                       int64_t best = 0;
-                       for (int64_t k = 1; k < length; ++k) {
-                         const scalar_t v = p[k * x_step];
-                         const scalar_t m = p[best * x_step];
-                         if (v > m || (std::isnan(v) && !std::isnan(m))) {
-                           best = k;
-                         }
-                       }
-                       out[line] = p[best * x_step];
-                       argmax[line] = best;
-                     });
-  });
+  const Tensor argmax = Empty(keep_shape, DType::kInt64, x.device());
+  kMax.For(x.device())(x, d, y, argmax);
   if (NeedsGrad({x})) {
     RecordOp("Max", {x}, {&y},
-             [x_shape = x.shape(), keep_shape, line_strides, d,
-              argmax = std::move(argmax)](const Tensors& g) -> Tensors {
-               const Tensor g_keep = g[0].reshape(keep_shape);
-               Tensor gx = Zeros(x_shape, g_keep.dtype());
-               const int64_t gx_step = x_shape.empty() ? 0 : gx.stride(d);
-               LC_DISPATCH_FLOATING(gx.dtype(), "Max", [&] {
-                 const scalar_t* in = g_keep.data<scalar_t>();
-                 scalar_t* out = gx.data<scalar_t>();
-                 ForEachOffset<3>(
-                     keep_shape,
-                     {&gx.strides(), &g_keep.strides(), &line_strides},
-                     [&](int64_t gx_offset, int64_t g_offset, int64_t line) {
-                       out[gx_offset + argmax[line] * gx_step] = in[g_offset];
-                     });
-               });
+             [x_shape = x.shape(), keep_shape, d,
+              argmax](const Tensors& g) -> Tensors {
+               Tensor gx = Empty(x_shape, g[0].dtype(), g[0].device());
+               kMaxBackward.For(gx.device())(g[0].reshape(keep_shape), argmax,
+                                             d, gx);
                return {gx};
              });
   }

@@ -1,6 +1,7 @@
 #include "ops/rope.h"
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "core/autograd.h"
@@ -16,9 +17,9 @@ namespace {
 // [batch, n, heads, head_dim]; sign = -1 is the inverse rotation, which is
 // also the backward of sign = +1.
 template <typename T>
-void RotaryKernel(const T* x, const int64_t* positions, int64_t batch,
-                  int64_t n, int64_t heads, int64_t head_dim, double base,
-                  double sign, T* out) {
+void RotaryLoop(const T* x, const int64_t* positions, int64_t batch, int64_t n,
+                int64_t heads, int64_t head_dim, double base, double sign,
+                T* out) {
   const int64_t half = head_dim / 2;
   std::vector<T> cos_table(n * half);
   std::vector<T> sin_table(n * half);
@@ -47,22 +48,39 @@ void RotaryKernel(const T* x, const int64_t* positions, int64_t batch,
   }
 }
 
-// Rotates a [batch, n, heads, head_dim] tensor by sign * angle: RotaryKernel
-// on the CPU, RotaryCuda (any strides) on CUDA; positions are dense int64 on
-// x's device.
+// out = x rotated by sign * angle for x [batch, n, heads, head_dim] (any
+// strides) and positions (dense int64 [n]) on one device; out is dense, of
+// x's shape and dtype.
+using RotaryKernel = void(const Tensor& x, const Tensor& positions, double base,
+                          double sign, const Tensor& out);
+
+// RotaryKernel on the CPU.
+void RotaryCpu(const Tensor& x, const Tensor& positions, double base,
+               double sign, const Tensor& out) {
+  const Tensor xc = x.contiguous();
+  LC_DISPATCH_FLOATING(x.dtype(), "ApplyRotary", [&] {
+    RotaryLoop(xc.data<scalar_t>(), positions.data<int64_t>(), x.size(0),
+               x.size(1), x.size(2), x.size(3), base, sign,
+               out.data<scalar_t>());
+  });
+}
+
+// A device's rotation and the largest head_dim it takes.
+struct Rotary {
+  RotaryKernel* rotate;
+  int64_t max_head_dim;
+};
+
+constexpr PerDevice<Rotary> kRotary = {
+    {RotaryCpu, std::numeric_limits<int64_t>::max()},
+    {internal::RotaryCuda, internal::kMaxRotaryHeadDimCuda}};
+
+// Rotates a [batch, n, heads, head_dim] tensor by sign * angle; positions
+// are dense int64 on x's device.
 Tensor Rotate(const Tensor& x, const Tensor& positions, double base,
               double sign) {
   Tensor out = Empty(x.shape(), x.dtype(), x.device());
-  if (x.device().is_cuda()) {
-    internal::RotaryCuda(x, positions, base, sign, out);
-    return out;
-  }
-  const Tensor xc = x.contiguous();
-  LC_DISPATCH_FLOATING(x.dtype(), "ApplyRotary", [&] {
-    RotaryKernel(xc.data<scalar_t>(), positions.data<int64_t>(), x.size(0),
-                 x.size(1), x.size(2), x.size(3), base, sign,
-                 out.data<scalar_t>());
-  });
+  kRotary.For(x.device()).rotate(x, positions, base, sign, out);
   return out;
 }
 
@@ -81,11 +99,11 @@ Tensor ApplyRotary(const Tensor& x, const Tensor& positions, double base) {
              ShapeToString(positions.shape()), " but x has shape ",
              ShapeToString(x.shape()), " (expected [", x.size(1), "])");
   LC_REQUIRE(base > 0, "ApplyRotary: base = ", base, " (expected > 0)");
-  LC_REQUIRE(
-      x.device().is_cpu() || x.size(3) <= internal::kMaxRotaryHeadDimCuda,
-      "ApplyRotary: head_dim = ", x.size(3), " of x ", ShapeToString(x.shape()),
-      " on ", x.device().ToString(), " (expected at most ",
-      internal::kMaxRotaryHeadDimCuda, " on CUDA)");
+  // Only CUDA has a limit, so the message names it.
+  const int64_t max_head_dim = kRotary.For(x.device()).max_head_dim;
+  LC_REQUIRE(x.size(3) <= max_head_dim, "ApplyRotary: head_dim = ", x.size(3),
+             " of x ", ShapeToString(x.shape()), " on ", x.device().ToString(),
+             " (expected at most ", max_head_dim, " on CUDA)");
   if (ComputesOnFloat32Copies(x)) {
     return ComputeInFloat32(
         [&](const Tensor& x32) { return ApplyRotary(x32, positions, base); },

@@ -1,5 +1,6 @@
 #include "ops/shape_ops.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/autograd.h"
@@ -51,6 +52,63 @@ void IndexAddRows(const T* g, const int64_t* index, int64_t outer, int64_t size,
   }
 }
 
+// The row-major position of the first value of `indices` (dense int64 on
+// its device) outside [0, size) that is not ignore_index (when has_ignore),
+// or -1 when there is none.
+using FirstInvalidIndexKernel = int64_t(const Tensor& indices, int64_t size,
+                                        bool has_ignore, int64_t ignore_index);
+
+// FirstInvalidIndexKernel on the CPU.
+int64_t FirstInvalidIndexCpu(const Tensor& indices, int64_t size,
+                             bool has_ignore, int64_t ignore_index) {
+  const int64_t* values = indices.data<int64_t>();
+  for (int64_t i = 0; i < indices.numel(); ++i) {
+    const bool ignored = has_ignore && values[i] == ignore_index;
+    if ((values[i] < 0 || values[i] >= size) && !ignored) return i;
+  }
+  return -1;
+}
+
+// out[o, l, :] = x[o, index[l], :] for dense x [outer, size, inner] of any
+// dtype, index (dense int64 [L], values in [0, size)) and out dense [outer, L,
+// inner], all on one device.
+using GatherRowsKernel = void(const Tensor& x, const Tensor& index,
+                              int64_t outer, int64_t size, int64_t inner,
+                              const Tensor& out);
+
+// GatherRowsKernel on the CPU.
+void GatherRowsCpu(const Tensor& x, const Tensor& index, int64_t outer,
+                   int64_t size, int64_t inner, const Tensor& out) {
+  GatherRows(static_cast<const char*>(x.raw_data()), index.data<int64_t>(),
+             outer, size, index.numel(), inner, DTypeSize(x.dtype()),
+             static_cast<char*>(out.raw_data()));
+}
+
+// The backward of GatherRowsKernel: dx[o, s, :] = sum of g[o, l, :] over the
+// l with index[l] == s (0 when there is none), for dense floating g [outer,
+// L, inner] and dx [outer, size, inner].
+using IndexAddRowsKernel = void(const Tensor& g, const Tensor& index,
+                                int64_t outer, int64_t size, int64_t inner,
+                                const Tensor& dx);
+
+// IndexAddRowsKernel on the CPU.
+void IndexAddRowsCpu(const Tensor& g, const Tensor& index, int64_t outer,
+                     int64_t size, int64_t inner, const Tensor& dx) {
+  LC_DISPATCH_FLOATING(dx.dtype(), "IndexSelect", [&] {
+    scalar_t* dx_data = dx.data<scalar_t>();
+    std::fill_n(dx_data, dx.numel(), scalar_t(0));
+    IndexAddRows(g.data<scalar_t>(), index.data<int64_t>(), outer, size,
+                 index.numel(), inner, dx_data);
+  });
+}
+
+constexpr PerDevice<FirstInvalidIndexKernel*> kFirstInvalidIndex = {
+    FirstInvalidIndexCpu, internal::FirstInvalidIndexCuda};
+constexpr PerDevice<GatherRowsKernel*> kGatherRows = {GatherRowsCpu,
+                                                      internal::GatherRowsCuda};
+constexpr PerDevice<IndexAddRowsKernel*> kIndexAddRows = {
+    IndexAddRowsCpu, internal::IndexAddRowsCuda};
+
 }  // namespace
 
 void CheckIndexTensor(const char* op, const char* name, const Tensor& indices,
@@ -67,19 +125,8 @@ void CheckIndexTensor(const char* op, const char* name, const Tensor& indices,
 std::optional<IndexAt> FindInvalidIndex(const Tensor& indices, int64_t size,
                                         std::optional<int64_t> ignore_index) {
   const Tensor dense = indices.contiguous();
-  int64_t position = -1;
-  if (dense.device().is_cuda()) {
-    position = internal::FirstInvalidIndexCuda(
-        dense, size, ignore_index.has_value(), ignore_index.value_or(0));
-  } else {
-    const int64_t* values = dense.data<int64_t>();
-    for (int64_t i = 0; i < dense.numel() && position < 0; ++i) {
-      const bool ignored = ignore_index && values[i] == *ignore_index;
-      if ((values[i] < 0 || values[i] >= size) && !ignored) {
-        position = i;
-      }
-    }
-  }
+  const int64_t position = kFirstInvalidIndex.For(dense.device())(
+      dense, size, ignore_index.has_value(), ignore_index.value_or(0));
   if (position < 0) return std::nullopt;
   const Tensor value =
       dense.reshape({-1}).slice(0, position, position + 1).to(Device::Cpu());
@@ -185,34 +232,20 @@ Tensor IndexSelectChecked(const Tensor& x, int64_t d, const Tensor& indices) {
   const Tensor xc = x.detach().contiguous();
   const Tensor index = indices.to(x.device()).contiguous();
   const int64_t size = x.size(d);
-  const int64_t num_indices = index.numel();
   int64_t outer, inner;
   OuterInner(x.shape(), d, &outer, &inner);
   Shape out_shape = x.shape();
-  out_shape[d] = num_indices;
+  out_shape[d] = index.numel();
   Tensor out = Empty(out_shape, x.dtype(), x.device());
-  if (x.device().is_cuda()) {
-    internal::GatherRowsCuda(xc, index, outer, size, inner, out);
-  } else {
-    GatherRows(static_cast<const char*>(xc.raw_data()), index.data<int64_t>(),
-               outer, size, num_indices, inner, DTypeSize(x.dtype()),
-               static_cast<char*>(out.raw_data()));
-  }
+  kGatherRows.For(x.device())(xc, index, outer, size, inner, out);
   if (NeedsGrad({x})) {
     RecordOp("IndexSelect", {x}, {&out}, /*saved=*/{index},
              [index, x_shape = x.shape(), dtype = x.dtype(), outer, size,
-              num_indices, inner](const Tensors& g) -> Tensors {
+              inner](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();
-               if (gc.device().is_cuda()) {
-                 Tensor dx = Empty(x_shape, dtype, gc.device());
-                 internal::IndexAddRowsCuda(gc, index, outer, size, inner, dx);
-                 return {dx};
-               }
-               Tensor dx = Zeros(x_shape, dtype);
-               LC_DISPATCH_FLOATING(dtype, "IndexSelect", [&] {
-                 IndexAddRows(gc.data<scalar_t>(), index.data<int64_t>(), outer,
-                              size, num_indices, inner, dx.data<scalar_t>());
-               });
+               Tensor dx = Empty(x_shape, dtype, gc.device());
+               kIndexAddRows.For(gc.device())(gc, index, outer, size, inner,
+                                              dx);
                return {dx};
              });
   }

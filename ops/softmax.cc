@@ -31,22 +31,23 @@ int64_t LineStep(const Tensor& t, int64_t d) {
   return t.dim() == 0 ? 0 : t.stride(d);
 }
 
-// For every line of x along dim d:
+// The op's name in the CPU kernels' errors.
+const char* OpName(bool log) { return log ? "LogSoftmax" : "Softmax"; }
+
+// For every line of x along dim d (x of any strides; y contiguous, of x's
+// shape, dtype and device):
 //   softmax:     y = exp(x - max) / sum(exp(x - max))
 //   log-softmax: y = (x - max) - log(sum(exp(x - max)))
-// Returns y, contiguous, of x's shape, on x's device. Sums accumulate in
-// float64 on the CPU; CUDA runs SoftmaxForwardCuda.
-Tensor SoftmaxForward(const char* op, const Tensor& x, int64_t d, bool log) {
-  Tensor y = Empty(x.shape(), x.dtype(), x.device());
-  if (x.device().is_cuda()) {
-    internal::SoftmaxForwardCuda(x, d, log, y);
-    return y;
-  }
+using SoftmaxForwardKernel = void(const Tensor& x, int64_t d, bool log,
+                                  const Tensor& y);
+
+// SoftmaxForwardKernel on the CPU; sums accumulate in float64.
+void SoftmaxForwardCpu(const Tensor& x, int64_t d, bool log, const Tensor& y) {
   int64_t length;
   const Shape starts = LineStarts(x.shape(), d, &length);
   const int64_t x_step = LineStep(x, d);
   const int64_t y_step = LineStep(y, d);
-  LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
+  LC_DISPATCH_FLOATING(x.dtype(), OpName(log), [&] {
     const scalar_t* in = x.data<scalar_t>();
     scalar_t* out = y.data<scalar_t>();
     ForEachOffset<2>(
@@ -78,27 +79,25 @@ Tensor SoftmaxForward(const char* op, const Tensor& x, int64_t d, bool log) {
           }
         });
   });
-  return y;
 }
 
-// The gradient of SoftmaxForward given its output y and the output gradient
-// g (both of one shape), for every line along dim d:
-//   softmax:     grad_x = y * (g - sum(g * y))
-//   log-softmax: grad_x = g - exp(y) * sum(g)
-Tensor SoftmaxBackward(const char* op, const Tensor& g, const Tensor& y,
-                       int64_t d, bool log) {
-  CheckFloatingInputs(op, {g, y});
-  Tensor gx = Empty(y.shape(), y.dtype(), y.device());
-  if (y.device().is_cuda()) {
-    internal::SoftmaxBackwardCuda(g, y, d, log, gx);
-    return gx;
-  }
+// The gradient of the forward given its output y and the output gradient g
+// (one shape, any strides), for every line along dim d (gx contiguous, of y's
+// shape, dtype and device):
+//   softmax:     gx = y * (g - sum(g * y))
+//   log-softmax: gx = g - exp(y) * sum(g)
+using SoftmaxBackwardKernel = void(const Tensor& g, const Tensor& y, int64_t d,
+                                   bool log, const Tensor& gx);
+
+// SoftmaxBackwardKernel on the CPU; sums accumulate in float64.
+void SoftmaxBackwardCpu(const Tensor& g, const Tensor& y, int64_t d, bool log,
+                        const Tensor& gx) {
   int64_t length;
   const Shape starts = LineStarts(y.shape(), d, &length);
   const int64_t gx_step = LineStep(gx, d);
   const int64_t g_step = LineStep(g, d);
   const int64_t y_step = LineStep(y, d);
-  LC_DISPATCH_FLOATING(y.dtype(), op, [&] {
+  LC_DISPATCH_FLOATING(y.dtype(), OpName(log), [&] {
     const scalar_t* g_data = g.data<scalar_t>();
     const scalar_t* y_data = y.data<scalar_t>();
     scalar_t* gx_data = gx.data<scalar_t>();
@@ -120,8 +119,12 @@ Tensor SoftmaxBackward(const char* op, const Tensor& g, const Tensor& y,
           }
         });
   });
-  return gx;
 }
+
+constexpr PerDevice<SoftmaxForwardKernel*> kSoftmaxForward = {
+    SoftmaxForwardCpu, internal::SoftmaxForwardCuda};
+constexpr PerDevice<SoftmaxBackwardKernel*> kSoftmaxBackward = {
+    SoftmaxBackwardCpu, internal::SoftmaxBackwardCuda};
 
 // Softmax or log-softmax with autograd; bfloat16 computes in float32.
 Tensor SoftmaxOp(const char* op, const Tensor& x, int64_t dim, bool log) {
@@ -131,11 +134,15 @@ Tensor SoftmaxOp(const char* op, const Tensor& x, int64_t dim, bool log) {
         [&](const Tensor& x32) { return SoftmaxOp(op, x32, dim, log); }, x);
   }
   const int64_t d = NormalizeDim(dim, x.dim(), op);
-  Tensor y = SoftmaxForward(op, x, d, log);
+  Tensor y = Empty(x.shape(), x.dtype(), x.device());
+  kSoftmaxForward.For(x.device())(x, d, log, y);
   if (NeedsGrad({x})) {
     RecordOp(op, {x}, {&y}, /*saved=*/{y},
              [op, y = y.detach(), d, log](const Tensors& g) -> Tensors {
-               return {SoftmaxBackward(op, g[0], y, d, log)};
+               CheckFloatingInputs(op, {g[0], y});
+               Tensor gx = Empty(y.shape(), y.dtype(), y.device());
+               kSoftmaxBackward.For(y.device())(g[0], y, d, log, gx);
+               return {gx};
              });
   }
   return y;
