@@ -60,6 +60,18 @@ Tensor ComputeInFloat32(const Op& op, const Inputs&... inputs) {
   return op(inputs.to(DType::kFloat32)...).to(DType::kBFloat16);
 }
 
+// Whether a device's kernels save per-row statistics for the backward (a
+// norm's mean and rstd, cross-entropy's logsumexp) in float64 - the CPU, so
+// that its backward has no float32 rounding of them - or in the compute type
+// of the inputs (CUDA).
+inline constexpr PerDevice<bool> kStatsInFloat64 = {/*cpu=*/true,
+                                                    /*cuda=*/false};
+
+// The dtype of those statistics for inputs of `dtype` on `device`.
+inline DType StatsDType(Device device, DType dtype) {
+  return kStatsInFloat64.For(device) ? DType::kFloat64 : ComputeDType(dtype);
+}
+
 }  // namespace lc
 
 #endif  // LONGCTX_OPS_DEVICE_KERNEL_H_

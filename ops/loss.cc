@@ -17,9 +17,9 @@ namespace {
 // every row, and returns sum over rows with target != ignore_index of
 // lse[i] - logits[i, target[i]].
 template <typename T>
-double CrossEntropyForwardKernel(const T* logits, const int64_t* target,
-                                 int64_t rows, int64_t classes,
-                                 int64_t ignore_index, double* lse) {
+double CrossEntropyForwardLoop(const T* logits, const int64_t* target,
+                               int64_t rows, int64_t classes,
+                               int64_t ignore_index, double* lse) {
   double total = 0;
   const bool parallel = rows * classes > 4096;
 #pragma omp parallel for schedule(static) reduction(+ : total) if (parallel)
@@ -40,10 +40,9 @@ double CrossEntropyForwardKernel(const T* logits, const int64_t* target,
 //   dlogits[i, c] = scale * (exp(logits[i, c] - lse[i]) - [c == target[i]])
 // for rows with target != ignore_index, 0 for ignored rows.
 template <typename T>
-void CrossEntropyBackwardKernel(const T* logits, const int64_t* target,
-                                const double* lse, int64_t rows,
-                                int64_t classes, int64_t ignore_index,
-                                double scale, T* dlogits) {
+void CrossEntropyBackwardLoop(const T* logits, const int64_t* target,
+                              const double* lse, int64_t rows, int64_t classes,
+                              int64_t ignore_index, double scale, T* dlogits) {
 #pragma omp parallel for schedule(static) if (rows * classes > 4096)
   for (int64_t i = 0; i < rows; ++i) {
     const T* row = logits + i * classes;
@@ -59,32 +58,74 @@ void CrossEntropyBackwardKernel(const T* logits, const int64_t* target,
   }
 }
 
-// CrossEntropy on CUDA for validated logits [rows, classes] and targets.
-Tensor CrossEntropyCuda(const Tensor& logits, const Tensor& targets,
-                        int64_t ignore_index, LossReduction reduction) {
-  const bool mean = reduction == LossReduction::kMean;
-  const Device device = logits.device();
-  const Tensor x = logits.detach().contiguous();
-  const Tensor target = targets.to(device).contiguous();
-  // The row count stays on the device: the two passes queue without a
-  // round trip (the target check before them has already waited).
-  const Tensor lse = Empty({x.size(0)}, ComputeDType(x.dtype()), device);
-  const Tensor count = Empty({1}, DType::kInt64, device);
-  Tensor loss = Empty({}, x.dtype(), device);
-  internal::CrossEntropyForwardCuda(x, target, ignore_index, mean, lse, count,
-                                    loss);
-  if (NeedsGrad({logits})) {
-    RecordOp("CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
-             [x, target, lse, count, ignore_index,
-              mean](const Tensors& g) -> Tensors {
-               Tensor dx = Empty(x.shape(), x.dtype(), x.device());
-               internal::CrossEntropyBackwardCuda(x, target, ignore_index, mean,
-                                                  lse, count, g[0], dx);
-               return {dx};
-             });
-  }
-  return loss;
+// For dense floating logits [rows, classes] and dense int64 targets [rows]
+// on one device (each target in [0, classes) or ignore_index):
+//   lse[i] = logsumexp_c logits[i, c]   (dense [rows] of StatsDType),
+//   count[0] = the number of rows with targets[i] != ignore_index (int64 [1]),
+//   loss[] = sum over those rows of (lse[i] - logits[i, targets[i]]),
+//            divided by count when `mean` (0 when count = 0) (a scalar of
+//            logits' dtype).
+using CrossEntropyForwardKernel = void(const Tensor& logits,
+                                       const Tensor& targets,
+                                       int64_t ignore_index, bool mean,
+                                       const Tensor& lse, const Tensor& count,
+                                       const Tensor& loss);
+
+// CrossEntropyForwardKernel on the CPU, in float64.
+void CrossEntropyForwardCpu(const Tensor& logits, const Tensor& targets,
+                            int64_t ignore_index, bool mean, const Tensor& lse,
+                            const Tensor& count, const Tensor& loss) {
+  const int64_t rows = logits.size(0);
+  const int64_t* target_data = targets.data<int64_t>();
+  const int64_t scored =
+      rows - std::count(target_data, target_data + rows, ignore_index);
+  count.data<int64_t>()[0] = scored;
+  LC_DISPATCH_FLOATING(logits.dtype(), "CrossEntropy", [&] {
+    const double total = CrossEntropyForwardLoop(
+        logits.data<scalar_t>(), target_data, rows, logits.size(1),
+        ignore_index, lse.data<double>());
+    // Ignored rows add 0 to `total`: with every row ignored the sum is 0.
+    double value = total;
+    if (mean) value = scored > 0 ? total / scored : 0.0;
+    loss.data<scalar_t>()[0] = static_cast<scalar_t>(value);
+  });
 }
+
+// The gradient of the loss for the upstream scalar gradient g (logits'
+// dtype, on the device) and `mean` as in the forward: dlogits [rows,
+// classes] (dense) =
+//   s * (exp(logits[i, c] - lse[i]) - [c == targets[i]])
+// with s = g / count for the mean (0 when count = 0) and s = g for the sum,
+// on rows whose target is not ignore_index, 0 on the others.
+using CrossEntropyBackwardKernel = void(const Tensor& logits,
+                                        const Tensor& targets,
+                                        int64_t ignore_index, bool mean,
+                                        const Tensor& lse, const Tensor& count,
+                                        const Tensor& g, const Tensor& dlogits);
+
+// CrossEntropyBackwardKernel on the CPU.
+void CrossEntropyBackwardCpu(const Tensor& logits, const Tensor& targets,
+                             int64_t ignore_index, bool mean, const Tensor& lse,
+                             const Tensor& count, const Tensor& g,
+                             const Tensor& dlogits) {
+  const int64_t scored = count.data<int64_t>()[0];
+  LC_DISPATCH_FLOATING(logits.dtype(), "CrossEntropy", [&] {
+    scalar_t* dx = dlogits.data<scalar_t>();
+    if (mean && scored == 0) {
+      std::fill_n(dx, dlogits.numel(), scalar_t(0));
+      return;
+    }
+    const double scale = mean ? g.item() / scored : g.item();
+    CrossEntropyBackwardLoop(logits.data<scalar_t>(), targets.data<int64_t>(),
+                             lse.data<double>(), logits.size(0), logits.size(1),
+                             ignore_index, scale, dx);
+  });
+}
+
+constexpr PerDevice<CrossEntropyForwardKernel*> kCrossEntropyForward = {
+    CrossEntropyForwardCpu, internal::CrossEntropyForwardCuda};
+constexpr PerDevice<CrossEntropyBackwardKernel*> kCrossEntropyBackward = {
+    CrossEntropyBackwardCpu, internal::CrossEntropyBackwardCuda};
 
 }  // namespace
 
@@ -114,44 +155,26 @@ Tensor CrossEntropy(const Tensor& logits, const Tensor& targets,
         },
         logits);
   }
-  if (logits.device().is_cuda()) {
-    return CrossEntropyCuda(logits, targets, ignore_index, reduction);
-  }
-
-  const Tensor target = targets.contiguous();
-  const int64_t* target_data = target.data<int64_t>();
   const bool mean = reduction == LossReduction::kMean;
-  // Only the mean needs the count of scored rows.
-  const int64_t count =
-      mean ? rows - std::count(target_data, target_data + rows, ignore_index)
-           : 0;
+  const Device device = logits.device();
   const Tensor x = logits.detach().contiguous();
-  // Saved in float64: the backward's exp(logit - lse) would otherwise carry
-  // float32 rounding of lse times its magnitude.
-  const Tensor lse = Empty({rows}, DType::kFloat64);
-  double total = 0;
-  LC_DISPATCH_FLOATING(x.dtype(), "CrossEntropy", [&] {
-    total =
-        CrossEntropyForwardKernel(x.data<scalar_t>(), target_data, rows,
-                                  classes, ignore_index, lse.data<double>());
-  });
-  // Ignored rows add 0 to `total`: with every row ignored the sum is 0.
-  double value = total;
-  if (mean) value = count > 0 ? total / count : 0.0;
-  Tensor loss = Full({}, value, x.dtype());
+  const Tensor target = targets.to(device).contiguous();
+  // The row count stays on the device: on CUDA the two passes queue without
+  // a round trip (the target check above has already waited).
+  const Tensor count = Empty({1}, DType::kInt64, device);
+  // Saved in float64 on the CPU: the backward's exp(logit - lse) would
+  // otherwise carry float32 rounding of lse times its magnitude.
+  const Tensor lse = Empty({rows}, StatsDType(device, x.dtype()), device);
+  Tensor loss = Empty({}, x.dtype(), device);
+  kCrossEntropyForward.For(device)(x, target, ignore_index, mean, lse, count,
+                                   loss);
   if (NeedsGrad({logits})) {
     RecordOp("CrossEntropy", {logits}, {&loss}, /*saved=*/{x, target},
-             [x, target, lse, rows, classes, ignore_index, mean,
-              count](const Tensors& g) -> Tensors {
-               Tensor dx = Zeros(x.shape(), x.dtype());
-               if (mean && count == 0) return {dx};
-               const double scale = mean ? g[0].item() / count : g[0].item();
-               LC_DISPATCH_FLOATING(x.dtype(), "CrossEntropy", [&] {
-                 CrossEntropyBackwardKernel(
-                     x.data<scalar_t>(), target.data<int64_t>(),
-                     lse.data<double>(), rows, classes, ignore_index, scale,
-                     dx.data<scalar_t>());
-               });
+             [x, target, lse, count, ignore_index,
+              mean](const Tensors& g) -> Tensors {
+               Tensor dx = Empty(x.shape(), x.dtype(), x.device());
+               kCrossEntropyBackward.For(x.device())(
+                   x, target, ignore_index, mean, lse, count, g[0], dx);
                return {dx};
              });
   }

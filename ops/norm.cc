@@ -16,9 +16,9 @@ namespace {
 //   rstd_r = 1 / sqrt(mean_d (x - mean_r)^2 + eps),
 //   y = (x - mean_r) * rstd_r * w + b   (w, b may be null: 1 and 0).
 template <typename T>
-void NormForwardKernel(const T* x, const T* w, const T* b, int64_t rows,
-                       int64_t dim, double eps, bool center, T* y, double* mean,
-                       double* rstd) {
+void NormForwardLoop(const T* x, const T* w, const T* b, int64_t rows,
+                     int64_t dim, double eps, bool center, T* y, double* mean,
+                     double* rstd) {
 #pragma omp parallel for schedule(static) if (rows * dim > 4096)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
@@ -45,14 +45,14 @@ void NormForwardKernel(const T* x, const T* w, const T* b, int64_t rows,
   }
 }
 
-// Backward of NormForwardKernel for output gradient g [rows, dim]: with
+// Backward of NormForwardLoop for output gradient g [rows, dim]: with
 // xhat = (x - mean) * rstd and gw = g * w,
 //   dx = rstd * (gw - mean_d gw [if center] - xhat * mean_d(gw * xhat)),
 //   dw = sum_r g * xhat,  db = sum_r g   (dw, db written when non-null).
 template <typename T>
-void NormBackwardKernel(const T* x, const T* w, const double* mean,
-                        const double* rstd, const T* g, int64_t rows,
-                        int64_t dim, bool center, T* dx, T* dw, T* db) {
+void NormBackwardLoop(const T* x, const T* w, const double* mean,
+                      const double* rstd, const T* g, int64_t rows, int64_t dim,
+                      bool center, T* dx, T* dw, T* db) {
 #pragma omp parallel for schedule(static) if (rows * dim > 4096)
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * dim;
@@ -101,6 +101,65 @@ T* DataOrNull(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
 
+// The op's name in the CPU kernels' errors.
+const char* OpName(bool center) { return center ? "LayerNorm" : "RmsNorm"; }
+
+// For dense x [rows, dim] and weight, bias [dim] (dense, x's dtype, or
+// undefined for 1 and 0) on one device:
+//   mean[r] = mean_d x[r, d] when center, else 0,
+//   rstd[r] = 1 / sqrt(mean_d (x[r, d] - mean[r])^2 + eps),
+//   y[r, d] = (x[r, d] - mean[r]) * rstd[r] * weight[d] + bias[d];
+// y dense [rows, dim] of x's dtype, mean and rstd dense [rows] of
+// StatsDType.
+using NormForwardKernel = void(const Tensor& x, const Tensor& weight,
+                               const Tensor& bias, double eps, bool center,
+                               const Tensor& y, const Tensor& mean,
+                               const Tensor& rstd);
+
+// NormForwardKernel on the CPU, in float64.
+void NormForwardCpu(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                    double eps, bool center, const Tensor& y,
+                    const Tensor& mean, const Tensor& rstd) {
+  const int64_t dim = x.size(-1);
+  LC_DISPATCH_FLOATING(x.dtype(), OpName(center), [&] {
+    NormForwardLoop<scalar_t>(x.data<scalar_t>(), DataOrNull<scalar_t>(weight),
+                              DataOrNull<scalar_t>(bias), x.numel() / dim, dim,
+                              eps, center, y.data<scalar_t>(),
+                              mean.data<double>(), rstd.data<double>());
+  });
+}
+
+// The backward of NormForwardKernel for the output gradient g (dense [rows,
+// dim]): with xhat = (x - mean) * rstd and gw = g * weight,
+//   dx = rstd * (gw - mean_d gw [when center] - xhat * mean_d(gw * xhat)),
+//   dweight = sum_r g * xhat,  dbias = sum_r g,
+// dx dense [rows, dim] and dweight, dbias dense [dim] of x's dtype; dweight
+// and dbias may be undefined (not computed).
+using NormBackwardKernel = void(const Tensor& x, const Tensor& weight,
+                                const Tensor& mean, const Tensor& rstd,
+                                const Tensor& g, bool center, const Tensor& dx,
+                                const Tensor& dweight, const Tensor& dbias);
+
+// NormBackwardKernel on the CPU, in float64.
+void NormBackwardCpu(const Tensor& x, const Tensor& weight, const Tensor& mean,
+                     const Tensor& rstd, const Tensor& g, bool center,
+                     const Tensor& dx, const Tensor& dweight,
+                     const Tensor& dbias) {
+  const int64_t dim = x.size(-1);
+  LC_DISPATCH_FLOATING(x.dtype(), OpName(center), [&] {
+    NormBackwardLoop<scalar_t>(
+        x.data<scalar_t>(), DataOrNull<scalar_t>(weight), mean.data<double>(),
+        rstd.data<double>(), g.data<scalar_t>(), x.numel() / dim, dim, center,
+        dx.data<scalar_t>(), DataOrNull<scalar_t>(dweight),
+        DataOrNull<scalar_t>(dbias));
+  });
+}
+
+constexpr PerDevice<NormForwardKernel*> kNormForward = {
+    NormForwardCpu, internal::NormForwardCuda};
+constexpr PerDevice<NormBackwardKernel*> kNormBackward = {
+    NormBackwardCpu, internal::NormBackwardCuda};
+
 // LayerNorm (center) and RmsNorm (!center) over the last dim of x; `op`
 // names the op in errors and in the graph.
 Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
@@ -136,27 +195,17 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
   const Tensor xc = x.detach().contiguous();
   const Tensor wc = weight.defined() ? weight.detach().contiguous() : Tensor();
   const Tensor bc = bias.defined() ? bias.detach().contiguous() : Tensor();
-  const bool cuda = x.device().is_cuda();
   Tensor out = Empty(x.shape(), x.dtype(), x.device());
   // Saved in float64 on the CPU so that the backward's xhat has no float32
   // rounding: for short rows its result is a small difference of large terms.
   // CUDA keeps them in the compute type (float32 for float32 and bfloat16).
-  const DType stats_dtype = cuda ? ComputeDType(x.dtype()) : DType::kFloat64;
+  const DType stats_dtype = StatsDType(x.device(), x.dtype());
   const Tensor mean = Empty({rows}, stats_dtype, x.device());
   const Tensor rstd = Empty({rows}, stats_dtype, x.device());
-  if (cuda) {
-    internal::NormForwardCuda(xc, wc, bc, eps, center, out, mean, rstd);
-  } else {
-    LC_DISPATCH_FLOATING(x.dtype(), op, [&] {
-      NormForwardKernel<scalar_t>(xc.data<scalar_t>(), DataOrNull<scalar_t>(wc),
-                                  DataOrNull<scalar_t>(bc), rows, dim, eps,
-                                  center, out.data<scalar_t>(),
-                                  mean.data<double>(), rstd.data<double>());
-    });
-  }
+  kNormForward.For(x.device())(xc, wc, bc, eps, center, out, mean, rstd);
   if (NeedsGrad(inputs)) {
     RecordOp(op, inputs, {&out}, /*saved=*/{xc, wc},
-             [xc, wc, mean, rstd, rows, dim, center, op,
+             [xc, wc, mean, rstd, dim, center,
               has_bias = bias.defined()](const Tensors& g) -> Tensors {
                const Tensor gc = g[0].contiguous();
                const Device device = xc.device();
@@ -167,19 +216,8 @@ Tensor NormalizeLastDim(const char* op, const Tensor& x, const Tensor& weight,
                if (has_bias) grads.push_back(Empty({dim}, xc.dtype(), device));
                const Tensor dw = wc.defined() ? grads[1] : Tensor();
                const Tensor db = has_bias ? grads.back() : Tensor();
-               if (device.is_cuda()) {
-                 internal::NormBackwardCuda(xc, wc, mean, rstd, gc, center,
-                                            grads[0], dw, db);
-                 return grads;
-               }
-               LC_DISPATCH_FLOATING(xc.dtype(), op, [&] {
-                 NormBackwardKernel<scalar_t>(
-                     xc.data<scalar_t>(), DataOrNull<scalar_t>(wc),
-                     mean.data<double>(), rstd.data<double>(),
-                     gc.data<scalar_t>(), rows, dim, center,
-                     grads[0].data<scalar_t>(), DataOrNull<scalar_t>(dw),
-                     DataOrNull<scalar_t>(db));
-               });
+               kNormBackward.For(device)(xc, wc, mean, rstd, gc, center,
+                                         grads[0], dw, db);
                return grads;
              });
   }
