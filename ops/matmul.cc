@@ -34,6 +34,9 @@ bool IsRowMajor(const MatrixLayout& m) {
 bool IsColMajor(const MatrixLayout& m) {
   return m.row_stride == 1 || m.rows <= 1;
 }
+bool EigenReadsInPlace(const MatrixLayout& m) {
+  return IsRowMajor(m) || IsColMajor(m);
+}
 
 template <typename T, int Order>
 using ConstMatrixMap =
@@ -144,8 +147,39 @@ bool HasFullBatch(const Tensor& t, const Shape& batch) {
   return Shape(t.shape().begin(), t.shape().end() - 2) == batch;
 }
 
-// out [batch..., m, n] (dense) = op(a) @ op(b) on CUDA through cuBLAS, for
-// operands cuBLAS reads in place and k > 0. The batch dims go into one
+// out [batch..., m, n] (dense, not empty) = op(a) @ op(b) for operands of
+// one floating dtype on out's device that the device's GEMM reads in place
+// (MatmulKernels::reads_in_place), with k > 0 and the batch dims `batch`.
+using MatmulKernel = void(Tensor a, bool transpose_a, Tensor b,
+                          bool transpose_b, const Shape& batch,
+                          const Tensor& out);
+
+// MatmulKernel on the CPU through Eigen's GEMMs: one GEMM with the batch
+// folded into the rows where it folds, else one per batch entry.
+void MatmulCpu(Tensor a, bool transpose_a, Tensor b, bool transpose_b,
+               const Shape& batch, const Tensor& out) {
+  MatrixLayout la = LayoutOf(a, transpose_a);
+  const MatrixLayout lb = LayoutOf(b, transpose_b);
+  const Shape a_strides = BatchStrides(a, batch);
+  const Shape b_strides = BatchStrides(b, batch);
+  const Shape out_strides = BatchStrides(out, batch);
+  std::vector<std::array<int64_t, 3>> offsets;
+  if (BatchFoldsIntoRows(batch, a_strides, b_strides, la)) {
+    la.rows *= NumElements(batch);
+    offsets.push_back({0, 0, 0});
+  } else {
+    ForEachOffset<3>(batch, {&a_strides, &b_strides, &out_strides},
+                     [&](int64_t oa, int64_t ob, int64_t oc) {
+                       offsets.push_back({oa, ob, oc});
+                     });
+  }
+  LC_DISPATCH_FLOATING(a.dtype(), "Matmul", [&] {
+    GemmBatch(a.data<scalar_t>(), la, b.data<scalar_t>(), lb,
+              out.data<scalar_t>(), offsets);
+  });
+}
+
+// MatmulKernel on CUDA through cuBLAS. The batch dims go into one
 // strided-batched GEMM when they coalesce into one dim; when they do not,
 // each operand that is not broadcast along a batch dim is made contiguous
 // (so its batch dims coalesce), and any dims still apart (mixed broadcasts)
@@ -201,18 +235,24 @@ void MatmulCuda(Tensor a, bool transpose_a, Tensor b, bool transpose_b,
       });
 }
 
+// A device's GEMM and the operand layouts it reads in place (others are
+// copied to contiguous first).
+struct MatmulKernels {
+  bool (*reads_in_place)(const MatrixLayout& m);
+  MatmulKernel* gemm;
+};
+
+constexpr PerDevice<MatmulKernels> kMatmul = {
+    {EigenReadsInPlace, MatmulCpu}, {internal::CublasReadsInPlace, MatmulCuda}};
+
 // out[batch..., m, n] = op(a) @ op(b) for a and b of one floating dtype
 // (float32 or float64 on the CPU; also bfloat16 on CUDA) on one device, whose
 // shapes were validated. Not differentiable.
 Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
-  const bool cuda = a.device().is_cuda();
-  const auto reads_in_place = [cuda](const MatrixLayout& m) {
-    return cuda ? internal::CublasReadsInPlace(m)
-                : IsRowMajor(m) || IsColMajor(m);
-  };
-  if (!reads_in_place(LayoutOf(a, transpose_a))) a = a.contiguous();
-  if (!reads_in_place(LayoutOf(b, transpose_b))) b = b.contiguous();
-  MatrixLayout la = LayoutOf(a, transpose_a);
+  const MatmulKernels& kernels = kMatmul.For(a.device());
+  if (!kernels.reads_in_place(LayoutOf(a, transpose_a))) a = a.contiguous();
+  if (!kernels.reads_in_place(LayoutOf(b, transpose_b))) b = b.contiguous();
+  const MatrixLayout la = LayoutOf(a, transpose_a);
   const MatrixLayout lb = LayoutOf(b, transpose_b);
   const Shape batch =
       BroadcastShapes(Shape(a.shape().begin(), a.shape().end() - 2),
@@ -220,35 +260,11 @@ Tensor MatmulForward(Tensor a, Tensor b, bool transpose_a, bool transpose_b) {
   Shape out_shape = batch;
   out_shape.push_back(la.rows);
   out_shape.push_back(lb.cols);
-  if (cuda) {
-    // cuBLAS takes no empty inner dim: the product of nothing is 0.
-    if (la.cols == 0) return Zeros(out_shape, a.dtype(), a.device());
-    Tensor out = Empty(out_shape, a.dtype(), a.device());
-    if (out.numel() > 0) {
-      MatmulCuda(a, transpose_a, b, transpose_b, batch, out);
-    }
-    return out;
-  }
-  Tensor out = Empty(out_shape, a.dtype());
-  if (out.numel() == 0) return out;
-
-  const Shape a_strides = BatchStrides(a, batch);
-  const Shape b_strides = BatchStrides(b, batch);
-  const Shape out_strides = BatchStrides(out, batch);
-  std::vector<std::array<int64_t, 3>> offsets;
-  if (BatchFoldsIntoRows(batch, a_strides, b_strides, la)) {
-    la.rows *= NumElements(batch);
-    offsets.push_back({0, 0, 0});
-  } else {
-    ForEachOffset<3>(batch, {&a_strides, &b_strides, &out_strides},
-                     [&](int64_t oa, int64_t ob, int64_t oc) {
-                       offsets.push_back({oa, ob, oc});
-                     });
-  }
-  LC_DISPATCH_FLOATING(a.dtype(), "Matmul", [&] {
-    GemmBatch(a.data<scalar_t>(), la, b.data<scalar_t>(), lb,
-              out.data<scalar_t>(), offsets);
-  });
+  // The product over an empty inner dim is 0 (and cuBLAS takes no empty
+  // inner dim).
+  if (la.cols == 0) return Zeros(out_shape, a.dtype(), a.device());
+  Tensor out = Empty(out_shape, a.dtype(), a.device());
+  if (out.numel() > 0) kernels.gemm(a, transpose_a, b, transpose_b, batch, out);
   return out;
 }
 
