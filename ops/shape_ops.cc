@@ -116,6 +116,7 @@ void CheckIndexTensor(const char* op, const char* name, const Tensor& indices,
   LC_REQUIRE(indices.defined(), op, ": ", name, " is an undefined tensor");
   LC_REQUIRE(indices.dtype() == DType::kInt64, op, ": ", name, " has dtype ",
              DTypeName(indices.dtype()), " (expected int64)");
+  // Validation, not a kernel choice: indices on the CPU serve every device.
   LC_REQUIRE(indices.device().is_cpu() || indices.device() == device, op, ": ",
              name, " is on ", indices.device().ToString(), " (expected cpu",
              device.is_cpu() ? "" : " or ",
