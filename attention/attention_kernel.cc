@@ -124,6 +124,9 @@ void ForEachHeadTile(const AttentionProblem& p, const AttentionCall& call,
                       p.plan, [&](const Tile& tile) {
                         TileMask mask;
                         mask.causal = p.plan.causal;
+                        mask.window_left = p.plan.window_left;
+                        mask.window_right = p.plan.window_right;
+                        mask.softcap = p.softcap;
                         mask.block_mask = p.plan.block_mask;
                         if (padding != nullptr) {
                           mask.key_padding = padding + tile.k.position;
@@ -293,6 +296,13 @@ std::shared_ptr<AttentionProblem> MakeAttentionProblem(
   }
   LC_REQUIRE(options.dropout >= 0 && options.dropout < 1, "Attention: dropout ",
              options.dropout, " (expected in [0, 1))");
+  LC_REQUIRE(options.window_left >= -1 && options.window_right >= -1,
+             "Attention: window (", options.window_left, ", ",
+             options.window_right,
+             ") (expected each >= 0, or -1 for unlimited)");
+  LC_REQUIRE(std::isfinite(options.softcap) && options.softcap >= 0,
+             "Attention: softcap ", options.softcap,
+             " (expected > 0, or 0 for none)");
   if (options.scale.has_value()) {
     LC_REQUIRE(std::isfinite(*options.scale), "Attention: scale ",
                *options.scale, " (expected a finite number)");
@@ -320,11 +330,14 @@ std::shared_ptr<AttentionProblem> MakeAttentionProblem(
                                         static_cast<int64_t>(patterns.size()));
   }
   p->plan.causal = options.causal;
+  p->plan.window_left = options.window_left;
+  p->plan.window_right = options.window_right;
   p->plan.block_mask = p->pattern.block_mask.get();
   p->plan.query_tile = options.query_tile;
   p->plan.key_tile = options.key_tile;
   p->plan.order = options.tile_order;
   p->dropout = options.dropout;
+  p->softcap = options.softcap;
   if (cuda) p->cuda_work_lists = std::make_shared<CudaWorkLists>();
   return p;
 }

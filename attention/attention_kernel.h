@@ -92,8 +92,9 @@ struct AttentionProblem {
   double scale = 1;
   AttentionPattern pattern;  // segment lengths and rates below 2n
   int64_t max_patterns = 1;  // patterns of the head with the most
-  TilePlanOptions plan;
+  TilePlanOptions plan;      // causality and the window are the plan's
   double dropout = 0;
+  double softcap = 0;  // > 0: scores become softcap * tanh(s / softcap)
   // CUDA problems: the kernels' work lists, built when the plan prepares a
   // pair of layouts. Null on the CPU.
   std::shared_ptr<CudaWorkLists> cuda_work_lists;

@@ -44,6 +44,14 @@ struct AttentionOptions {
   // probabilities with the counter-based stream of the call's generator
   // (AttentionCallOptions): one offset per call.
   double dropout = 0;
+  // Sliding window (FlashAttention's window_size): query t attends only keys
+  // u with t - window_left <= u <= t + window_right, intersected with the
+  // pattern, causality and the masks; -1 leaves that side unlimited.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  // Soft-capping (Gemma 2): with softcap > 0 every score s becomes
+  // softcap * tanh(s / softcap) before the softmax; 0 is off.
+  double softcap = 0;
   TileOrder tile_order = TileOrder::kRowMajor;
   int64_t query_tile = 128;  // rows per tile (block-sparse: one block)
   int64_t key_tile = 256;

@@ -29,7 +29,13 @@ struct RowSet {
 // Which (t, u) pairs of a tile are allowed beyond the pattern that chose the
 // tile's rows, and the dropout applied to their probabilities.
 struct TileMask {
-  bool causal = false;                    // u <= t
+  bool causal = false;  // u <= t
+  // t - window_left <= u <= t + window_right (-1: that side unlimited).
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  // > 0: every score s becomes softcap * tanh(s / softcap) before the
+  // softmax (not a mask, but applied wherever scores are).
+  double softcap = 0;
   const BlockMask* block_mask = nullptr;  // pair's block pair must be on
   // Keys to ignore, one byte per key row of the tile (nonzero = padding).
   const uint8_t* key_padding = nullptr;
@@ -77,8 +83,9 @@ void PartialAttentionForward(const RowSet<const T>& q, const RowSet<const T>& k,
                              AttentionScratch* scratch);
 
 // Backward of one tile by recomputation: p = exp(s - lse) with the final
-// lse, then dv += p^T do, dp = do v^T, ds = p * (dp - delta + dlse),
-// dq += scale ds k, dk += scale ds^T q. grad_out, lse, delta (rowsum of
+// lse, then dv += p^T do, dp = do v^T, ds = p * (dp - delta + dlse) (times
+// the soft-cap's derivative 1 - (s / softcap)^2 of the capped s), dq +=
+// scale ds k, dk += scale ds^T q. grad_out, lse, delta (rowsum of
 // out * grad_out) and dlse (gradient of lse, may be null) are parallel to q;
 // dq to q; dk, dv to k.
 template <typename T>

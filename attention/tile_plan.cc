@@ -72,6 +72,17 @@ void HilbertCell(int64_t side, int64_t d, int64_t* x, int64_t* y) {
   }
 }
 
+bool WindowMeets(const TilePlanOptions& options, int64_t q_first,
+                 int64_t q_last, int64_t k_first, int64_t k_last) {
+  // The keys nearest to the window: u >= t - left binds hardest for the
+  // last key against the first query, u <= t + right for the first key
+  // against the last query.
+  if (options.window_left >= 0 && k_last < q_first - options.window_left) {
+    return false;
+  }
+  return options.window_right < 0 || k_first <= q_last + options.window_right;
+}
+
 void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
                  PositionSpan queries, PositionSpan keys,
                  const TilePlanOptions& options,
@@ -104,6 +115,9 @@ void ForEachTile(const std::vector<DilatedPattern>& patterns, int64_t n,
         const TileRows& q = q_tiles[qi];
         const TileRows& k = k_tiles[ki];
         if (options.causal && k.position > q.last()) return;
+        if (!WindowMeets(options, q.position, q.last(), k.position, k.last())) {
+          return;
+        }
         fn(Tile{q, k, static_cast<int>(pi)});
       };
       auto visit = [&](size_t qi, size_t ki) {

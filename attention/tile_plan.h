@@ -1,7 +1,8 @@
 // The tiles an attention kernel visits for one head: for each pattern and
 // segment, the selected query and key positions (strided runs) cut into
 // tiles, skipping (query tile, key tile) pairs with no allowed pair (all keys
-// in the causal future, or a block pair that is off), visited row-major or
+// in the causal future or outside the window, or a block pair that is off),
+// visited row-major or
 // along a Hilbert curve. Position windows restrict queries and keys to the
 // tokens a rank holds, so ring attention plans with the same code.
 #ifndef LONGCTX_ATTENTION_TILE_PLAN_H_
@@ -39,11 +40,21 @@ struct Tile {
 
 struct TilePlanOptions {
   bool causal = false;
+  // Keys u with t - window_left <= u <= t + window_right only (-1:
+  // unlimited); tiles wholly outside are skipped.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
   const BlockMask* block_mask = nullptr;  // tiles then hold one block each
   int64_t query_tile = 128;               // rows per query tile at most
   int64_t key_tile = 256;                 // rows per key tile at most
   TileOrder order = TileOrder::kRowMajor;
 };
+
+// Whether the window of `options` lets some query in positions [q_first,
+// q_last] attend some key in [k_first, k_last] (a conservative test for
+// strided rows).
+bool WindowMeets(const TilePlanOptions& options, int64_t q_first,
+                 int64_t q_last, int64_t k_first, int64_t k_last);
 
 // Calls fn for each tile of one head with patterns `patterns` over a
 // sequence of n tokens, queries in `queries` and keys in `keys`.
