@@ -22,9 +22,9 @@ using RowMatrix =
 
 struct AttentionScratch {
   // Tile buffers, reused across tiles: [Tq, Tk] scores or probabilities,
-  // [Tq, head_dim] partial outputs.
-  RowMatrix<float> f[3];
-  RowMatrix<double> d[3];
+  // [Tq, head_dim] partial outputs, the soft-cap slope.
+  RowMatrix<float> f[4];
+  RowMatrix<double> d[4];
   // Per query row of a tile: the row maximum and the row sum.
   std::vector<float> f_rows[2];
   std::vector<double> d_rows[2];
@@ -164,19 +164,36 @@ T ExpShifted(T* x, int64_t n, T shift) {
   return sum;
 }
 
-// s = scale * q k^T with disallowed pairs set to -inf. Returns false when no
-// pair of the tile is allowed.
+// Whether some pair of the tile falls outside mask's window: the first
+// query's window must reach the last key, the last query's the first key.
+template <typename T>
+bool WindowCuts(const RowSet<const T>& q, const RowSet<const T>& k,
+                const TileMask& mask) {
+  const int64_t first_q = q.PositionOf(0), last_q = q.PositionOf(q.count - 1);
+  return (mask.window_left >= 0 &&
+          k.PositionOf(0) < last_q - mask.window_left) ||
+         (mask.window_right >= 0 &&
+          k.PositionOf(k.count - 1) > first_q + mask.window_right);
+}
+
+// s = scale * q k^T (soft-capped when mask.softcap > 0) with disallowed
+// pairs set to -inf. Returns false when no pair of the tile is allowed.
 template <typename T>
 bool Scores(const RowSet<const T>& q, const RowSet<const T>& k, int64_t d,
             T scale, const TileMask& mask, RowMatrix<T>& s) {
   // Eigen applies the scalar factor inside the product (as its alpha), so
   // the scaling costs no pass over s.
   s.noalias() = (scale * Map(q, d)) * Map(k, d).transpose();
+  if (mask.softcap > 0) {
+    const T cap = static_cast<T>(mask.softcap);
+    s.array() = cap * (s.array() / cap).tanh();
+  }
   const int64_t last_key = k.PositionOf(k.count - 1);
   // Rows are in increasing position order: when the first query already
   // sees the last key, no row of the tile has a causal cut.
   const bool causal_cut = mask.causal && last_key > q.PositionOf(0);
-  if (!causal_cut && mask.block_mask == nullptr &&
+  const bool window_cut = WindowCuts(q, k, mask);
+  if (!causal_cut && !window_cut && mask.block_mask == nullptr &&
       mask.key_padding == nullptr) {
     return true;  // every pair of the tile is allowed
   }
@@ -209,6 +226,15 @@ bool Scores(const RowSet<const T>& q, const RowSet<const T>& k, int64_t d,
     if (mask.key_padding != nullptr) {
       for (int64_t j = 0; j < allowed_end; ++j) {
         if (mask.key_padding[j * mask.key_padding_step] != 0) row[j] = neg_inf;
+      }
+    }
+    if (window_cut) {
+      for (int64_t j = 0; j < allowed_end; ++j) {
+        const int64_t u = k.PositionOf(j);
+        if ((mask.window_left >= 0 && u < t - mask.window_left) ||
+            (mask.window_right >= 0 && u > t + mask.window_right)) {
+          row[j] = neg_inf;
+        }
       }
     }
     for (int64_t j = 0; j < allowed_end && !any; ++j) any = row[j] != neg_inf;
@@ -323,6 +349,15 @@ void PartialAttentionBackward(
   const int64_t d = head_dim;
   RowMatrix<T>& p = Buffer<T>(scratch, 0, q.count, k.count);
   if (!Scores(q, k, d, scale, mask, p)) return;
+  // The soft-cap's derivative 1 - (s / cap)^2 at the capped scores s (0 for
+  // disallowed pairs, whose p is 0 too).
+  RowMatrix<T>* cap_slope = nullptr;
+  if (mask.softcap > 0) {
+    cap_slope = &Buffer<T>(scratch, 3, q.count, k.count);
+    const T cap = static_cast<T>(mask.softcap);
+    cap_slope->array() = (p.array() == -std::numeric_limits<T>::infinity())
+                             .select(T(0), T(1) - (p.array() / cap).square());
+  }
   for (int64_t i = 0; i < q.count; ++i) {
     const T l = lse[i * row_stat_stride];
     auto row = p.row(i).array();
@@ -361,6 +396,7 @@ void PartialAttentionBackward(
     if (dlse != nullptr) shift += dlse[i * row_stat_stride];
     dp.row(i).array() = p.row(i).array() * (dp.row(i).array() + shift) * scale;
   }
+  if (cap_slope != nullptr) dp.array() *= cap_slope->array();
   dq_rows.noalias() += dp * Map(k, d);
   dk_rows.noalias() += dp.transpose() * Map(q, d);
 }

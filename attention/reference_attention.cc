@@ -51,7 +51,7 @@ void ValidatePairInputs(const AttentionPattern& pattern,
 template <typename Fn>
 void ForEachAllowedPair(const AttentionPattern& pattern, bool causal,
                         const Tensor& key_padding_mask, int64_t batch,
-                        int64_t n, Fn&& fn) {
+                        int64_t n, const PairWindow& window, Fn&& fn) {
   ValidatePairInputs(pattern, key_padding_mask, batch, n);
   const std::vector<double> padding = key_padding_mask.defined()
                                           ? key_padding_mask.ToVector()
@@ -66,6 +66,8 @@ void ForEachAllowedPair(const AttentionPattern& pattern, bool causal,
           for (int64_t u = 0; u < n; ++u) {
             if (!patterns[i].Allows(t, u)) continue;
             if (causal && u > t) continue;
+            if (window.left >= 0 && u < t - window.left) continue;
+            if (window.right >= 0 && u > t + window.right) continue;
             if (block_mask != nullptr && !block_mask->Allows(t, u)) continue;
             if (!padding.empty() && padding[b * n + u] != 0) continue;
             fn(b, h, static_cast<int64_t>(i), t, u);
@@ -88,15 +90,16 @@ int64_t MaxPatterns(const AttentionPattern& pattern) {
 }  // namespace
 
 Tensor PairCounts(const AttentionPattern& pattern, bool causal,
-                  const Tensor& key_padding_mask, int64_t batch, int64_t n) {
+                  const Tensor& key_padding_mask, int64_t batch, int64_t n,
+                  const PairWindow& window) {
   return DropoutKeepWeights(pattern, causal, key_padding_mask, batch, n,
-                            /*dropout=*/0, /*seed=*/0, /*offset=*/0);
+                            /*dropout=*/0, /*seed=*/0, /*offset=*/0, window);
 }
 
 Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
                           const Tensor& key_padding_mask, int64_t batch,
                           int64_t n, double dropout, uint64_t seed,
-                          uint64_t offset) {
+                          uint64_t offset, const PairWindow& window) {
   LC_REQUIRE(dropout >= 0 && dropout < 1, "ReferenceAttention: dropout ",
              dropout, " (expected in [0, 1))");
   const int64_t heads = static_cast<int64_t>(pattern.head_patterns.size());
@@ -109,7 +112,7 @@ Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
   Tensor weights = Zeros({batch, heads, n, n}, DType::kFloat64);
   double* w = weights.data<double>();
   ForEachAllowedPair(
-      pattern, causal, key_padding_mask, batch, n,
+      pattern, causal, key_padding_mask, batch, n, window,
       [&](int64_t b, int64_t h, int64_t i, int64_t t, int64_t u) {
         double factor = 1;
         if (dropout > 0) {
@@ -147,8 +150,12 @@ AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
              pattern.head_patterns.size(), " heads but q has ", heads);
   const double scale = options.scale.value_or(1.0 / std::sqrt(double(dim)));
 
-  const Tensor counts =
-      PairCounts(pattern, options.causal, call.key_padding_mask, batch, n);
+  LC_REQUIRE(std::isfinite(options.softcap) && options.softcap >= 0,
+             "ReferenceAttention: softcap ", options.softcap,
+             " (expected > 0, or 0 for none)");
+  const PairWindow window{options.window_left, options.window_right};
+  const Tensor counts = PairCounts(pattern, options.causal,
+                                   call.key_padding_mask, batch, n, window);
   Tensor keep = counts;
   if (options.dropout != 0) {
     LC_REQUIRE(options.dropout > 0 && options.dropout < 1,
@@ -159,7 +166,7 @@ AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
     const uint64_t seed = call.generator->seed();
     const uint64_t offset = call.generator->NextOffset();
     keep = DropoutKeepWeights(pattern, options.causal, call.key_padding_mask,
-                              batch, n, options.dropout, seed, offset);
+                              batch, n, options.dropout, seed, offset, window);
   }
 
   NoGradGuard no_grad;
@@ -191,6 +198,9 @@ AttentionResult ReferenceAttention(const Tensor& q, const Tensor& k,
             dot += qd[at(b, t, h) + c] * kd[at(b, u, h) + c];
           }
           s[u] = scale * dot;
+          if (options.softcap > 0) {
+            s[u] = options.softcap * std::tanh(s[u] / options.softcap);
+          }
           max_score = std::max(max_score, s[u]);
         }
         if (max_score == neg_inf) continue;  // no allowed key: out 0, -inf

@@ -12,15 +12,24 @@
 
 namespace lc {
 
+// A sliding window over pairs: t - left <= u <= t + right (-1: that side
+// unlimited).
+struct PairWindow {
+  int64_t left = -1;
+  int64_t right = -1;
+};
+
 // float64 [batch, heads, n, n]: entry (b, h, t, u) is the number of patterns
 // of head h that let query t attend key u, a pattern allowing the pair when
 // DilatedPattern::Allows(t, u), pattern.block_mask->Allows(t, u) (when there
-// is a block mask), u <= t (when causal) and key u of batch b is not padding
-// (key_padding_mask: uint8 [batch, n], nonzero = padding; undefined for
-// none). Throws lc::Error for a pattern that does not fit (bad (w, r, o), a
-// block mask for another length) or a padding mask of the wrong shape.
+// is a block mask), u <= t (when causal), the pair is in `window` and key u
+// of batch b is not padding (key_padding_mask: uint8 [batch, n], nonzero =
+// padding; undefined for none). Throws lc::Error for a pattern that does not
+// fit (bad (w, r, o), a block mask for another length) or a padding mask of
+// the wrong shape.
 Tensor PairCounts(const AttentionPattern& pattern, bool causal,
-                  const Tensor& key_padding_mask, int64_t batch, int64_t n);
+                  const Tensor& key_padding_mask, int64_t batch, int64_t n,
+                  const PairWindow& window = {});
 
 // float64 [batch, heads, n, n]: the sum, over the patterns that allow
 // (t, u) as in PairCounts, of the attention-dropout keep factor of the pair
@@ -36,12 +45,13 @@ Tensor PairCounts(const AttentionPattern& pattern, bool causal,
 Tensor DropoutKeepWeights(const AttentionPattern& pattern, bool causal,
                           const Tensor& key_padding_mask, int64_t batch,
                           int64_t n, double dropout, uint64_t seed,
-                          uint64_t offset);
+                          uint64_t offset, const PairWindow& window = {});
 
 // Attention of q over k, v ([batch, n, heads, head_dim], any floating dtype,
 // read as float64) under `pattern` and `options`, computed from the weights
 // above with C = PairCounts and K = DropoutKeepWeights (K = C without
-// dropout), s = scale * q.k:
+// dropout), both with the options' window, and s = scale * q.k, soft-capped
+// to options.softcap * tanh(s / options.softcap) when options.softcap > 0:
 //   lse[b, h, t] = log sum_u C[t, u] exp(s(t, u))   (-inf if C's row is 0)
 //   out[b, t, h] = sum_u K[t, u] exp(s(t, u) - lse) v[u]   (0 if no key).
 // Returns float64 out [batch, n, heads, head_dim] and lse [batch, heads, n].

@@ -5,7 +5,8 @@
 // and counts, keep [batch, heads, n, n] (detached: they get no gradient) -
 // counts[t, u] is the number of patterns allowing the pair (0 = not allowed)
 // and keep[t, u] the sum of their dropout keep factors (keep = counts without
-// dropout); attr number "scale". With s = scale * q.k per head:
+// dropout); attr number "scale", optional attr number "softcap" (> 0: s
+// becomes softcap * tanh(s / softcap)). With s = scale * q.k per head:
 //   lse = logsumexp_u(s + log counts)   (-inf for a row with no allowed key)
 //   out = (keep * exp(s - lse)) @ v      (0 for a row with no allowed key)
 // Outputs out [batch, n, heads, head_dim] and lse [batch, heads, n]. Rows with
@@ -29,8 +30,12 @@ LC_REGISTER_TORCH_OP(masked_attention, [](const TorchTensors& in,
   const torch::Tensor keep = in[4].detach();
   const double inf = std::numeric_limits<double>::infinity();
 
-  const torch::Tensor s =
+  torch::Tensor s =
       attrs.number("scale") * torch::matmul(q, k.transpose(-1, -2));
+  if (attrs.has("softcap")) {
+    const double cap = attrs.number("softcap");
+    s = cap * torch::tanh(s / cap);
+  }
   const torch::Tensor allowed = counts > 0;
   const torch::Tensor neg_inf = torch::full_like(s, -inf);
   // Scores of allowed pairs, -inf elsewhere; where() sends no gradient to

@@ -28,6 +28,7 @@
 #include "core/autograd.h"
 #include "core/random.h"
 #include "gtest/gtest.h"
+#include "ops/elementwise.h"
 #include "tests/attention/attention_test_util.h"
 #include "tests/op_test_util.h"
 
@@ -238,6 +239,141 @@ TEST(AttentionTest, DilatedCausalGradientsMatchFiniteDifferences) {
   // loss has no -inf term.
   for (double l : fn(inputs)[1].ToVector()) ASSERT_TRUE(std::isfinite(l));
   ExpectGradientsMatchFiniteDifferences(fn, inputs);
+}
+
+// Sliding windows (SPEC section 2, Windows) with every pattern type, causal
+// and not, with tiles that split segments (5 x 7) and the default ones:
+// forward and every gradient in float64 against the torch oracle, whose
+// counts apply t - left <= u <= t + right independently of the library.
+// Windows of 0 keep the diagonal only (or one side of it); (-1, -1) is no
+// window.
+TEST(AttentionTest, SlidingWindowsMatchTorchInFloat64) {
+  Generator gen = TestGenerator();
+  for (AttentionCase c : PatternCases(gen)) {
+    for (auto [left, right] : {std::pair<int64_t, int64_t>{0, 0},
+                               {0, -1},
+                               {-1, 0},
+                               {6, -1},
+                               {-1, 3},
+                               {10, 4}}) {
+      for (bool causal : {false, true}) {
+        for (auto [query_tile, key_tile] :
+             {std::pair<int64_t, int64_t>{5, 7}, {128, 256}}) {
+          c.options.causal = causal;
+          c.options.window_left = left;
+          c.options.window_right = right;
+          c.options.query_tile = query_tile;
+          c.options.key_tile = key_tile;
+          SCOPED_TRACE("window (" + std::to_string(left) + ", " +
+                       std::to_string(right) + ")");
+          ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
+        }
+      }
+    }
+  }
+}
+
+// Soft-capping (SPEC section 2): scores become cap * tanh(s / cap) before
+// the softmax, forward and gradients (the oracle differentiates tanh with
+// torch autograd), alone and with a window, dropout and padding. Inputs are
+// scaled by 3 so that scores reach the cap (tanh far from linear). float64,
+// 1e-10 as above.
+TEST(AttentionTest, SoftCappingMatchesTorchInFloat64) {
+  Generator gen = TestGenerator();
+  for (AttentionCase c : PatternCases(gen)) {
+    for (bool causal : {false, true}) {
+      c.options.causal = causal;
+      c.options.softcap = 2.5;
+      c.options.query_tile = 5;
+      c.options.key_tile = 7;
+      Qkv in = RandomQkv(c, DType::kFloat64, gen);
+      in.q = MulScalar(in.q, 3.0);
+      in.k = MulScalar(in.k, 3.0);
+      ExpectAttentionMatchesOracle(c, in);
+      c.options.window_left = 9;
+      c.options.window_right = 2;
+      ExpectAttentionMatchesOracle(c, in);
+      c.options.window_left = c.options.window_right = -1;
+    }
+  }
+  AttentionCase c = Case("dense softcap dropout padded", 40, 2, DenseSpec());
+  c.batch = 2;
+  c.options.softcap = 1.5;
+  c.options.dropout = 0.25;
+  c.options.window_left = 7;
+  c.call.key_padding_mask =
+      FromVector(std::vector<double>(80, 0.0), {2, 40}, DType::kUInt8);
+  Generator dropout_gen(11);
+  c.call.generator = &dropout_gen;
+  ExpectAttentionMatchesOracle(c, RandomQkv(c, DType::kFloat64, gen));
+}
+
+// Analytic gradients through the soft-cap and a window against central
+// differences in float64 (as DilatedCausalGradientsMatchFiniteDifferences).
+TEST(AttentionTest, SoftCapAndWindowGradientsMatchFiniteDifferences) {
+  Generator gen = TestGenerator();
+  const int64_t n = 14, heads = 2, head_dim = 4;
+  const AttentionPattern pattern = testing::DilatedHeads(
+      *DilatedSpec({4, 8}, {1, 2}, HeadLayout::kAllHeads).dilated, heads);
+  AttentionOptions options;
+  options.causal = true;
+  options.softcap = 1.7;
+  options.window_left = 5;
+  options.query_tile = 3;
+  options.key_tile = 2;
+  const OpFn fn = [&](const Tensors& in) -> Tensors {
+    AttentionResult r = Attention(in[0], in[1], in[2], pattern, options);
+    return {r.out, r.lse};
+  };
+  const Shape shape = {1, n, heads, head_dim};
+  const Tensors inputs = {MulScalar(Randn(shape, gen, DType::kFloat64), 2.0),
+                          MulScalar(Randn(shape, gen, DType::kFloat64), 2.0),
+                          Randn(shape, gen, DType::kFloat64)};
+  for (double l : fn(inputs)[1].ToVector()) ASSERT_TRUE(std::isfinite(l));
+  ExpectGradientsMatchFiniteDifferences(fn, inputs);
+}
+
+// A window prunes whole tiles from the plan: with a narrow window a long
+// dense sequence visits only the tiles along the diagonal band.
+TEST(AttentionTest, WindowPrunesTilesOutsideTheBand) {
+  TilePlanOptions options;
+  options.query_tile = 16;
+  options.key_tile = 16;
+  const int64_t n = 256;
+  const std::vector<DilatedPattern> dense = {DilatedPattern{n, 1, 0}};
+  auto count = [&] {
+    int64_t tiles = 0;
+    ForEachTile(dense, n, {0, n}, {0, n}, options,
+                [&](const Tile&) { ++tiles; });
+    return tiles;
+  };
+  EXPECT_EQ(count(), 16 * 16);
+  options.window_left = 20;
+  options.window_right = 0;
+  // Query tile i meets key tiles i - 2 .. i (20 tokens back reach two tiles
+  // for the tile's first rows).
+  EXPECT_EQ(count(), 16 + 15 + 14);
+  options.window_left = 0;
+  EXPECT_EQ(count(), 16);
+}
+
+// Bad windows and caps are errors naming the value.
+TEST(AttentionTest, BadWindowOrSoftcapIsAClearError) {
+  const Shape shape = {1, 8, 1, 4};
+  const Tensor x = Zeros(shape, DType::kFloat32);
+  AttentionPattern pattern;
+  pattern.head_patterns = {{DilatedPattern{8, 1, 0}}};
+  AttentionOptions options;
+  options.window_left = -2;
+  testing::ExpectError([&] { Attention(x, x, x, pattern, options); },
+                       {"Attention: window (-2, -1)"});
+  options.window_left = -1;
+  options.softcap = -1;
+  testing::ExpectError([&] { Attention(x, x, x, pattern, options); },
+                       {"Attention: softcap -1"});
+  options.softcap = std::numeric_limits<double>::infinity();
+  testing::ExpectError([&] { Attention(x, x, x, pattern, options); },
+                       {"Attention: softcap inf"});
 }
 
 // A uint8 [batch, n] mask with about a third of the keys padding; batch 1

@@ -162,6 +162,12 @@ OracleWeights WeightsFor(const AttentionCase& c, const Generator& gen) {
               continue;
             }
             if (c.options.causal && u > t) continue;
+            if (c.options.window_left >= 0 && u < t - c.options.window_left) {
+              continue;
+            }
+            if (c.options.window_right >= 0 && u > t + c.options.window_right) {
+              continue;
+            }
             if (!padding.empty() && padding[b * n + u] != 0) continue;
             const size_t at = ((b * heads + h) * n + t) * n + u;
             counts[at] += 1;
@@ -256,6 +262,7 @@ void ExpectAttentionMatchesOracle(const AttentionCase& c, const Qkv& inputs,
   attrs.numbers["scale"] = c.options.scale.value_or(
       1.0 / std::sqrt(static_cast<double>(c.head_dim)));
   attrs.numbers["empty_lse"] = 0;
+  if (c.options.softcap > 0) attrs.numbers["softcap"] = c.options.softcap;
   ExpectMatchesTorch("masked_attention", fn,
                      {inputs.q, inputs.k, inputs.v, w.counts, w.keep}, attrs,
                      &t);
