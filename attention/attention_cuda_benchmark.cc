@@ -1,29 +1,46 @@
-// Benchmark of the CUDA attention kernels: forward and forward+backward time
-// (median of --repeats runs after --warmup runs, CUDA events on the current
-// stream, the host's plan building included), TFLOP/s and the peak extra
-// device memory of lc::Attention on bfloat16 inputs:
-//  - dilated: batch 1, --heads heads of head_dim 64, segment lengths
-//    2048,4096,8192 with dilation rates 1,2,4 in head groups, at each of
-//    --dilated_lengths;
+// Benchmark of the CUDA attention kernels on bfloat16 inputs, batch 1. Each
+// workload is an AttentionConfig, built into its pattern as attention_cli and
+// //train build theirs (BuildAttentionPattern), and prints one table:
+//  - dilated: --heads heads of head_dim 64, segment lengths 2048,4096,8192
+//    with dilation rates 1,2,4 in head groups, at each of --dilated_lengths,
+//    on each backend of --backends;
+//  - all_heads: the same segments and rates in the LongNet all-heads layout
+//    (every head has all three patterns, offsets head mod r), on our kernels
+//    (cuDNN runs one pattern per head); its ps/pair against the dilated
+//    rows' is the cost of the layout;
 //  - dense: one pattern w = n, r = 1, --dense_heads heads of head_dim 128 at
-//    n = --dense_length, causal and not;
-//  - ring: dense attention (not causal) of --ring_length tokens on k = 2 and
-//    4 thread ranks of the one GPU: the forward time per ring step with the
-//    K/V transfers (RingAttention) and without them (each rank running the
-//    same steps as single-rank Attention of its queries over one chunk), so
-//    the difference is the communication that compute does not hide.
+//    n = --dense_length, on each backend of --backends;
+//  - ring: dense attention (not causal) of --ring_length tokens, 8 heads of
+//    head_dim 128, on k = 2 and 4 thread ranks of the one GPU: the forward
+//    time per ring step with the K/V transfers (RingAttention) and without
+//    them (each rank running the same steps as single-rank Attention of its
+//    queries over one chunk), so the difference is the communication that
+//    compute does not hide;
+// The single-rank workloads (dilated, all_heads, dense) run each of
+// --causal (default causal and not) on one set of random inputs, and
+// time lc::Attention with the host's plan building included in each call.
 //
-// FLOPs count only the (query, key) pairs the pattern allows, with the
-// FlashAttention convention: forward = 4 * head_dim * pairs (S = Q K^T and
-// O = P V), backward = 2.5 x forward (the five products of the FA2 backward),
-// so forward+backward = 14 * head_dim * pairs. (The kernels here recompute S
+// Times: the median of --repeats runs after --warmup runs, between CUDA
+// events on the current stream; on thread ranks (which start each run
+// together after a barrier) the median over the runs of the slowest rank.
+// FLOPs count only the (query, key) pairs the pattern allows (a pair counted
+// once per pattern of its head that allows it), with the FlashAttention
+// convention: forward = 4 * head_dim * pairs (S = Q K^T and O = P V),
+// backward = 2.5 x forward (the five products of the FA2 backward), so
+// forward+backward = 14 * head_dim * pairs. (The kernels here recompute S
 // and dP in both backward kernels, seven products, for determinism without
-// atomics; the convention counts the useful work only.)
+// atomics; the convention counts the useful work only.) ps/pair:
+// picoseconds per allowed pair, summed over heads, which compares layouts
+// and workloads of different head_dim.
 // Peak extra memory: the peak of the device's tensor bytes during the call
 // minus the bytes held before it (q, k, v and the output gradient).
 //
-//   bazel run //attention:attention_cuda_benchmark -- --workloads=dense
-//   bazel run //attention:attention_cuda_benchmark -- --workloads=ring
+//   bazel run //attention:attention_cuda_benchmark  # dilated, dense
+//   bazel run //attention:attention_cuda_benchmark --
+//       --workloads=all_heads
+//   bazel run //attention:attention_cuda_benchmark --
+//       --workloads=ring
+// (each on one line).
 //
 // Needs a CUDA device: without one it says so and exits 0.
 
@@ -31,7 +48,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -52,12 +71,15 @@
 
 ABSL_FLAG(std::vector<std::string>, workloads,
           std::vector<std::string>({"dilated", "dense"}),
-          "Which workloads to run: dilated, dense, ring.");
+          "Which workloads to run: dilated, all_heads, dense, ring.");
 ABSL_FLAG(std::vector<std::string>, dilated_lengths,
           std::vector<std::string>({"131072", "1048576"}),
-          "Sequence lengths of the dilated workload.");
-ABSL_FLAG(int64_t, heads, 12, "Heads of the dilated workload (head_dim 64).");
-ABSL_FLAG(bool, dilated_causal, false, "Causal dilated attention.");
+          "Sequence lengths of the dilated and all_heads workloads.");
+ABSL_FLAG(int64_t, heads, 12,
+          "Heads of the dilated and all_heads workloads (head_dim 64).");
+ABSL_FLAG(std::string, causal, "both",
+          "Causal variants of the dilated, all_heads and dense workloads: "
+          "both, true or false.");
 ABSL_FLAG(int64_t, dense_length, 16384, "Sequence length of the dense runs.");
 ABSL_FLAG(int64_t, dense_heads, 16, "Heads of the dense runs (head_dim 128).");
 ABSL_FLAG(int64_t, ring_length, 65536,
@@ -101,6 +123,20 @@ Tensor RandomBf16(const Shape& shape, uint64_t seed, Device device) {
   return host.to(device);
 }
 
+// The inputs of one configuration: q, k, v and the output gradient, each
+// [1, n, heads, head_dim] bfloat16.
+struct Inputs {
+  Tensor q, k, v, grad;
+};
+
+Inputs RandomInputs(int64_t n, int64_t heads, int64_t head_dim, uint64_t seed,
+                    Device device) {
+  const Shape shape = {1, n, heads, head_dim};
+  return {
+      RandomBf16(shape, seed + 1, device), RandomBf16(shape, seed + 2, device),
+      RandomBf16(shape, seed + 3, device), RandomBf16(shape, seed + 4, device)};
+}
+
 // Allowed (t, u) pairs of all heads of one batch element: for each pattern
 // and segment, c selected positions give c * c pairs (c (c + 1) / 2 when
 // causal).
@@ -122,21 +158,40 @@ double UsefulPairs(const AttentionPattern& pattern, int64_t n, bool causal) {
 }
 
 struct Measurement {
-  double ms = 0;          // median
-  double peak_extra = 0;  // bytes
+  std::vector<double> ms;  // each timed run
+  double peak_extra = 0;   // bytes, the largest of the timed runs
 };
 
-// Times fn (median of repeats after warmup runs) between CUDA events on the
-// current stream, and the peak extra device memory of one run.
-template <typename Fn>
-Measurement Measure(Device device, Fn&& fn) {
+double Median(std::vector<double> ms) {
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Per timed run, the slowest rank's time; then the median over the runs.
+double SlowestMedian(const std::vector<std::vector<double>>& per_rank) {
+  std::vector<double> worst(per_rank[0].size(), 0);
+  for (const std::vector<double>& rank : per_rank) {
+    for (size_t i = 0; i < worst.size(); ++i) {
+      worst[i] = std::max(worst[i], rank[i]);
+    }
+  }
+  return Median(worst);
+}
+
+// Times fn between CUDA events on the current stream: --warmup untimed runs,
+// then --repeats timed ones, each after align() (thread ranks pass a barrier,
+// so that they start together), and the peak extra device memory of a run
+// (meaningless where ranks share the device).
+Measurement Measure(
+    Device device, const std::function<void()>& fn,
+    const std::function<void()>& align = [] {}) {
   for (int64_t i = 0; i < absl::GetFlag(FLAGS_warmup); ++i) fn();
   SynchronizeCudaStream(device.index);
   MemoryTracker& tracker = DeviceMemoryTracker(device);
-  std::vector<double> ms;
-  double peak_extra = 0;
+  Measurement m;
   for (int64_t i = 0; i < std::max<int64_t>(1, absl::GetFlag(FLAGS_repeats));
        ++i) {
+    align();
     tracker.Reset();
     const int64_t before = tracker.stats().current_bytes;
     CudaEvent start(device.index), stop(device.index);
@@ -145,142 +200,242 @@ Measurement Measure(Device device, Fn&& fn) {
     fn();
     stop.Record(stream);
     stop.Synchronize();
-    ms.push_back(stop.ElapsedMsSince(start));
-    peak_extra =
-        std::max<double>(peak_extra, tracker.stats().peak_bytes - before);
+    m.ms.push_back(stop.ElapsedMsSince(start));
+    m.peak_extra =
+        std::max<double>(m.peak_extra, tracker.stats().peak_bytes - before);
   }
-  std::sort(ms.begin(), ms.end());
-  return {ms[ms.size() / 2], peak_extra};
+  return m;
 }
 
-// "beyond results": the forward+backward peak extra minus the bytes of what
+using AttentionCall =
+    std::function<AttentionResult(const Tensor&, const Tensor&, const Tensor&)>;
+
+struct Passes {
+  Measurement forward;  // without autograd
+  Measurement both;     // forward and backward of inputs.grad
+};
+
+// The forward and forward+backward of `call` on `inputs`, each by Measure.
+Passes MeasurePasses(
+    const AttentionCall& call, const Inputs& inputs, Device device,
+    const std::function<void()>& align = [] {}) {
+  Passes passes;
+  passes.forward = Measure(
+      device,
+      [&] {
+        NoGradGuard no_grad;
+        call(inputs.q, inputs.k, inputs.v);
+      },
+      align);
+  passes.both = Measure(
+      device,
+      [&] {
+        const Tensor q = inputs.q.detach().set_requires_grad(true);
+        const Tensor k = inputs.k.detach().set_requires_grad(true);
+        const Tensor v = inputs.v.detach().set_requires_grad(true);
+        call(q, k, v).out.backward(inputs.grad);
+      },
+      align);
+  return passes;
+}
+
+// The header of a single-rank workload's table.
+void PrintHeader() {
+  std::printf("\n%-42s %9s %10s %8s %12s %8s %11s %11s %10s %10s\n", "workload",
+              "n", "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "fwd ps/pair",
+              "f+b ps/pair", "extra MiB", "beyond res");
+}
+
+// "beyond res": the forward+backward peak extra minus the bytes of what
 // the call returns (bfloat16 out, dq, dk, dv and float32 lse), i.e. the
 // workspace.
-void PrintRow(const std::string& name, int64_t n, int64_t heads, double pairs,
-              int64_t head_dim, const Measurement& fwd,
-              const Measurement& both) {
+void PrintRow(const std::string& name, const Shape& shape, double pairs,
+              const Passes& passes) {
+  const int64_t n = shape[1], heads = shape[2], head_dim = shape[3];
+  const double fwd_ms = Median(passes.forward.ms);
+  const double both_ms = Median(passes.both.ms);
   const double fwd_flops = 4.0 * head_dim * pairs;
   const double results = 4.0 * n * heads * head_dim * 2 + 4.0 * n * heads;
-  std::printf("%-36s %9lld %10.3f %8.1f %12.3f %8.1f %10.1f %10.1f\n",
-              name.c_str(), static_cast<long long>(n), fwd.ms,
-              fwd_flops / (fwd.ms * 1e9), both.ms,
-              3.5 * fwd_flops / (both.ms * 1e9), both.peak_extra / (1 << 20),
-              (both.peak_extra - results) / (1 << 20));
+  std::printf(
+      "%-42s %9lld %10.3f %8.1f %12.3f %8.1f %11.3f %11.3f %10.1f %10.1f\n",
+      name.c_str(), static_cast<long long>(n), fwd_ms,
+      fwd_flops / (fwd_ms * 1e9), both_ms, 3.5 * fwd_flops / (both_ms * 1e9),
+      fwd_ms * 1e9 / pairs, both_ms * 1e9 / pairs,
+      passes.both.peak_extra / (1 << 20),
+      (passes.both.peak_extra - results) / (1 << 20));
   std::fflush(stdout);
 }
 
-// Forward and forward+backward of one configuration on one backend.
-void RunOn(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
-           const AttentionPattern& pattern, bool causal,
-           AttentionBackend backend, Device device) {
-  const Shape shape = {1, n, heads, head_dim};
-  const Tensor q = RandomBf16(shape, 1, device);
-  const Tensor k = RandomBf16(shape, 2, device);
-  const Tensor v = RandomBf16(shape, 3, device);
-  const Tensor grad = RandomBf16(shape, 4, device);
-  AttentionOptions options;
-  options.causal = causal;
-  options.backend = backend;
-  const Measurement fwd = Measure(device, [&] {
-    NoGradGuard no_grad;
-    Attention(q, k, v, pattern, options);
-  });
-  const Measurement both = Measure(device, [&] {
-    const Tensor qg = q.detach().set_requires_grad(true);
-    const Tensor kg = k.detach().set_requires_grad(true);
-    const Tensor vg = v.detach().set_requires_grad(true);
-    Attention(qg, kg, vg, pattern, options).out.backward(grad);
-  });
-  PrintRow(name, n, heads, UsefulPairs(pattern, n, causal), head_dim, fwd,
-           both);
+// A row of the ring tables: for each (ring, baseline) pair of times, both
+// and their ratio.
+void PrintRingRow(const std::string& name, int64_t n,
+                  std::initializer_list<std::pair<double, double>> times) {
+  std::printf("%-42s %9lld", name.c_str(), static_cast<long long>(n));
+  for (const auto& [ring, baseline] : times) {
+    std::printf(" %12.3f %12.3f %7.3f", ring, baseline, ring / baseline);
+  }
+  std::printf("\n");
+  std::fflush(stdout);
 }
 
-// Forward and forward+backward of one configuration on each backend of
-// --backends (a backend that cannot run it prints why).
-void Run(const std::string& name, int64_t n, int64_t heads, int64_t head_dim,
-         const AttentionPattern& pattern, bool causal, Device device) {
-  for (const std::string& backend_name : absl::GetFlag(FLAGS_backends)) {
-    const absl::StatusOr<AttentionBackend> backend =
-        ForFlag("backends", ParseAttentionBackend(backend_name));
-    if (!backend.ok()) Fail(std::string(backend.status().message()));
-    const std::string label = absl::StrCat(name, " ", backend_name);
-    const absl::Status status = StatusFromCall([&] {
-      RunOn(label, n, heads, head_dim, pattern, causal, *backend, device);
-    });
-    if (!status.ok()) {
-      std::printf("%-36s %9lld  %s\n", label.c_str(), static_cast<long long>(n),
-                  status.ToString().c_str());
+std::vector<bool> CausalVariants() {
+  const std::string causal = absl::GetFlag(FLAGS_causal);
+  if (causal == "both") return {false, true};
+  if (causal == "true") return {true};
+  if (causal == "false") return {false};
+  Fail(absl::StrCat("--causal is \"", causal,
+                    "\" (expected both, true or false)"));
+}
+
+AttentionBackend BackendOrExit(const std::string& name) {
+  const absl::StatusOr<AttentionBackend> backend =
+      ForFlag("backends", ParseAttentionBackend(name));
+  if (!backend.ok()) Fail(std::string(backend.status().message()));
+  return *backend;
+}
+
+// For each variant of --causal and each of `backends`: the forward and
+// forward+backward of `config` (its causal and backend set here) on one set
+// of random inputs [1, n, heads, head_dim]. A backend that cannot run a
+// configuration prints why.
+void RunSingle(const std::string& name, const AttentionConfig& config,
+               int64_t n, int64_t heads, int64_t head_dim,
+               const std::vector<std::string>& backends, Device device) {
+  const absl::StatusOr<AttentionPattern> pattern =
+      BuildAttentionPattern(config, heads, n);
+  if (!pattern.ok()) Fail(std::string(pattern.status().message()));
+  const Inputs inputs = RandomInputs(n, heads, head_dim, 0, device);
+  for (bool causal : CausalVariants()) {
+    for (const std::string& backend : backends) {
+      AttentionConfig variant = config;
+      variant.causal = causal;
+      variant.backend = BackendOrExit(backend);
+      const AttentionOptions options =
+          MakeAttentionOptions(variant, /*training=*/false);
+      const std::string label =
+          absl::StrCat(name, causal ? " causal " : " ", backend);
+      const absl::Status status = StatusFromCall([&] {
+        const Passes passes = MeasurePasses(
+            [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+              return Attention(q, k, v, *pattern, options);
+            },
+            inputs, device);
+        PrintRow(label, inputs.q.shape(), UsefulPairs(*pattern, n, causal),
+                 passes);
+      });
+      if (!status.ok()) {
+        std::printf("%-42s %9lld  %s\n", label.c_str(),
+                    static_cast<long long>(n), status.ToString().c_str());
+        std::fflush(stdout);
+      }
     }
   }
 }
 
+// The dilated workload's configuration: segments 2048,4096,8192 with rates
+// 1,2,4 in `layout`.
+AttentionConfig DilatedConfig(HeadLayout layout) {
+  AttentionConfig config;
+  config.type = AttentionType::kDilated;
+  config.dilated.segment_lengths = {2048, 4096, 8192};
+  config.dilated.dilation_rates = {1, 2, 4};
+  config.dilated.head_layout = layout;
+  return config;
+}
+
+std::vector<int64_t> DilatedLengths() {
+  return PositiveIntegersOrExit(kName, "dilated_lengths",
+                                absl::GetFlag(FLAGS_dilated_lengths));
+}
+
+void RunDilatedLayout(const std::string& name, HeadLayout layout,
+                      const std::vector<std::string>& backends, Device device) {
+  PrintHeader();
+  const int64_t heads = absl::GetFlag(FLAGS_heads);
+  for (int64_t n : DilatedLengths()) {
+    RunSingle(absl::StrCat(name, " h", heads, " d64"), DilatedConfig(layout), n,
+              heads, 64, backends, device);
+  }
+}
+
+void RunDilated(Device device) {
+  RunDilatedLayout("dilated", HeadLayout::kHeadGroups,
+                   absl::GetFlag(FLAGS_backends), device);
+}
+
+void RunAllHeads(Device device) {
+  RunDilatedLayout("all_heads", HeadLayout::kAllHeads, {"own"}, device);
+}
+
+void RunDense(Device device) {
+  PrintHeader();
+  const int64_t heads = absl::GetFlag(FLAGS_dense_heads);
+  AttentionConfig config;
+  config.type = AttentionType::kDense;
+  RunSingle(absl::StrCat("dense h", heads, " d128"), config,
+            absl::GetFlag(FLAGS_dense_length), heads, 128,
+            absl::GetFlag(FLAGS_backends), device);
+}
+
 // Per ring step on k thread ranks of `device`: the forward of dense ring
 // attention over n tokens (K/V travel) against each rank computing the same
-// k steps without any transfer. Each time is the median over the repeats
-// of the slowest rank (ranks start together after a barrier).
-void RunRing(int64_t n, int64_t heads, int64_t head_dim, Device device) {
+// k steps without any transfer.
+void RunRing(Device device) {
+  std::printf("\n%-42s %9s %12s %12s %7s\n",
+              "ring workload (forward ms per step)", "n", "comm", "no comm",
+              "ratio");
+  const int64_t n = absl::GetFlag(FLAGS_ring_length);
+  const int64_t heads = 8, head_dim = 128;
   for (int k : {2, 4}) {
     const int64_t local = n / k;
     std::vector<std::vector<double>> with(k), without(k);
     const absl::Status status = RunRanks(k, [&](Communicator& comm) {
       const int r = comm.rank();
       SetCudaDevice(device.index);
-      const Shape shape = {1, local, heads, head_dim};
-      const Tensor q = RandomBf16(shape, 10 * r + 1, device);
-      const Tensor kk = RandomBf16(shape, 10 * r + 2, device);
-      const Tensor v = RandomBf16(shape, 10 * r + 3, device);
+      const Inputs in = RandomInputs(local, heads, head_dim, 10 * r, device);
       AttentionPattern whole, chunk;
       whole.head_patterns.assign(heads, {DensePattern(k * local)});
       chunk.head_patterns.assign(heads, {DensePattern(local)});
-      const auto time = [&](const std::function<void()>& fn,
-                            std::vector<double>* ms) -> absl::Status {
-        const int64_t runs = absl::GetFlag(FLAGS_warmup) +
-                             std::max<int64_t>(1, absl::GetFlag(FLAGS_repeats));
-        for (int64_t i = 0; i < runs; ++i) {
-          SynchronizeCudaStream(device.index);
-          LC_RETURN_IF_ERROR(comm.Barrier());
-          CudaEvent start(device.index), stop(device.index);
-          start.Record(CurrentCudaStream(device));
-          fn();
-          stop.Record(CurrentCudaStream(device));
-          stop.Synchronize();
-          if (i >= absl::GetFlag(FLAGS_warmup)) {
-            ms->push_back(stop.ElapsedMsSince(start) / k);
-          }
-        }
-        return absl::OkStatus();
+      const auto barrier = [&] { ThrowIfError(comm.Barrier()); };
+      const auto ring = [&] {
+        RingAttention(comm, in.q, in.k, in.v, k * local, whole);
+      };
+      // Our kernels, as the ring's steps run them, without the transfers.
+      AttentionOptions own;
+      own.backend = AttentionBackend::kOwn;
+      const auto steps = [&] {
+        for (int s = 0; s < k; ++s) Attention(in.q, in.k, in.v, chunk, own);
       };
       NoGradGuard no_grad;
-      LC_RETURN_IF_ERROR(time(
-          [&] { RingAttention(comm, q, kk, v, k * local, whole); }, &with[r]));
-      return time(
-          [&] {
-            // Our kernels, as the ring's steps run them.
-            AttentionOptions own;
-            own.backend = AttentionBackend::kOwn;
-            for (int s = 0; s < k; ++s) Attention(q, kk, v, chunk, own);
-          },
-          &without[r]);
+      with[r] = Measure(device, ring, barrier).ms;
+      without[r] = Measure(device, steps, barrier).ms;
+      return absl::OkStatus();
     });
     if (!status.ok()) Fail(std::string(status.message()));
-    // Per repeat, the slowest rank; then the median over repeats.
-    const auto slowest = [&](const std::vector<std::vector<double>>& ms) {
-      std::vector<double> worst(ms[0].size(), 0);
-      for (const std::vector<double>& rank : ms) {
-        for (size_t i = 0; i < worst.size(); ++i) {
-          worst[i] = std::max(worst[i], rank[i]);
-        }
-      }
-      std::sort(worst.begin(), worst.end());
-      return worst[worst.size() / 2];
-    };
-    const double a = slowest(with), b = slowest(without);
-    std::printf(
-        "%-26s %9lld %14.3f %14.3f %9.2f\n",
-        absl::StrCat("ring k=", k, " dense h", heads, " d", head_dim).c_str(),
-        static_cast<long long>(k * local), a, b, a / b);
-    std::fflush(stdout);
+    PrintRingRow(absl::StrCat("ring k=", k, " dense h", heads, " d", head_dim),
+                 k * local,
+                 {{SlowestMedian(with) / k, SlowestMedian(without) / k}});
   }
+}
+
+struct Workload {
+  const char* name;
+  void (*run)(Device);
+};
+
+constexpr Workload kWorkloads[] = {
+    {"dilated", RunDilated},
+    {"all_heads", RunAllHeads},
+    {"dense", RunDense},
+    {"ring", RunRing},
+};
+
+const Workload& WorkloadOrExit(const std::string& name) {
+  for (const Workload& workload : kWorkloads) {
+    if (name == workload.name) return workload;
+  }
+  Fail(absl::StrCat("--workloads has \"", name,
+                    "\" (expected dilated, all_heads, dense or ring)"));
 }
 
 int Main() {
@@ -291,6 +446,11 @@ int Main() {
   }
   SetCudaTensorCoreKernels(kernels == "auto" ? CudaTensorCoreKernels::kAuto
                                              : CudaTensorCoreKernels::kMmaSync);
+  std::vector<const Workload*> workloads;
+  for (const std::string& name : absl::GetFlag(FLAGS_workloads)) {
+    workloads.push_back(&WorkloadOrExit(name));
+  }
+  CausalVariants();  // checks --causal
   if (CudaDeviceCount() == 0) {
     std::printf(
         "attention_cuda_benchmark: no CUDA device; nothing to measure.\n");
@@ -300,46 +460,14 @@ int Main() {
   SetCudaDevice(device.index);
   std::printf(
       "bfloat16; FLOPs: fwd 4*d*pairs, fwd+bwd 3.5x fwd (FlashAttention "
-      "convention);\npeak extra: device bytes beyond q, k, v and the output "
+      "convention); ps/pair: time per allowed (query, key) pair of all "
+      "heads;\npeak extra: device bytes beyond q, k, v and the output "
       "gradient (fwd+bwd);\nbeyond res: that minus the results (out, lse, "
-      "dq, dk, dv).\n\n");
-  std::printf("%-36s %9s %10s %8s %12s %8s %10s %10s\n", "workload", "n",
-              "fwd ms", "TFLOP/s", "fwd+bwd ms", "TFLOP/s", "extra MiB",
-              "beyond res");
-  for (const std::string& workload : absl::GetFlag(FLAGS_workloads)) {
-    if (workload == "dilated") {
-      const int64_t heads = absl::GetFlag(FLAGS_heads);
-      DilatedOptions dilated;
-      dilated.segment_lengths = {2048, 4096, 8192};
-      dilated.dilation_rates = {1, 2, 4};
-      absl::StatusOr<std::vector<std::vector<DilatedPattern>>> patterns =
-          DilatedHeadPatterns(dilated, heads);
-      if (!patterns.ok()) Fail(std::string(patterns.status().message()));
-      AttentionPattern pattern;
-      pattern.head_patterns = *patterns;
-      const bool causal = absl::GetFlag(FLAGS_dilated_causal);
-      for (int64_t n :
-           PositiveIntegersOrExit(kName, "dilated_lengths",
-                                  absl::GetFlag(FLAGS_dilated_lengths))) {
-        Run(absl::StrCat("dilated h", heads, " d64", causal ? " causal" : ""),
-            n, heads, 64, pattern, causal, device);
-      }
-    } else if (workload == "dense") {
-      const int64_t n = absl::GetFlag(FLAGS_dense_length);
-      const int64_t heads = absl::GetFlag(FLAGS_dense_heads);
-      AttentionPattern pattern;
-      pattern.head_patterns.assign(heads, {DensePattern(n)});
-      for (bool causal : {false, true}) {
-        Run(absl::StrCat("dense h", heads, " d128", causal ? " causal" : ""), n,
-            heads, 128, pattern, causal, device);
-      }
-    } else if (workload == "ring") {
-      std::printf("\n%-26s %9s %14s %14s %9s\n", "ring workload (forward)", "n",
-                  "ms/step comm", "ms/step no comm", "ratio");
-      RunRing(absl::GetFlag(FLAGS_ring_length), 8, 128, device);
-    } else {
-      Fail(absl::StrCat("--workloads has \"", workload,
-                        "\" (expected dilated, dense or ring)"));
+      "dq, dk, dv).\n");
+  for (const Workload* workload : workloads) {
+    const absl::Status status = StatusFromCall([&] { workload->run(device); });
+    if (!status.ok()) {
+      Fail(absl::StrCat(workload->name, ": ", status.ToString()));
     }
   }
   return 0;
