@@ -10,46 +10,59 @@
 //    rows' is the cost of the layout;
 //  - dense: one pattern w = n, r = 1, --dense_heads heads of head_dim 128 at
 //    n = --dense_length, on each backend of --backends;
+//  - block_sparse: --block_sparse_heads heads of --block_sparse_head_dim at
+//    n = --block_sparse_length under three block masks (MakeBlockMask):
+//    local_window with blocks of 64 and window 256, local_window with blocks
+//    of 128 and window 1024, random with blocks of 128, density 0.1 and seed
+//    0; on our kernels (cuDNN takes no block mask);
 //  - ring: dense attention (not causal) of --ring_length tokens, 8 heads of
 //    head_dim 128, on k = 2 and 4 thread ranks of the one GPU: the forward
 //    time per ring step with the K/V transfers (RingAttention) and without
 //    them (each rank running the same steps as single-rank Attention of its
 //    queries over one chunk), so the difference is the communication that
 //    compute does not hide;
-// The single-rank workloads (dilated, all_heads, dense) run each of
-// --causal (default causal and not) on one set of random inputs, and
+// The single-rank workloads (dilated, all_heads, dense, block_sparse) run
+// each of --causal (default causal and not) on one set of random inputs, and
 // time lc::Attention with the host's plan building included in each call.
 //
 // Times: the median of --repeats runs after --warmup runs, between CUDA
 // events on the current stream; on thread ranks (which start each run
 // together after a barrier) the median over the runs of the slowest rank.
 // FLOPs count only the (query, key) pairs the pattern allows (a pair counted
-// once per pattern of its head that allows it), with the FlashAttention
-// convention: forward = 4 * head_dim * pairs (S = Q K^T and O = P V),
-// backward = 2.5 x forward (the five products of the FA2 backward), so
-// forward+backward = 14 * head_dim * pairs. (The kernels here recompute S
-// and dP in both backward kernels, seven products, for determinism without
-// atomics; the convention counts the useful work only.) ps/pair:
-// picoseconds per allowed pair, summed over heads, which compares layouts
-// and workloads of different head_dim.
+// once per pattern of its head that allows it; under a block mask, exactly
+// the pairs of its blocks that are on, causal within the diagonal blocks),
+// with the FlashAttention convention: forward = 4 * head_dim * pairs
+// (S = Q K^T and O = P V), backward = 2.5 x forward (the five products of
+// the FA2 backward), so forward+backward = 14 * head_dim * pairs. (The
+// kernels here recompute S and dP in both backward kernels, seven products,
+// for determinism without atomics; the convention counts the useful work
+// only.) ps/pair: picoseconds per allowed pair, summed over heads, which
+// compares layouts and masks of different head_dim and density.
 // Peak extra memory: the peak of the device's tensor bytes during the call
 // minus the bytes held before it (q, k, v and the output gradient).
 //
 //   bazel run //attention:attention_cuda_benchmark  # dilated, dense
 //   bazel run //attention:attention_cuda_benchmark --
-//       --workloads=all_heads
+//       --workloads=all_heads,block_sparse
 //   bazel run //attention:attention_cuda_benchmark --
 //       --workloads=ring
-// (each on one line).
+//   bazel run //attention:attention_cuda_benchmark --
+//       --workloads= --dump_block_masks=/tmp/block_masks
+// (each on one line). The last writes the block_sparse masks, needing no
+// GPU, for attention/pytorch_flex_baseline.py --block_masks=/tmp/block_masks.
 //
-// Needs a CUDA device: without one it says so and exits 0.
+// Needs a CUDA device for any workload: without one it says so and exits 0
+// (after writing --dump_block_masks).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -71,17 +84,27 @@
 
 ABSL_FLAG(std::vector<std::string>, workloads,
           std::vector<std::string>({"dilated", "dense"}),
-          "Which workloads to run: dilated, all_heads, dense, ring.");
+          "Which workloads to run: dilated, all_heads, dense, block_sparse, "
+          "ring.");
 ABSL_FLAG(std::vector<std::string>, dilated_lengths,
           std::vector<std::string>({"131072", "1048576"}),
           "Sequence lengths of the dilated and all_heads workloads.");
 ABSL_FLAG(int64_t, heads, 12,
           "Heads of the dilated and all_heads workloads (head_dim 64).");
 ABSL_FLAG(std::string, causal, "both",
-          "Causal variants of the dilated, all_heads and dense workloads: "
-          "both, true or false.");
+          "Causal variants of the dilated, all_heads, dense and block_sparse "
+          "workloads: both, true or false.");
 ABSL_FLAG(int64_t, dense_length, 16384, "Sequence length of the dense runs.");
 ABSL_FLAG(int64_t, dense_heads, 16, "Heads of the dense runs (head_dim 128).");
+ABSL_FLAG(int64_t, block_sparse_length, 131072,
+          "Sequence length of the block_sparse workload.");
+ABSL_FLAG(int64_t, block_sparse_heads, 8, "Heads of the block_sparse runs.");
+ABSL_FLAG(int64_t, block_sparse_head_dim, 64,
+          "Head dim of the block_sparse runs.");
+ABSL_FLAG(std::string, dump_block_masks, "",
+          "A folder to write the block_sparse workload's masks at "
+          "--block_sparse_length to, for attention/pytorch_flex_baseline.py "
+          "(before any workload runs; needs no GPU).");
 ABSL_FLAG(int64_t, ring_length, 65536,
           "Sequence length of the ring workload (8 heads of head_dim 128).");
 ABSL_FLAG(std::vector<std::string>, backends,
@@ -137,13 +160,46 @@ Inputs RandomInputs(int64_t n, int64_t heads, int64_t head_dim, uint64_t seed,
       RandomBf16(shape, seed + 3, device), RandomBf16(shape, seed + 4, device)};
 }
 
+// Allowed (t, u) pairs of one head under a block mask alone: an on pair of
+// blocks of sq and sk tokens gives sq * sk pairs; when causal, those left of
+// the diagonal the same, a diagonal block of s tokens s (s + 1) / 2, and
+// those right of it none.
+double BlockMaskPairs(const BlockMask& mask, int64_t n, bool causal) {
+  const int64_t bs = mask.block_size();
+  const auto size = [&](int64_t block) {
+    return static_cast<double>(std::min(bs, n - block * bs));
+  };
+  double pairs = 0;
+  for (int64_t q = 0; q < mask.num_blocks(); ++q) {
+    for (const int32_t k : mask.Row(q)) {
+      if (!causal || k < q) {
+        pairs += size(q) * size(k);
+      } else if (k == q) {
+        pairs += size(q) * (size(q) + 1) / 2;
+      }
+    }
+  }
+  return pairs;
+}
+
 // Allowed (t, u) pairs of all heads of one batch element: for each pattern
 // and segment, c selected positions give c * c pairs (c (c + 1) / 2 when
-// causal).
+// causal); a head under a block mask (the dense heads of a block-sparse
+// config) gives BlockMaskPairs.
 double UsefulPairs(const AttentionPattern& pattern, int64_t n, bool causal) {
+  const double mask_pairs = pattern.block_mask != nullptr
+                                ? BlockMaskPairs(*pattern.block_mask, n, causal)
+                                : 0;
   double pairs = 0;
   for (const auto& patterns : pattern.head_patterns) {
     for (const DilatedPattern& p : patterns) {
+      if (pattern.block_mask != nullptr) {
+        if (p.segment_length < n || p.dilation_rate != 1) {
+          Fail("pairs of a block mask over dilated patterns are not counted");
+        }
+        pairs += mask_pairs;
+        continue;
+      }
       for (int64_t begin = 0; begin < n; begin += p.segment_length) {
         const int64_t length = std::min(p.segment_length, n - begin);
         const double c =
@@ -377,6 +433,79 @@ void RunDense(Device device) {
             absl::GetFlag(FLAGS_backends), device);
 }
 
+struct SparseMask {
+  std::string name;
+  AttentionConfig config;  // block_sparse
+};
+
+// The block_sparse workload's masks.
+std::vector<SparseMask> SparseMasks() {
+  AttentionConfig local64;
+  local64.type = AttentionType::kBlockSparse;
+  local64.block_sparse.pattern = SparsePattern::kLocalWindow;
+  local64.block_sparse.block_size = 64;
+  local64.block_sparse.window = 256;
+  AttentionConfig local128 = local64;
+  local128.block_sparse.block_size = 128;
+  local128.block_sparse.window = 1024;
+  AttentionConfig random = local128;
+  random.block_sparse.pattern = SparsePattern::kRandom;
+  random.block_sparse.density = 0.1;
+  random.block_sparse.seed = 0;
+  return {{"local_b64_w256", local64},
+          {"local_b128_w1024", local128},
+          {"random_b128_d0.1", random}};
+}
+
+void RunBlockSparse(Device device) {
+  PrintHeader();
+  const int64_t n = absl::GetFlag(FLAGS_block_sparse_length);
+  const int64_t heads = absl::GetFlag(FLAGS_block_sparse_heads);
+  const int64_t head_dim = absl::GetFlag(FLAGS_block_sparse_head_dim);
+  for (const SparseMask& mask : SparseMasks()) {
+    RunSingle(absl::StrCat("sparse ", mask.name, " h", heads, " d", head_dim),
+              mask.config, n, heads, head_dim, {"own"}, device);
+  }
+}
+
+// Writes each block_sparse mask at --block_sparse_length tokens to
+// dir/<name>.blockmask: one text line "longctx_block_mask name=NAME n=N
+// block_size=B blocks=M pairs=P causal_pairs=C" (P and C: the allowed pairs
+// of one head, not causal and causal), then the M * M bytes (0 or 1) of the
+// mask, row-major [query block, key block]. attention/pytorch_flex_baseline.py
+// reads them, so that FlexAttention runs exactly these masks.
+void DumpBlockMasks(const std::string& dir) {
+  const int64_t n = absl::GetFlag(FLAGS_block_sparse_length);
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error)
+    Fail(absl::StrCat("--dump_block_masks: ", dir, ": ", error.message()));
+  for (const SparseMask& mask : SparseMasks()) {
+    const absl::StatusOr<AttentionPattern> pattern =
+        BuildAttentionPattern(mask.config, 1, n);
+    if (!pattern.ok()) Fail(std::string(pattern.status().message()));
+    const BlockMask& block_mask = *pattern->block_mask;
+    const std::vector<uint8_t> dense = block_mask.ToDense();  // [M, M]
+    const std::string path = absl::StrCat(dir, "/", mask.name, ".blockmask");
+    std::ofstream out(path, std::ios::binary);
+    out << absl::StrCat(
+        "longctx_block_mask name=", mask.name, " n=", n,
+        " block_size=", block_mask.block_size(),
+        " blocks=", block_mask.num_blocks(),
+        " pairs=", static_cast<int64_t>(BlockMaskPairs(block_mask, n, false)),
+        " causal_pairs=",
+        static_cast<int64_t>(BlockMaskPairs(block_mask, n, true)), "\n");
+    out.write(reinterpret_cast<const char*>(dense.data()), dense.size());
+    out.close();
+    if (!out) Fail(absl::StrCat("--dump_block_masks: could not write ", path));
+    std::printf("wrote %s (%lld x %lld blocks, density %.4f)\n", path.c_str(),
+                static_cast<long long>(block_mask.num_blocks()),
+                static_cast<long long>(block_mask.num_blocks()),
+                block_mask.Density());
+  }
+  std::fflush(stdout);
+}
+
 // Per ring step on k thread ranks of `device`: the forward of dense ring
 // attention over n tokens (K/V travel) against each rank computing the same
 // k steps without any transfer.
@@ -424,9 +553,8 @@ struct Workload {
 };
 
 constexpr Workload kWorkloads[] = {
-    {"dilated", RunDilated},
-    {"all_heads", RunAllHeads},
-    {"dense", RunDense},
+    {"dilated", RunDilated}, {"all_heads", RunAllHeads},
+    {"dense", RunDense},     {"block_sparse", RunBlockSparse},
     {"ring", RunRing},
 };
 
@@ -435,7 +563,8 @@ const Workload& WorkloadOrExit(const std::string& name) {
     if (name == workload.name) return workload;
   }
   Fail(absl::StrCat("--workloads has \"", name,
-                    "\" (expected dilated, all_heads, dense or ring)"));
+                    "\" (expected dilated, all_heads, dense, block_sparse "
+                    "or ring)"));
 }
 
 int Main() {
@@ -451,6 +580,9 @@ int Main() {
     workloads.push_back(&WorkloadOrExit(name));
   }
   CausalVariants();  // checks --causal
+  const std::string dump = absl::GetFlag(FLAGS_dump_block_masks);
+  if (!dump.empty()) DumpBlockMasks(UserPath(dump));
+  if (workloads.empty()) return 0;
   if (CudaDeviceCount() == 0) {
     std::printf(
         "attention_cuda_benchmark: no CUDA device; nothing to measure.\n");
