@@ -21,6 +21,12 @@
 //    them (each rank running the same steps as single-rank Attention of its
 //    queries over one chunk), so the difference is the communication that
 //    compute does not hide;
+//  - ring_dilated: the dilated workload, causal, at each of
+//    --dilated_lengths, on k = 2 and 4 thread ranks of the one GPU in the
+//    zigzag layout: forward and forward+backward time per call against one
+//    rank running the same call over all n tokens, both on our kernels with
+//    their plans made once (as a layer keeps them). The ranks share the GPU,
+//    so the ratio is what the ring adds to the same work (target: 1.15).
 // The single-rank workloads (dilated, all_heads, dense, block_sparse) run
 // each of --causal (default causal and not) on one set of random inputs, and
 // time lc::Attention with the host's plan building included in each call.
@@ -45,7 +51,7 @@
 //   bazel run //attention:attention_cuda_benchmark --
 //       --workloads=all_heads,block_sparse
 //   bazel run //attention:attention_cuda_benchmark --
-//       --workloads=ring
+//       --workloads=ring,ring_dilated
 //   bazel run //attention:attention_cuda_benchmark --
 //       --workloads= --dump_block_masks=/tmp/block_masks
 // (each on one line). The last writes the block_sparse masks, needing no
@@ -61,6 +67,7 @@
 #include <fstream>
 #include <functional>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -72,6 +79,7 @@
 #include "attention/attention.h"
 #include "attention/attention_config.h"
 #include "attention/attention_cuda.h"
+#include "attention/attention_plan.h"
 #include "attention/pattern.h"
 #include "attention/ring_attention.h"
 #include "core/autograd.h"
@@ -80,17 +88,20 @@
 #include "core/memory.h"
 #include "core/status.h"
 #include "core/tensor.h"
+#include "distributed/sequence_parallel.h"
 #include "distributed/thread_communicator.h"
 
 ABSL_FLAG(std::vector<std::string>, workloads,
           std::vector<std::string>({"dilated", "dense"}),
           "Which workloads to run: dilated, all_heads, dense, block_sparse, "
-          "ring.");
+          "ring, ring_dilated.");
 ABSL_FLAG(std::vector<std::string>, dilated_lengths,
           std::vector<std::string>({"131072", "1048576"}),
-          "Sequence lengths of the dilated and all_heads workloads.");
+          "Sequence lengths of the dilated, all_heads and ring_dilated "
+          "workloads.");
 ABSL_FLAG(int64_t, heads, 12,
-          "Heads of the dilated and all_heads workloads (head_dim 64).");
+          "Heads of the dilated, all_heads and ring_dilated workloads "
+          "(head_dim 64).");
 ABSL_FLAG(std::string, causal, "both",
           "Causal variants of the dilated, all_heads, dense and block_sparse "
           "workloads: both, true or false.");
@@ -547,6 +558,63 @@ void RunRing(Device device) {
   }
 }
 
+// One call of `plan`.
+AttentionCall PlanCall(std::shared_ptr<const AttentionPlan> plan) {
+  return [plan](const Tensor& q, const Tensor& k, const Tensor& v) {
+    return plan->Run(q, k, v);
+  };
+}
+
+// Causal dilated attention per call on k thread ranks of `device` in the
+// zigzag layout against one rank running the same call over all n tokens.
+void RunRingDilated(Device device) {
+  std::printf("\n%-42s %9s %12s %12s %7s %12s %12s %7s\n",
+              "ring workload (ms per call)", "n", "fwd ring", "fwd 1 rank",
+              "ratio", "f+b ring", "f+b 1 rank", "ratio");
+  const int64_t heads = absl::GetFlag(FLAGS_heads);
+  for (int64_t n : DilatedLengths()) {
+    AttentionConfig config = DilatedConfig(HeadLayout::kHeadGroups);
+    config.causal = true;
+    config.backend = AttentionBackend::kOwn;
+    Passes one_rank;
+    {
+      const Inputs in = RandomInputs(n, heads, 64, 0, device);
+      const std::shared_ptr<const AttentionPlan> plan =
+          MakeAttentionPlan(config, SpecOf(in.q), /*training=*/false);
+      one_rank = MeasurePasses(PlanCall(plan), in, device);
+    }
+    config.type = AttentionType::kRingDilated;
+    config.layout = SequenceLayout::kZigzag;
+    for (int ranks : {2, 4}) {
+      config.ranks = ranks;
+      std::vector<std::vector<double>> forward(ranks), both(ranks);
+      const absl::Status status = RunRanks(ranks, [&](Communicator& comm) {
+        const int r = comm.rank();
+        SetCudaDevice(device.index);
+        const Inputs in =
+            RandomInputs(RankTokenCount(n, ranks, r, config.layout), heads, 64,
+                         10 * r, device);
+        SequenceParallelContext sp;
+        sp.comm = &comm;
+        sp.n = n;
+        const std::shared_ptr<const AttentionPlan> plan =
+            MakeAttentionPlan(config, SpecOf(in.q), /*training=*/false, &sp);
+        const Passes passes = MeasurePasses(
+            PlanCall(plan), in, device, [&] { ThrowIfError(comm.Barrier()); });
+        forward[r] = passes.forward.ms;
+        both[r] = passes.both.ms;
+        return absl::OkStatus();
+      });
+      if (!status.ok()) Fail(std::string(status.message()));
+      PrintRingRow(absl::StrCat("ring k=", ranks, " dilated h", heads,
+                                " d64 causal zigzag"),
+                   n,
+                   {{SlowestMedian(forward), Median(one_rank.forward.ms)},
+                    {SlowestMedian(both), Median(one_rank.both.ms)}});
+    }
+  }
+}
+
 struct Workload {
   const char* name;
   void (*run)(Device);
@@ -555,7 +623,7 @@ struct Workload {
 constexpr Workload kWorkloads[] = {
     {"dilated", RunDilated}, {"all_heads", RunAllHeads},
     {"dense", RunDense},     {"block_sparse", RunBlockSparse},
-    {"ring", RunRing},
+    {"ring", RunRing},       {"ring_dilated", RunRingDilated},
 };
 
 const Workload& WorkloadOrExit(const std::string& name) {
@@ -563,8 +631,8 @@ const Workload& WorkloadOrExit(const std::string& name) {
     if (name == workload.name) return workload;
   }
   Fail(absl::StrCat("--workloads has \"", name,
-                    "\" (expected dilated, all_heads, dense, block_sparse "
-                    "or ring)"));
+                    "\" (expected dilated, all_heads, dense, block_sparse, "
+                    "ring or ring_dilated)"));
 }
 
 int Main() {
