@@ -110,10 +110,18 @@ step_sanitize() {
     "$BIN/cuda_test" --gtest_filter='CudaTest.AttentionOnCudnn*' --gtest_brief=1
 }
 
+# Every workload of our benchmark (the block_sparse masks written for
+# FlexAttention on the way), then the PyTorch yardsticks: SDPA on the dilated
+# and dense workloads, FlexAttention on the same block masks.
 step_attention() {
-  "$BIN/attention_cuda_benchmark"
-  "$BIN/attention_cuda_benchmark" --workloads=ring
-  python3 attention/pytorch_dilated_baseline.py bench
+  local masks=/tmp/block_masks rc=0
+  "$BIN/attention_cuda_benchmark" --dump_block_masks="$masks" \
+    --workloads=dilated,all_heads,dense,block_sparse || rc=1
+  "$BIN/attention_cuda_benchmark" --workloads=ring,ring_dilated || rc=1
+  python3 attention/pytorch_dilated_baseline.py bench || rc=1
+  python3 attention/pytorch_flex_baseline.py --block_masks="$masks" \
+    --json="$OUT/torch_flex.json" || rc=1
+  return $rc
 }
 
 step_train() {
