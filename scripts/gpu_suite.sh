@@ -11,7 +11,9 @@
 #
 # Steps: env (GPU, driver, ldd), tests (cuda_test, nccl_test), sanitize
 # (compute-sanitizer memcheck and racecheck; memcheck of the cuDNN path),
-# attention (our kernels and cuDNN's, the ring, then PyTorch's SDPA), train
+# attention (every workload of attention_cuda_benchmark: our kernels and
+# cuDNN's, block-sparse, the ring; then PyTorch's SDPA and FlexAttention on
+# the same block masks), train
 # (the training step on both attention backends, then PyTorch's),
 # cli (attention_cli against a float64 oracle), maxctx (longest context,
 # ours and PyTorch's), scaling (the experiments, SCALING_EXPERIMENTS to pick,
