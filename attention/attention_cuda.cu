@@ -19,7 +19,7 @@
 // whole-tile passes taken only by the chunks that need them. These kernels
 // live in attention_tensor_core.cuh, written once over a tensor-core policy:
 // mma.sync here, Hopper's wgmma (attention_sm90.cu) on compute capability
-// 9.0 devices.
+// 9.0 devices when SetCudaTensorCoreKernels(kWgmma) asks for it.
 // FMA kernels (float32, float64, other head dims): one warp per row, lanes
 // across head_dim, the same work lists and the same pair rule.
 #include <cuda_bf16.h>
@@ -444,13 +444,12 @@ void LaunchSimt(const CudaAttentionArgs& args, const CudaWorkList& work,
 }
 
 std::atomic<CudaTensorCoreKernels> tensor_core_kernels{
-    CudaTensorCoreKernels::kAuto};
+    CudaTensorCoreKernels::kMmaSync};
 
-// Whether `device` runs the Hopper kernels (attention_sm90.cuh): compute
-// capability 9.0 (their machine code is sm_90a's), unless the mma.sync
-// kernels were asked for.
+// Whether `device` runs the Hopper kernels (attention_sm90.cuh): asked for,
+// and compute capability 9.0 (their machine code is sm_90a's).
 bool UsesSm90Kernels(int device) {
-  if (tensor_core_kernels.load() == CudaTensorCoreKernels::kMmaSync) {
+  if (tensor_core_kernels.load() != CudaTensorCoreKernels::kWgmma) {
     return false;
   }
   int major = 0, minor = 0;

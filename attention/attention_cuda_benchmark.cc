@@ -122,9 +122,9 @@ ABSL_FLAG(std::vector<std::string>, backends,
           std::vector<std::string>({"own", "cudnn"}),
           "Backends of the dilated and dense runs: own (our kernels), cudnn "
           "(cuDNN's fused attention) or auto.");
-ABSL_FLAG(std::string, tensor_core_kernels, "auto",
-          "Tensor-core kernels of the own backend: auto (wgmma on Hopper) or "
-          "mma_sync (the kernels of earlier GPUs).");
+ABSL_FLAG(std::string, tensor_core_kernels, "mma_sync",
+          "Tensor-core kernels of the own backend: mma_sync or wgmma "
+          "(Hopper's, on compute capability 9.0; CudaTensorCoreKernels).");
 ABSL_FLAG(int64_t, repeats, 5, "Timed runs per measurement (median shown).");
 ABSL_FLAG(int64_t, warmup, 1, "Untimed runs before the timed ones.");
 ABSL_FLAG(int, device, 0, "CUDA device index.");
@@ -637,12 +637,13 @@ const Workload& WorkloadOrExit(const std::string& name) {
 
 int Main() {
   const std::string kernels = absl::GetFlag(FLAGS_tensor_core_kernels);
-  if (kernels != "auto" && kernels != "mma_sync") {
+  if (kernels != "mma_sync" && kernels != "wgmma") {
     Fail(absl::StrCat("--tensor_core_kernels is \"", kernels,
-                      "\" (expected auto or mma_sync)"));
+                      "\" (expected mma_sync or wgmma)"));
   }
-  SetCudaTensorCoreKernels(kernels == "auto" ? CudaTensorCoreKernels::kAuto
-                                             : CudaTensorCoreKernels::kMmaSync);
+  SetCudaTensorCoreKernels(kernels == "wgmma"
+                               ? CudaTensorCoreKernels::kWgmma
+                               : CudaTensorCoreKernels::kMmaSync);
   std::vector<const Workload*> workloads;
   for (const std::string& name : absl::GetFlag(FLAGS_workloads)) {
     workloads.push_back(&WorkloadOrExit(name));

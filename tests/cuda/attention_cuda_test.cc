@@ -252,21 +252,23 @@ TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInFloat64) {
   }
 }
 
-// Sets the tensor-core kernels for one scope (kAuto again after it).
+// Sets the tensor-core kernels for one scope (the previous ones after it).
 class ScopedTensorCoreKernels {
  public:
-  explicit ScopedTensorCoreKernels(CudaTensorCoreKernels kernels) {
+  explicit ScopedTensorCoreKernels(CudaTensorCoreKernels kernels)
+      : previous_(GetCudaTensorCoreKernels()) {
     SetCudaTensorCoreKernels(kernels);
   }
-  ~ScopedTensorCoreKernels() {
-    SetCudaTensorCoreKernels(CudaTensorCoreKernels::kAuto);
-  }
+  ~ScopedTensorCoreKernels() { SetCudaTensorCoreKernels(previous_); }
+
+ private:
+  CudaTensorCoreKernels previous_;
 };
 
-// Both tensor-core families: kAuto (on a Hopper GPU the wgmma kernels) and
-// the mma.sync kernels of earlier GPUs, forced.
+// Both tensor-core families: the mma.sync kernels and (on a Hopper GPU)
+// the wgmma ones.
 constexpr CudaTensorCoreKernels kTensorCoreFamilies[] = {
-    CudaTensorCoreKernels::kAuto, CudaTensorCoreKernels::kMmaSync};
+    CudaTensorCoreKernels::kMmaSync, CudaTensorCoreKernels::kWgmma};
 
 TEST_F(CudaTest, AttentionEveryPatternMatchesCpuInBFloat16OnTensorCores) {
   uint64_t seed = 200;
