@@ -1,6 +1,8 @@
 #include "attention/attention_config.h"
 
+#include <cmath>
 #include <memory>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
@@ -78,6 +80,20 @@ absl::Status ValidateAttentionConfig(const AttentionConfig& config) {
     return absl::InvalidArgumentError(absl::StrCat(
         "attention dropout ", config.dropout, " (expected in [0, 1))"));
   }
+  for (const auto& [side, window] :
+       {std::pair{"window_left", config.window_left},
+        std::pair{"window_right", config.window_right}}) {
+    if (window < -1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("attention ", side, " ", window,
+                       " (expected >= 0, or -1 for unlimited)"));
+    }
+  }
+  if (!std::isfinite(config.softcap) || config.softcap < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("attention softcap ", config.softcap,
+                     " (expected a finite number > 0, or 0 for none)"));
+  }
   if (config.scale.has_value() && !(*config.scale == *config.scale)) {
     return absl::InvalidArgumentError("attention scale is NaN");
   }
@@ -121,6 +137,9 @@ AttentionOptions MakeAttentionOptions(const AttentionConfig& config,
                                       bool training) {
   AttentionOptions options;
   options.causal = config.causal;
+  options.window_left = config.window_left;
+  options.window_right = config.window_right;
+  options.softcap = config.softcap;
   options.scale = config.scale;
   options.dropout = training ? config.dropout : 0.0;
   options.tile_order = config.tile_order;

@@ -1,8 +1,8 @@
 // One description of an attention layer's pattern and options, shared by the
 // multihead module, the factory and the command-line tool: the type (dense,
 // dilated, block_sparse and their ring versions), the dilated and
-// block-sparse parameters, causality, scale, dropout, tile order and the
-// CUDA backend.
+// block-sparse parameters, causality, sliding window, soft-capping, scale,
+// dropout, tile order and the CUDA backend.
 #ifndef LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 #define LONGCTX_ATTENTION_ATTENTION_CONFIG_H_
 
@@ -43,6 +43,13 @@ struct AttentionConfig {
   DilatedOptions dilated;
   BlockSparseOptions block_sparse;  // block-sparse types
   bool causal = false;
+  // Sliding window and soft-capping, as AttentionOptions: keys u with
+  // t - window_left <= u <= t + window_right (-1: that side unlimited),
+  // intersected with the pattern; scores s become softcap * tanh(s /
+  // softcap) when softcap > 0 (0: off).
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  double softcap = 0;
   std::optional<double> scale;  // default 1 / sqrt(head_dim)
   double dropout = 0;           // attention dropout probability
   TileOrder tile_order = TileOrder::kRowMajor;
@@ -64,8 +71,8 @@ struct SequenceParallelContext {
 };
 
 // Checks the options that do not depend on the input (lists, rates,
-// probabilities, ranks: more than one only for ring types); errors name the
-// value and what was expected.
+// probabilities, windows, the soft cap, ranks: more than one only for ring
+// types); errors name the value and what was expected.
 absl::Status ValidateAttentionConfig(const AttentionConfig& config);
 
 // The per-head pattern of `config` for `heads` heads over n tokens.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/autograd.h"
 #include "distributed/thread_communicator.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "ops/elementwise.h"
 #include "ops/linear.h"
@@ -21,6 +23,9 @@
 
 namespace lc {
 namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
 
 MultiheadAttentionOptions SmallOptions() {
   MultiheadAttentionOptions options;
@@ -77,6 +82,21 @@ TEST(MultiheadAttentionTest, BadTypesAndOptionsAreClearErrors) {
   ranks.attention.ranks = 2;
   EXPECT_EQ(CreateMultiheadAttention("dilated", ranks, gen).status().code(),
             absl::StatusCode::kInvalidArgument);
+
+  MultiheadAttentionOptions window = SmallOptions();
+  window.attention.window_right = -2;
+  EXPECT_THAT(
+      CreateMultiheadAttention("dense", window, gen).status().message(),
+      AllOf(HasSubstr("window_right -2"), HasSubstr("-1 for unlimited")));
+  for (double cap : {-1.0, std::numeric_limits<double>::infinity(),
+                     std::numeric_limits<double>::quiet_NaN()}) {
+    MultiheadAttentionOptions softcap = SmallOptions();
+    softcap.attention.softcap = cap;
+    EXPECT_THAT(
+        CreateMultiheadAttention("dense", softcap, gen).status().message(),
+        AllOf(HasSubstr(absl::StrCat("softcap ", cap)),
+              HasSubstr("finite number > 0, or 0 for none")));
+  }
 
   auto mha = CreateMultiheadAttention("dense", SmallOptions(), gen);
   ASSERT_TRUE(mha.ok());
@@ -292,6 +312,9 @@ Tensor ManualForward(const MultiheadDilatedAttention& mha, const Tensor& x,
   }
   AttentionOptions options;
   options.causal = o.attention.causal;
+  options.window_left = o.attention.window_left;
+  options.window_right = o.attention.window_right;
+  options.softcap = o.attention.softcap;
   options.scale = o.attention.scale;
   AttentionCallOptions call;
   call.key_padding_mask = key_padding_mask;
@@ -313,29 +336,38 @@ void RandomizeParameters(const MultiheadDilatedAttention& mha, Generator& gen) {
 }
 
 // Every type that runs on one rank without a context, with and without
-// biases and the sub-layer norm, causal and not: the module equals the
-// manual projections -> Attention -> (LayerNorm) -> out projection.
+// biases and the sub-layer norm, causal and not, with and without a sliding
+// window and soft-capping: the module equals the manual projections ->
+// Attention -> (LayerNorm) -> out projection.
 TEST(MultiheadAttentionTest, ForwardEqualsManualProjectionsAndAttention) {
   for (const char* type : {"dense", "dilated", "block_sparse"}) {
     for (bool bias : {true, false}) {
       for (bool sub_layer_norm : {false, true}) {
         for (bool causal : {false, true}) {
-          SCOPED_TRACE(absl::StrCat(type, bias ? " bias" : " no bias",
-                                    sub_layer_norm ? " sub-LN" : "",
-                                    causal ? " causal" : ""));
-          Generator gen = testing::TestGenerator();
-          MultiheadAttentionOptions options = SmallOptions();
-          options.bias = bias;
-          options.sub_layer_norm = sub_layer_norm;
-          options.attention.causal = causal;
-          auto mha = CreateMultiheadAttention(type, options, gen);
-          ASSERT_TRUE(mha.ok()) << mha.status();
-          RandomizeParameters(**mha, gen);
-          EXPECT_EQ((*mha)->StateDict().count("q_proj.bias"), bias ? 1u : 0u);
-          const Tensor x = Randn({2, 21, 16}, gen, DType::kFloat64);
-          testing::ExpectAllClose((*mha)->Forward(x), ManualForward(**mha, x),
-                                  testing::DefaultTolerance(DType::kFloat64),
-                                  "module vs manual");
+          for (bool windowed : {false, true}) {
+            SCOPED_TRACE(absl::StrCat(type, bias ? " bias" : " no bias",
+                                      sub_layer_norm ? " sub-LN" : "",
+                                      causal ? " causal" : "",
+                                      windowed ? " window, softcap" : ""));
+            Generator gen = testing::TestGenerator();
+            MultiheadAttentionOptions options = SmallOptions();
+            options.bias = bias;
+            options.sub_layer_norm = sub_layer_norm;
+            options.attention.causal = causal;
+            if (windowed) {
+              options.attention.window_left = 3;
+              options.attention.window_right = 1;
+              options.attention.softcap = 0.7;
+            }
+            auto mha = CreateMultiheadAttention(type, options, gen);
+            ASSERT_TRUE(mha.ok()) << mha.status();
+            RandomizeParameters(**mha, gen);
+            EXPECT_EQ((*mha)->StateDict().count("q_proj.bias"), bias ? 1u : 0u);
+            const Tensor x = Randn({2, 21, 16}, gen, DType::kFloat64);
+            testing::ExpectAllClose((*mha)->Forward(x), ManualForward(**mha, x),
+                                    testing::DefaultTolerance(DType::kFloat64),
+                                    "module vs manual");
+          }
         }
       }
     }
