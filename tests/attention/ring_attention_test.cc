@@ -3,9 +3,10 @@
 // k and v, every row of every rank, for k in {1, 2, 3, 4, 8}, both chunk
 // layouts, every pattern type, causal and not, float64 and float32, on
 // sequence lengths no k divides (and ones so short that ranks hold one token
-// or none). Then the named regressions of the Python ring classes this
-// project replaces: K overwritten by V in a shared receive buffer, one causal
-// mask for every chunk pair, and dK/dV that never return to their owner.
+// or none); with sliding windows and soft-capping too. Then the named
+// regressions of the Python ring classes this project replaces: K
+// overwritten by V in a shared receive buffer, one causal mask for every
+// chunk pair, and dK/dV that never return to their owner.
 #include "attention/ring_attention.h"
 
 #include <algorithm>
@@ -434,6 +435,44 @@ TEST(RingAttentionTest, KeyPaddingMaskAndDropout) {
   c.options.dropout = 0.25;
   c.dropout_state = Generator(99);
   ExpectRingMatchesSingleRank(c, DType::kFloat32, {3, 8});
+}
+
+// Sliding windows (both sides, one side unlimited, 0 wide, narrower and
+// wider than a chunk) and soft-capping, each alone and together, on dense,
+// dilated and block-sparse patterns, causal and not, for k = 2 and 3 on
+// n = 37 (no k divides it), both layouts: positions stay global, so every
+// rank keeps exactly the pairs one rank keeps.
+TEST(RingAttentionTest, WindowsAndSoftcap) {
+  struct Variant {
+    int64_t left, right;
+    double softcap;
+  };
+  const Variant variants[] = {{4, 2, 0},  {0, 0, 0},     {-1, 6, 0},
+                              {9, -1, 0}, {-1, -1, 0.8}, {5, 1, 0.8}};
+  for (const char* name : {"dense", "dilated_head_groups", "local_window",
+                           "dilated_and_block_mask"}) {
+    for (const PatternSpec& spec : Patterns()) {
+      if (std::string(spec.name) != name) continue;
+      for (bool causal : {false, true}) {
+        for (const Variant& v : variants) {
+          RingCase c = MakeCase(spec, 37, causal);
+          c.name = absl::StrCat(name, " window (", v.left, ", ", v.right,
+                                ") softcap ", v.softcap);
+          c.options.window_left = v.left;
+          c.options.window_right = v.right;
+          c.options.softcap = v.softcap;
+          ExpectRingMatchesSingleRank(c, DType::kFloat64, {2, 3});
+        }
+      }
+    }
+  }
+  // float32, a slice.
+  RingCase c = MakeCase(Patterns()[1], 37, true);
+  c.name = "dilated window (7, 0) softcap 0.8";
+  c.options.window_left = 7;
+  c.options.window_right = 0;
+  c.options.softcap = 0.8;
+  ExpectRingMatchesSingleRank(c, DType::kFloat32, {2, 3});
 }
 
 // Ranks whose generators are seeded apart (a trainer seeds each rank's
