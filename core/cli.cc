@@ -1,5 +1,6 @@
 #include "core/cli.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -56,6 +57,15 @@ absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
     values.push_back(value);
   }
   return values;
+}
+
+absl::StatusOr<double> PositiveFlagIfGiven(absl::string_view flag,
+                                           const std::optional<double>& value) {
+  if (!value.has_value()) return 0.0;
+  if (*value > 0 && std::isfinite(*value)) return *value;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--", flag, "=", *value, " (expected a finite number > 0; without --",
+      flag, " it is off)"));
 }
 
 void ExitWithError(const char* name, const std::string& message) {

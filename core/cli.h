@@ -1,12 +1,13 @@
 // Helpers shared by the command-line tools: paths relative to where `bazel
 // run` was called, the --device=cpu|cuda|cuda:N flag, integer-list flags,
-// flag names in parse errors, and the body of a main() that parses flags,
-// refuses positional arguments and prints a failure as one line on stderr
-// (attention_cli, train and scaling use them).
+// number flags that are off unless given, flag names in parse errors, and the
+// body of a main() that parses flags, refuses positional arguments and prints a
+// failure as one line on stderr (attention_cli, train and scaling use them).
 #ifndef LONGCTX_CORE_CLI_H_
 #define LONGCTX_CORE_CLI_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,13 @@ absl::StatusOr<Device> ParseDeviceFlag(const std::string& text);
 // that is not an integer.
 absl::StatusOr<std::vector<int64_t>> ParseIntListFlag(absl::string_view flag,
                                                       const std::string& text);
+
+// The value of an optional number flag whose absence means "off" (such as
+// --softcap): 0 when the flag is not given (std::nullopt), else the value
+// given, which must be a finite number > 0 (InvalidArgumentError naming
+// --FLAG=VALUE otherwise: off is asked for by leaving the flag out).
+absl::StatusOr<double> PositiveFlagIfGiven(absl::string_view flag,
+                                           const std::optional<double>& value);
 
 // The benchmarks' answer to a bad flag or a failed check: prints
 // "NAME: message" on stderr and exits with status 2.

@@ -1,15 +1,18 @@
 // Tests of core/cli: the helpers the command-line tools share (paths under
-// `bazel run`, the --device flag, list flags, flag-named errors, the body of
-// main()).
+// `bazel run`, the --device flag, list flags, number flags that are off
+// unless given, flag-named errors, the body of main()).
 #include "core/cli.h"
 
 #include <cstdlib>
+#include <limits>
 #include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "core/cuda.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -81,6 +84,22 @@ TEST(CliTest, ForFlagPrefixesOnlyErrors) {
       ForFlag("layout", absl::StatusOr<int>(absl::NotFoundError("no such")));
   EXPECT_EQ(failed.status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(failed.status().message(), "--layout: no such");
+}
+
+// Off (0) while not given; given, it must be a finite number > 0 (0 is
+// refused too: leaving the flag out is how to turn it off).
+TEST(CliTest, PositiveFlagIfGivenIsOffUntilGivenThenPositive) {
+  EXPECT_EQ(*PositiveFlagIfGiven("cap", std::nullopt), 0);
+  EXPECT_EQ(*PositiveFlagIfGiven("cap", 2.5), 2.5);
+  for (double bad : {0.0, -1.0, std::numeric_limits<double>::infinity(),
+                     std::numeric_limits<double>::quiet_NaN()}) {
+    const absl::StatusOr<double> cap = PositiveFlagIfGiven("cap", bad);
+    EXPECT_EQ(cap.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(cap.status().message(),
+              absl::StrCat("--cap=", bad,
+                           " (expected a finite number > 0; without --cap it "
+                           "is off)"));
+  }
 }
 
 TEST(CliTest, PositiveIntegerListsExitWithTheFlagAndItem) {
