@@ -6,6 +6,7 @@
 //   bazel run //attention:attention_cli -- --input=in.safetensors
 //       --output=out.safetensors --pattern=dilated
 //       --segment_lengths=2048,4096 --dilation_rates=1,2 --causal
+//       [--window_left=1024 --window_right=0 --softcap=30]
 //
 // Every error (bad flag, file or tensor) prints one line to stderr and exits
 // with status 1.
@@ -16,6 +17,7 @@
 #include <iostream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,6 +66,16 @@ ABSL_FLAG(std::string, head_layout, "head_groups",
           "one group per pattern, as in dilated-attention-pytorch) or "
           "all_heads (every head has every pattern, as in the LongNet paper).");
 ABSL_FLAG(bool, causal, false, "Causal attention: query t sees keys u <= t.");
+ABSL_FLAG(int64_t, window_left, -1,
+          "Sliding window (FlashAttention's window_size): query t sees keys u "
+          ">= t - window_left, intersected with the pattern; -1: unlimited.");
+ABSL_FLAG(int64_t, window_right, -1,
+          "Sliding window: query t sees keys u <= t + window_right; -1: "
+          "unlimited.");
+ABSL_FLAG(std::optional<double>, softcap, std::nullopt,
+          "Soft-capping (Gemma 2): every score s becomes softcap * tanh(s / "
+          "softcap) before the softmax. Off unless given; a value given must "
+          "be > 0.");
 ABSL_FLAG(std::string, scale, "",
           "Softmax scale of q.k. Empty: 1/sqrt(head_dim).");
 ABSL_FLAG(int64_t, block_size, 64, "Block-sparse: tokens per block.");
@@ -152,6 +164,11 @@ absl::StatusOr<AttentionConfig> ConfigFromFlags() {
   sparse.seed = absl::GetFlag(FLAGS_seed);
 
   config.causal = absl::GetFlag(FLAGS_causal);
+  config.window_left = absl::GetFlag(FLAGS_window_left);
+  config.window_right = absl::GetFlag(FLAGS_window_right);
+  LC_ASSIGN_OR_RETURN(
+      config.softcap,
+      PositiveFlagIfGiven("softcap", absl::GetFlag(FLAGS_softcap)));
   const std::string scale = absl::GetFlag(FLAGS_scale);
   if (!scale.empty()) {
     double value;

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "attention/attention_config.h"
+#include "attention/reference_attention.h"
 #include "core/autograd.h"
 #include "core/cuda.h"
 #include "core/random.h"
@@ -312,6 +313,83 @@ TEST(AttentionCliTest, RingOnThreadRanksMatchesOneRank) {
   }
 }
 
+// --window_left, --window_right and --softcap reach the attention of every
+// pattern type, on one rank and on 2 ranks of each ring type (both
+// layouts), causal and not: out and lse equal the float64 oracle given the
+// window and the cap directly (not through AttentionConfig), and every
+// output, the gradients among them, equals the in-process computation.
+TEST(AttentionCliTest, WindowsAndSoftcapMatchTheOracle) {
+  const auto inputs = RandomInputs(DType::kFloat64);
+  const Tolerance tol = DefaultTolerance(DType::kFloat64);
+  struct Case {
+    std::string name;
+    AttentionType type;  // of the in-process computation, on one rank
+    bool causal;
+    std::vector<std::string> flags;
+  };
+  const std::vector<Case> cases = {
+      {"dense", AttentionType::kDense, false, {"--pattern=dense"}},
+      {"dilated", AttentionType::kDilated, true, {"--pattern=dilated"}},
+      {"block_sparse",
+       AttentionType::kBlockSparse,
+       false,
+       {"--pattern=block_sparse"}},
+      {"ring_dilated_contiguous",
+       AttentionType::kDilated,
+       true,
+       {"--pattern=ring_dilated", "--ranks=2", "--layout=contiguous"}},
+      {"ring_dilated_zigzag",
+       AttentionType::kDilated,
+       true,
+       {"--pattern=ring_dilated", "--ranks=2", "--layout=zigzag"}},
+      {"ring_block_sparse",
+       AttentionType::kBlockSparse,
+       false,
+       {"--pattern=ring_block_sparse", "--ranks=2"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    AttentionConfig config;
+    config.type = c.type;
+    std::vector<std::string> flags = c.flags;
+    if (c.type == AttentionType::kDilated) {
+      config.dilated.segment_lengths = {16, 32};
+      config.dilated.dilation_rates = {1, 2};
+      flags.insert(flags.end(),
+                   {"--segment_lengths=16,32", "--dilation_rates=1,2"});
+    }
+    if (c.type == AttentionType::kBlockSparse) {
+      config.block_sparse.block_size = 8;
+      config.block_sparse.window = 16;
+      flags.insert(flags.end(), {"--block_size=8", "--window=16"});
+    }
+    config.causal = c.causal;
+    if (c.causal) flags.push_back("--causal");
+    config.window_left = 5;
+    config.window_right = 2;
+    config.softcap = 0.9;
+    flags.insert(flags.end(), {"--window_left=5", "--window_right=2",
+                               "--softcap=0.9", "--dtype=float64"});
+    const auto written = RunOnInputs("window_" + c.name, inputs, flags);
+    ExpectOutputsMatch(written,
+                       ExpectedOutputs(config, inputs, DType::kFloat64), tol);
+
+    absl::StatusOr<AttentionPattern> pattern =
+        BuildAttentionPattern(config, kShape[2], kShape[1]);
+    ASSERT_TRUE(pattern.ok()) << pattern.status();
+    AttentionOptions options;
+    options.causal = c.causal;
+    options.window_left = 5;
+    options.window_right = 2;
+    options.softcap = 0.9;
+    const AttentionResult oracle = ReferenceAttention(
+        inputs.at("q"), inputs.at("k"), inputs.at("v"), *pattern, options);
+    ASSERT_EQ(written.count("out"), 1u);
+    ExpectAllClose(written.at("out"), oracle.out, tol, "out vs the oracle");
+    ExpectLseClose(written.at("lse"), oracle.lse, tol);
+  }
+}
+
 // Runs the tool with `flags` on random float32 inputs and expects the
 // in-process float32 result of `config` and its block mask.
 void ExpectBlockSparseMatches(const std::string& name,
@@ -566,6 +644,23 @@ TEST(AttentionCliTest, BadFlagValues) {
   ExpectCliError({input, "--device=tpu"},
                  {"--device=tpu", "cpu, cuda or cuda:N"});
   ExpectCliError({input, "stray"}, {"unexpected argument \"stray\""});
+}
+
+// A window below -1, and a --softcap given as anything but a finite number
+// > 0 (leaving it out is how to turn soft-capping off, so 0 is refused too).
+TEST(AttentionCliTest, BadWindowsAndSoftcap) {
+  const std::string input = InputFlag("window", RandomInputs(DType::kFloat32));
+  ExpectCliError({input, "--window_left=-2"},
+                 {"window_left -2", ">= 0, or -1 for unlimited"});
+  ExpectCliError(
+      {input, "--pattern=ring_dilated", "--ranks=2", "--window_right=-5"},
+      {"window_right -5", ">= 0, or -1 for unlimited"});
+  ExpectCliError({input, "--window_left=wide"}, {"'wide'", "window_left"});
+  for (const char* cap : {"0", "-1", "inf", "nan"}) {
+    ExpectCliError({input, absl::StrCat("--softcap=", cap)},
+                   {absl::StrCat("--softcap=", cap), "finite number > 0",
+                    "without --softcap it is off"});
+  }
 }
 
 // A misspelled flag is reported by the flag parser: one line, exit 1.
