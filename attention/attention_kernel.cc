@@ -303,6 +303,14 @@ std::shared_ptr<AttentionProblem> MakeAttentionProblem(
   LC_REQUIRE(std::isfinite(options.softcap) && options.softcap >= 0,
              "Attention: softcap ", options.softcap,
              " (expected > 0, or 0 for none)");
+  // The CUDA kernels do not apply windows or soft-capping yet: refused
+  // rather than silently ignored.
+  LC_REQUIRE(!cuda || (options.window_left == -1 &&
+                       options.window_right == -1 && options.softcap == 0),
+             "Attention: window (", options.window_left, ", ",
+             options.window_right, ") and softcap ", options.softcap, " on ",
+             inputs.device.ToString(),
+             " (windows and soft-capping run on the CPU only so far)");
   if (options.scale.has_value()) {
     LC_REQUIRE(std::isfinite(*options.scale), "Attention: scale ",
                *options.scale, " (expected a finite number)");
