@@ -11,7 +11,9 @@
 //   mlp.fc2.{weight,bias},
 //   final_norm.weight (, final_norm.bias), lm_head.weight (untied only).
 // Attr numbers: layers, heads, rms (1: RMSNorm eps 1e-6 without bias, 0:
-// LayerNorm eps 1e-5 with bias), tied (0 or 1), rope_base, global_count.
+// LayerNorm eps 1e-5 with bias), tied (0 or 1), rope_base, global_count;
+// optional softcap (> 0: every attention score s becomes softcap *
+// tanh(s / softcap)).
 // Outputs: loss (sum of cross-entropy over non-ignored targets divided by
 // global_count) and logits [batch, n, vocab].
 #include <limits>
@@ -57,17 +59,19 @@ torch::Tensor Rotary(const torch::Tensor& x, double base) {
 }
 
 // Attention of q, k, v [b, n, h, d] weighting pair (t, u) by counts[t, u]
-// (one softmax; rows without an allowed key give 0).
+// (one softmax; rows without an allowed key give 0), scores soft-capped
+// when softcap > 0.
 torch::Tensor CountedAttention(const torch::Tensor& q_in,
                                const torch::Tensor& k_in,
                                const torch::Tensor& v_in,
-                               const torch::Tensor& counts) {
+                               const torch::Tensor& counts, double softcap) {
   const double inf = std::numeric_limits<double>::infinity();
   const torch::Tensor q = q_in.permute({0, 2, 1, 3});  // [b, h, n, d]
   const torch::Tensor k = k_in.permute({0, 2, 1, 3});
   const torch::Tensor v = v_in.permute({0, 2, 1, 3});
-  const torch::Tensor s =
+  torch::Tensor s =
       torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(q.size(-1) * 1.0);
+  if (softcap > 0) s = softcap * torch::tanh(s / softcap);
   const torch::Tensor allowed = counts > 0;
   const torch::Tensor logits =
       torch::where(allowed, s + torch::log(counts), torch::full_like(s, -inf));
@@ -89,6 +93,7 @@ LC_REGISTER_TORCH_OP(transformer_lm, [](const TorchTensors& in,
   const bool rms = attrs.number("rms") != 0;
   const bool tied = attrs.number("tied") != 0;
   const double rope_base = attrs.number("rope_base");
+  const double softcap = attrs.has("softcap") ? attrs.number("softcap") : 0;
   size_t next = 3;
   const torch::Tensor& embed = in[next++];
   const int64_t b = tokens.size(0), n = tokens.size(1), e = embed.size(1);
@@ -100,7 +105,8 @@ LC_REGISTER_TORCH_OP(transformer_lm, [](const TorchTensors& in,
     const torch::Tensor k = Affine(h, in, next).view({b, n, heads, -1});
     const torch::Tensor v = Affine(h, in, next).view({b, n, heads, -1});
     const torch::Tensor o =
-        CountedAttention(Rotary(q, rope_base), Rotary(k, rope_base), v, counts)
+        CountedAttention(Rotary(q, rope_base), Rotary(k, rope_base), v, counts,
+                         softcap)
             .reshape({b, n, e});
     x = x + Affine(o, in, next);
     const torch::Tensor h2 = Norm(x, in, next, rms);

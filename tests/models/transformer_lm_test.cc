@@ -1,7 +1,8 @@
 // The transformer language model: loss, logits and every parameter gradient
-// against the same model written with libtorch; context parallelism on k
-// thread ranks against one rank; recomputation against stored activations
-// (results and peak memory); parameter names; configuration and input errors.
+// against the same model written with libtorch (also with a sliding window
+// and soft-capping); context parallelism on k thread ranks against one rank;
+// recomputation against stored activations (results and peak memory);
+// parameter names; configuration and input errors.
 #include "models/transformer_lm.h"
 
 #include <chrono>
@@ -90,6 +91,56 @@ void PerturbNorms(const TransformerLM& model, Generator& gen) {
   }
 }
 
+// The model of `config` (weights from `seed`, norms perturbed) against the
+// torch model given the same weights, the pattern's pair counts (in the
+// config's window) and its soft cap: loss, logits and every parameter
+// gradient on a batch of 2 random sequences.
+void ExpectMatchesTorch(const TransformerConfig& config, uint64_t seed) {
+  Generator gen = testing::TestGenerator(seed);
+  auto model = MakeModel(config, gen.seed());
+  PerturbNorms(*model, gen);
+  const int64_t b = 2, n = config.context;
+  const Tensor tokens = RandomTokens(b, n, config.vocab_size, gen);
+  int64_t count = 0;
+  const Tensor targets = NextTokenTargets(tokens, &count);
+
+  Tensor loss = model->Loss(tokens, targets, count);
+  loss.backward();
+  Tensor logits;
+  {
+    NoGradGuard no_grad;
+    logits = model->Forward(tokens);
+  }
+
+  const AttentionConfig& a = config.attention;
+  absl::StatusOr<AttentionPattern> pattern =
+      BuildAttentionPattern(a, config.num_heads, n);
+  ASSERT_TRUE(pattern.ok()) << pattern.status();
+  Tensors inputs = {tokens, targets,
+                    PairCounts(*pattern, true, Tensor(), b, n,
+                               PairWindow{a.window_left, a.window_right})};
+  const auto params = model->NamedParameters();
+  for (const auto& [name, p] : params) inputs.push_back(p.detach());
+  testing::OracleAttrs attrs;
+  attrs.numbers = {{"layers", config.num_layers},
+                   {"heads", config.num_heads},
+                   {"rms", config.norm == TransformerConfig::Norm::kRMSNorm},
+                   {"tied", config.tied_embeddings},
+                   {"rope_base", config.rope_base},
+                   {"global_count", static_cast<double>(count)}};
+  if (a.softcap > 0) attrs.numbers["softcap"] = a.softcap;
+  const testing::OracleResult want = testing::RunTorchOp(
+      "transformer_lm", inputs, attrs, {Ones({}, DType::kFloat64), Tensor()});
+
+  const testing::Tolerance tol = testing::DefaultTolerance(DType::kFloat64);
+  testing::ExpectAllClose(loss, want.outputs[0], tol, "loss");
+  testing::ExpectAllClose(logits, want.outputs[1], tol, "logits");
+  for (size_t i = 0; i < params.size(); ++i) {
+    testing::ExpectAllClose(params[i].second.grad(), want.input_grads[3 + i],
+                            tol, params[i].first);
+  }
+}
+
 TEST(TransformerLMTest, LossLogitsAndEveryGradientMatchTorch) {
   struct Case {
     bool tied;
@@ -105,46 +156,26 @@ TEST(TransformerLMTest, LossLogitsAndEveryGradientMatchTorch) {
     TransformerConfig config = SmallConfig();
     config.tied_embeddings = c.tied;
     config.norm = c.norm;
-    Generator gen = testing::TestGenerator(c.tied * 2 + rms);
-    auto model = MakeModel(config, gen.seed());
-    PerturbNorms(*model, gen);
-    const int64_t b = 2, n = config.context;
-    const Tensor tokens = RandomTokens(b, n, config.vocab_size, gen);
-    int64_t count = 0;
-    const Tensor targets = NextTokenTargets(tokens, &count);
+    ExpectMatchesTorch(config, c.tied * 2 + rms);
+  }
+}
 
-    Tensor loss = model->Loss(tokens, targets, count);
-    loss.backward();
-    Tensor logits;
-    {
-      NoGradGuard no_grad;
-      logits = model->Forward(tokens);
-    }
-
-    absl::StatusOr<AttentionPattern> pattern =
-        BuildAttentionPattern(config.attention, config.num_heads, n);
-    ASSERT_TRUE(pattern.ok()) << pattern.status();
-    Tensors inputs = {tokens, targets,
-                      PairCounts(*pattern, true, Tensor(), b, n)};
-    const auto params = model->NamedParameters();
-    for (const auto& [name, p] : params) inputs.push_back(p.detach());
-    testing::OracleAttrs attrs;
-    attrs.numbers = {{"layers", config.num_layers},
-                     {"heads", config.num_heads},
-                     {"rms", rms},
-                     {"tied", c.tied},
-                     {"rope_base", config.rope_base},
-                     {"global_count", static_cast<double>(count)}};
-    const testing::OracleResult want = testing::RunTorchOp(
-        "transformer_lm", inputs, attrs, {Ones({}, DType::kFloat64), Tensor()});
-
-    const testing::Tolerance tol = testing::DefaultTolerance(DType::kFloat64);
-    testing::ExpectAllClose(loss, want.outputs[0], tol, "loss");
-    testing::ExpectAllClose(logits, want.outputs[1], tol, "logits");
-    for (size_t i = 0; i < params.size(); ++i) {
-      testing::ExpectAllClose(params[i].second.grad(), want.input_grads[3 + i],
-                              tol, params[i].first);
-    }
+// The config's sliding window and soft cap reach every layer's attention:
+// each alone and together, the model equals torch attending only within the
+// window with capped scores (a layer that dropped either would not).
+TEST(TransformerLMTest, WindowAndSoftcapReachEveryLayer) {
+  struct Case {
+    int64_t window_left;
+    double softcap;
+  };
+  for (const Case& c : {Case{5, 0}, Case{-1, 0.5}, Case{9, 0.5}}) {
+    SCOPED_TRACE(
+        absl::StrCat("window_left ", c.window_left, ", softcap ", c.softcap));
+    TransformerConfig config = SmallConfig();
+    config.attention.window_left = c.window_left;
+    config.attention.window_right = 0;
+    config.attention.softcap = c.softcap;
+    ExpectMatchesTorch(config, 4);
   }
 }
 
