@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -68,6 +69,18 @@ ABSL_FLAG(bool, deterministic, false,
           "our kernels: cuDNN's adds with atomics).");
 ABSL_FLAG(std::string, head_layout, "head_groups",
           "head_groups (dilated-attention-pytorch) or all_heads (LongNet).");
+ABSL_FLAG(int64_t, window_left, -1,
+          "Sliding window of every layer's attention: token t attends tokens "
+          "u >= t - window_left, intersected with the pattern; -1: "
+          "unlimited.");
+ABSL_FLAG(int64_t, window_right, -1,
+          "Sliding window: token t attends tokens u <= t + window_right; "
+          "-1: unlimited. No effect on this causal model (it attends no u > "
+          "t), but recorded in checkpoints like the other settings.");
+ABSL_FLAG(std::optional<double>, softcap, std::nullopt,
+          "Soft-capping of every layer's attention scores (Gemma 2): s "
+          "becomes softcap * tanh(s / softcap) before the softmax. Off unless "
+          "given; a value given must be > 0.");
 ABSL_FLAG(int64_t, ranks, 1,
           "Context-parallel thread ranks: each holds context/ranks tokens; "
           "gives the same losses as 1 rank up to float32 rounding (also with "
@@ -210,6 +223,11 @@ absl::StatusOr<TrainOptions> OptionsFromFlags() {
       ForFlag("head_layout",
               ParseHeadLayout(absl::GetFlag(FLAGS_head_layout))));
   attention.causal = true;
+  attention.window_left = absl::GetFlag(FLAGS_window_left);
+  attention.window_right = absl::GetFlag(FLAGS_window_right);
+  LC_ASSIGN_OR_RETURN(
+      attention.softcap,
+      PositiveFlagIfGiven("softcap", absl::GetFlag(FLAGS_softcap)));
   attention.dropout = absl::GetFlag(FLAGS_attention_dropout);
   LC_ASSIGN_OR_RETURN(
       attention.backend,

@@ -160,6 +160,15 @@ std::string DescribeAttention(const AttentionConfig& a) {
                                                      : "head_groups",
       " causal=", a.causal, " attn_dropout=", a.dropout);
   if (a.scale) absl::StrAppend(&text, " scale=", *a.scale);
+  // Written only when set, so that checkpoints of runs without them still
+  // match.
+  if (a.window_left != -1) {
+    absl::StrAppend(&text, " window_left=", a.window_left);
+  }
+  if (a.window_right != -1) {
+    absl::StrAppend(&text, " window_right=", a.window_right);
+  }
+  if (a.softcap > 0) absl::StrAppend(&text, " softcap=", a.softcap);
   if (a.type == AttentionType::kBlockSparse ||
       a.type == AttentionType::kRingBlockSparse) {
     absl::StrAppend(

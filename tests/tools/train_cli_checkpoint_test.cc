@@ -3,8 +3,9 @@
 // --resume_from flag that continues from it; a new run refuses another run's
 // checkpoints unless --overwrite_checkpoints; a second run at once is refused
 // by the directory lock while the first finishes intact; a leftover
-// temporary file is removed; other --steps on resume are refused; and an
-// unwritable directory stops the run before its first step.
+// temporary file is removed; other --steps, or a resume without the
+// run's window and soft cap, are refused; and an unwritable directory stops
+// the run before its first step.
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -153,6 +154,30 @@ TEST(TrainCliCheckpointTest, ResumeWithOtherStepsIsRefused) {
   ExpectTrainError(RunTrain({"--steps=6", ckpt, "--resume"}),
                    {"train: --steps=6 differs from the 4 steps",
                     dir + "/step_2.safetensors", "resume with --steps=4"});
+}
+
+// --window_left, --window_right and --softcap reach the run's
+// configuration: a run with them trains on 2 ranks, and its checkpoint
+// resumes with the same values only (the refusal names each one).
+TEST(TrainCliCheckpointTest, ResumeWithoutTheWindowOrSoftcapIsRefused) {
+  const std::string dir = FreshDir("cli_window");
+  const std::string ckpt = "--checkpoint_dir=" + dir;
+  const std::vector<std::string> window = {
+      "--window_left=16", "--window_right=0", "--softcap=20", "--ranks=2"};
+  std::vector<std::string> first = {"--steps=4", "--stop_after=2", ckpt};
+  first.insert(first.end(), window.begin(), window.end());
+  const Result started = RunTrain(first);
+  ASSERT_EQ(started.exit_code, 0) << started.output;
+  ExpectTrainError(RunTrain({"--steps=4", ckpt, "--resume", "--ranks=2"}),
+                   {"train: ", "another configuration",
+                    "window_left: checkpoint 16, this run (not set)",
+                    "window_right: checkpoint 0, this run (not set)",
+                    "softcap: checkpoint 20, this run (not set)"});
+  std::vector<std::string> resumed = {"--steps=4", ckpt, "--resume"};
+  resumed.insert(resumed.end(), window.begin(), window.end());
+  const Result result = RunTrain(resumed);
+  EXPECT_EQ(result.exit_code, 0) << result.output;
+  EXPECT_THAT(result.output, HasSubstr("step 4/4"));
 }
 
 TEST(TrainCliCheckpointTest, UnwritableDirectoryFailsBeforeTheFirstStep) {

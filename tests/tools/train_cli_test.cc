@@ -282,6 +282,10 @@ TEST(TrainCliTest, BadFlagValue) {
                    {"train: ", "ranks 2", "attention type dilated"});
   ExpectTrainError(RunTrain({"--norm=batchnorm"}),
                    {"train: ", "--norm=batchnorm", "layernorm or rmsnorm"});
+  ExpectTrainError(RunTrain({"--window_left=-3"}),
+                   {"train: ", "window_left -3", ">= 0, or -1 for unlimited"});
+  ExpectTrainError(RunTrain({"--softcap=0"}),
+                   {"train: ", "--softcap=0", "finite number > 0"});
 }
 
 TEST(TrainCliTest, StrayArgument) {
